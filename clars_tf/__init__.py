@@ -1,0 +1,13 @@
+"""clars-tf: CLARS and LARS for Keras 3, correct under tf.distribute."""
+
+from clars_tf import schedules
+from clars_tf.clars import CLARS
+from clars_tf.gradient_norms import GradientNormEstimator
+from clars_tf.lars import LARS
+from clars_tf.layerwise import trust_ratio
+from clars_tf.training import StepGradients
+from clars_tf.training import attach_gradient_norm_estimator
+from clars_tf.training import compute_loss_gradients_and_norms
+from clars_tf.training import per_example_loss_of
+
+__version__ = "0.1.0"

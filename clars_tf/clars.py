@@ -1,0 +1,200 @@
+"""CLARS: Complete Layer-wise Adaptive Rate Scaling (Huo, Gu and Huang, 2021).
+
+The whole update, for a variable `w` with all-reduced gradient `g` and
+gradient-norm estimate `a` (the mean norm of micro-batch gradients, see
+`clars_tf.gradient_norms`), is spec steps 2-5:
+
+    d     = g + weight_decay_rate * w
+    trust = min(trust_clip, trust_coefficient * ||w|| / (a + epsilon))
+            (min(trust_clip, 1) when ||w|| or a is 0; 1 for excluded variables)
+    m     = momentum * m + d
+    w     = w - learning_rate * trust * m
+"""
+
+import threading
+
+from keras import ops
+from keras import saving
+
+from clars_tf import layerwise
+
+MISSING_NORMS_MESSAGE = (
+    "CLARS needs this step's per-variable gradient-norm estimates and got "
+    "none. With model.fit, add one line before fit: "
+    "`clars_tf.attach_gradient_norm_estimator(model)`. In a custom loop, call "
+    "`optimizer.apply(grads, variables, gradient_norms=norms)` with norms from "
+    "`clars_tf.compute_loss_gradients_and_norms(...)`. CLARS never falls back "
+    "to LARS silently."
+)
+
+
+@saving.register_keras_serializable(package="clars_tf")
+class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
+    """Complete Layer-wise Adaptive Rate Scaling, trained without warmup.
+
+    Like LARS, each variable's step is scaled by a trust ratio; unlike LARS,
+    the ratio divides by the *average norm of micro-batch gradients* `a`
+    rather than the norm of the mean gradient, so layers whose examples
+    disagree take small steps early in training without a warmup schedule.
+
+    `a` comes from outside the optimizer, one float per trainable variable in
+    the order of the variables: `apply(grads, variables, gradient_norms=a)`,
+    or `set_gradient_norms(a)` before Keras's own `apply_gradients` (which is
+    what `clars_tf.attach_gradient_norm_estimator` arranges inside
+    `model.fit`). The estimates are stored in the optimizer variable
+    `gradient_norm_estimates`, averaged across replicas on assignment, so
+    every replica applies the same update. Applying without them is an error.
+
+    Args:
+        learning_rate: float >= 0, a `LearningRateSchedule` or a callable.
+        momentum: `mu` in [0, 1). Defaults to 0.9.
+        nesterov: whether to use Nesterov momentum (`w -= lr * trust *
+            (mu * m + d)`). Defaults to False.
+        weight_decay_rate: coupled L2 coefficient `lambda`. Defaults to 0.
+        trust_coefficient: `eta` > 0. Defaults to 0.01 (for micro-batches of
+            8 examples; `eta` scales with the micro-batch size).
+        trust_clip: upper bound `c` > 0 of the trust ratio. Defaults to 0.1.
+        epsilon: >= 0, added to `a`. Defaults to 1e-6.
+        exclude_from_layer_adaptation: optional regexes on variable paths;
+            matching variables, and all of rank <= 1, use trust 1.
+        decay_excluded_variables: whether excluded variables get the coupled
+            decay. Defaults to True, as the reference code decays every
+            variable (MLPerf's LARS does not).
+        **kwargs: Keras's base optimizer arguments (`weight_decay`,
+            `clipnorm`, `use_ema`, `name`, ...).
+
+    References:
+        - [Huo et al., 2021](https://arxiv.org/abs/2002.01576)
+    """
+
+    def __init__(
+        self,
+        learning_rate,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay_rate=0.0,
+        trust_coefficient=0.01,
+        trust_clip=0.1,
+        epsilon=1e-6,
+        exclude_from_layer_adaptation=None,
+        decay_excluded_variables=True,
+        name="clars",
+        **kwargs,
+    ):
+        layerwise._check_float("trust_clip", trust_clip, 0.0,
+                               low_inclusive=False)
+        super().__init__(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay_rate=weight_decay_rate,
+            trust_coefficient=trust_coefficient,
+            epsilon=epsilon,
+            exclude_from_layer_adaptation=exclude_from_layer_adaptation,
+            decay_excluded_variables=decay_excluded_variables,
+            name=name,
+            **kwargs,
+        )
+        self.trust_clip = float(trust_clip)
+        # Per tracing thread: MirroredStrategy traces each replica in its own
+        # thread, and each must have set its own estimates.
+        self._norms_set_in_this_step = threading.local()
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        # Mean aggregation: assigning per-replica estimates in replica
+        # context averages them across replicas in one small all-reduce.
+        self.gradient_norm_estimates = self.add_variable(
+            shape=(len(variables),),
+            dtype="float32",
+            aggregation="mean",
+            name="gradient_norm_estimates",
+        )
+
+    def set_gradient_norms(self, gradient_norms, variables=None):
+        """Stores this step's estimates `a` for the next `apply`.
+
+        Args:
+            gradient_norms: one float per variable, in the order of
+                `variables`.
+            variables: the variables the norms belong to; defaults to all
+                variables the optimizer was built with.
+        """
+        if not self.built:
+            if variables is None:
+                raise ValueError(
+                    "Build the optimizer (`optimizer.build(variables)`) or "
+                    "pass `variables` before setting gradient norms."
+                )
+            self.build(list(variables))
+        built_count = len(self._trainable_variables)
+        variables = self._trainable_variables if variables is None else list(
+            variables)
+        gradient_norms = list(gradient_norms)
+        if len(gradient_norms) != len(variables):
+            raise ValueError(
+                f"`gradient_norms` has {len(gradient_norms)} entries but there "
+                f"are {len(variables)} variables: pass one norm per variable, "
+                "in the same order."
+            )
+        indices = [self._get_variable_index(v) for v in variables]
+        norms = ops.stack([ops.cast(n, "float32") for n in gradient_norms])
+        if indices != list(range(built_count)):
+            norms = ops.scatter_update(
+                self.gradient_norm_estimates.value,
+                [[i] for i in indices],
+                norms,
+            )
+        self.gradient_norm_estimates.assign(norms)
+        self._norms_set_in_this_step.value = True
+
+    def apply(self, grads, trainable_variables=None, gradient_norms=None):
+        """Applies one CLARS step.
+
+        Args:
+            grads: gradients, one per variable.
+            trainable_variables: the variables; optional once built.
+            gradient_norms: the estimates `a`, one per variable in the same
+                order. Required unless `set_gradient_norms` was called in
+                this step.
+        """
+        if gradient_norms is not None:
+            self.set_gradient_norms(gradient_norms, trainable_variables)
+        elif not getattr(self._norms_set_in_this_step, "value", False):
+            raise ValueError(MISSING_NORMS_MESSAGE)
+        self._norms_set_in_this_step.value = False
+        return super().apply(grads, trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        index, adapted, decay_rate = self._variable_settings(variable)
+        dtype = variable.dtype
+        update = ops.add(
+            ops.cast(gradient, dtype), ops.multiply(decay_rate, variable)
+        )
+        if adapted:
+            estimate = self.gradient_norm_estimates[index]
+            trust = layerwise.trust_ratio(
+                layerwise.float32_norm(variable),
+                estimate,
+                estimate + self.epsilon,
+                self.trust_coefficient,
+                clip=self.trust_clip,
+            )
+            scaled_rate = ops.cast(learning_rate * trust, dtype)
+        else:
+            scaled_rate = ops.cast(learning_rate, dtype)
+        momentum = self.momentums[index]
+        self.assign(momentum, ops.add(ops.multiply(self.momentum, momentum),
+                                      update))
+        if self.nesterov:
+            update = ops.add(ops.multiply(self.momentum, momentum), update)
+        else:
+            update = momentum
+        self.assign_sub(variable, ops.multiply(scaled_rate, update))
+
+    def get_config(self):
+        config = super().get_config()
+        config["trust_clip"] = self.trust_clip
+        return config

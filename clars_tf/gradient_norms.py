@@ -1,0 +1,166 @@
+"""The gradient-norm estimate CLARS divides by (spec step 1).
+
+`a_l = (1/J) * sum_j ||grad_l of the mean loss over micro-batch S_j||`, with
+J micro-batches of s examples taken from the step's own data, computed in
+training mode (batch-norm statistics over the micro-batch) with the model's
+state left untouched and no regularization term.
+"""
+
+import contextlib
+import threading
+
+import keras
+import tensorflow as tf
+
+from clars_tf import layerwise
+
+# Guards the temporary switch of synchronized batch norm to local statistics:
+# replica threads that trace concurrently must not see each other's switch.
+_BATCH_NORM_SWITCH_LOCK = threading.RLock()
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
+@contextlib.contextmanager
+def _local_batch_norm_statistics(model):
+    """Makes synchronized batch norm use micro-batch statistics while tracing.
+
+    A micro-batch lives on one replica; the spec takes batch-norm statistics
+    over that micro-batch alone, so cross-replica synchronization would make
+    the estimate depend on the number of replicas.
+    """
+    synchronized = [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if getattr(layer, "synchronized", False)
+    ]
+    with _BATCH_NORM_SWITCH_LOCK:
+        for layer in synchronized:
+            layer.synchronized = False
+        try:
+            yield
+        finally:
+            for layer in synchronized:
+                layer.synchronized = True
+
+
+def _batch_size(structure):
+    first = tf.nest.flatten(structure)[0]
+    static = first.shape[0]
+    return static, tf.shape(first)[0]
+
+
+class GradientNormEstimator:
+    """Estimates `a_l` for every trainable variable of a model.
+
+    Under a `tf.distribute` strategy each replica takes `J / replicas`
+    micro-batches (at least one) from its own part of the global batch,
+    evenly spaced so that the set of examples used is the same for any
+    replica count that divides J (given the same global batch split into
+    contiguous per-replica parts, as `tf.distribute` does). The estimate
+    returned is this replica's mean; CLARS averages it across replicas when
+    it is assigned.
+
+    Args:
+        micro_batch_size: `s`, examples per micro-batch (>= 1). With 1 the
+            per-example gradients are computed with `tf.vectorized_map`.
+        num_micro_batches: `J`, micro-batches per global step (>= 1).
+        refresh_every: recompute the estimate every this many steps and
+            reuse the stored one in between (>= 1; 1 is the reference).
+    """
+
+    def __init__(self, micro_batch_size=8, num_micro_batches=64,
+                 refresh_every=1):
+        _check_positive_int("micro_batch_size", micro_batch_size)
+        _check_positive_int("num_micro_batches", num_micro_batches)
+        _check_positive_int("refresh_every", refresh_every)
+        self.micro_batch_size = micro_batch_size
+        self.num_micro_batches = num_micro_batches
+        self.refresh_every = refresh_every
+
+    def micro_batches_per_replica(self, num_replicas):
+        """J / replicas, or 1 when there are more replicas than J."""
+        if num_replicas >= self.num_micro_batches:
+            return 1
+        if self.num_micro_batches % num_replicas:
+            raise ValueError(
+                f"`num_micro_batches` ({self.num_micro_batches}) must be a "
+                f"multiple of the number of replicas ({num_replicas}) so every "
+                "replica does the same share; pick e.g. "
+                f"{num_replicas * max(1, self.num_micro_batches // num_replicas)}."
+            )
+        return self.num_micro_batches // num_replicas
+
+    def check_fits(self, per_replica_batch_size, num_replicas):
+        """Raises ValueError if the micro-batches don't fit a replica's batch."""
+        count = self.micro_batches_per_replica(num_replicas)
+        needed = count * self.micro_batch_size
+        if per_replica_batch_size < needed:
+            raise ValueError(
+                f"The estimator needs {count} micro-batches of "
+                f"{self.micro_batch_size} examples per replica ({needed}), but "
+                f"the per-replica batch is {per_replica_batch_size}. Lower "
+                "`num_micro_batches` or `micro_batch_size`, or raise the "
+                "global batch size."
+            )
+
+    def __call__(self, model, per_example_loss, x, y, sample_weight=None):
+        """Returns one float32 scalar per `model.trainable_variables`.
+
+        Args:
+            model: a built Keras model.
+            per_example_loss: `fn(y_true, y_pred) -> [batch]` losses.
+            x, y, sample_weight: this replica's part of the step's batch.
+        """
+        context = tf.distribute.get_replica_context()
+        num_replicas = context.num_replicas_in_sync if context else 1
+        count = self.micro_batches_per_replica(num_replicas)
+        static_batch, batch = _batch_size(x)
+        if static_batch is not None:
+            self.check_fits(static_batch, num_replicas)
+        else:
+            tf.debugging.assert_greater_equal(
+                batch, count * self.micro_batch_size,
+                message="The estimator's micro-batches don't fit the "
+                        "per-replica batch; lower num_micro_batches or "
+                        "micro_batch_size.")
+        stride = batch // count
+        variables = model.trainable_variables
+
+        def norms_of_micro_batch(start):
+            def take(tensor):
+                return tensor[start:start + self.micro_batch_size]
+
+            xs, ys = tf.nest.map_structure(take, (x, y))
+            with tf.GradientTape() as tape:
+                # Every state write (batch-norm moving statistics, metrics,
+                # seed generators) is collected by the scope and dropped.
+                with keras.StatelessScope():
+                    predictions = model(xs, training=True)
+                losses = tf.cast(per_example_loss(ys, predictions), "float32")
+                if sample_weight is not None:
+                    losses *= tf.cast(take(sample_weight), "float32")
+                loss = tf.reduce_mean(losses)
+            gradients = tape.gradient(loss, variables)
+            return tf.stack([
+                layerwise.float32_norm(g) if g is not None
+                else tf.constant(0.0)
+                for g in gradients
+            ])
+
+        with _local_batch_norm_statistics(model):
+            if self.micro_batch_size == 1:
+                per_example = tf.vectorized_map(
+                    norms_of_micro_batch, tf.range(count) * stride)
+                total = tf.reduce_sum(per_example, axis=0)
+            else:
+                _, total = tf.while_loop(
+                    lambda j, _: j < count,
+                    lambda j, acc: (
+                        j + 1, acc + norms_of_micro_batch(j * stride)),
+                    (tf.constant(0), tf.zeros([len(variables)])),
+                )
+        return tf.unstack(total / tf.cast(count, "float32"))

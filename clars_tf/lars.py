@@ -1,0 +1,97 @@
+"""LARS with MLPerf semantics: the baseline CLARS is compared against."""
+
+from keras import ops
+from keras import saving
+
+from clars_tf import layerwise
+
+
+@saving.register_keras_serializable(package="clars_tf")
+class LARS(layerwise.LayerwiseAdaptiveOptimizer):
+    """Layer-wise Adaptive Rate Scaling, as in the MLPerf ResNet-50 reference.
+
+    For each variable `w` with gradient `g`:
+
+    ```python
+    d = g + weight_decay_rate * w
+    trust = trust_coefficient * ||w|| / (
+        ||g|| + weight_decay_rate * ||w|| + epsilon)   # 1 if a norm is 0
+    v = momentum * v + learning_rate * trust * d
+    w = w - v                 # nesterov: w - (momentum * v + lr * trust * d)
+    ```
+
+    Variables excluded from layer adaptation (rank <= 1 and regex matches)
+    use `trust = 1` and, by default, no weight decay. Norms are computed in
+    float32.
+
+    Args:
+        learning_rate: float >= 0, a `LearningRateSchedule` or a callable.
+        momentum: `mu` in [0, 1). Defaults to 0.9.
+        nesterov: whether to use Nesterov momentum. Defaults to False.
+        weight_decay_rate: coupled L2 coefficient. Defaults to 0.
+        trust_coefficient: `eta` > 0. Defaults to 0.001.
+        epsilon: >= 0, added to the denominator. Defaults to 0.
+        exclude_from_layer_adaptation: optional regexes on variable paths.
+        decay_excluded_variables: whether excluded variables are decayed.
+            Defaults to False (MLPerf).
+        **kwargs: Keras's base optimizer arguments (`weight_decay`,
+            `clipnorm`, `use_ema`, `name`, ...).
+
+    References:
+        - [You et al., 2017](https://arxiv.org/abs/1708.03888)
+        - MLPerf Training, ResNet-50 reference implementation.
+    """
+
+    def __init__(
+        self,
+        learning_rate,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay_rate=0.0,
+        trust_coefficient=0.001,
+        epsilon=0.0,
+        exclude_from_layer_adaptation=None,
+        decay_excluded_variables=False,
+        name="lars",
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay_rate=weight_decay_rate,
+            trust_coefficient=trust_coefficient,
+            epsilon=epsilon,
+            exclude_from_layer_adaptation=exclude_from_layer_adaptation,
+            decay_excluded_variables=decay_excluded_variables,
+            name=name,
+            **kwargs,
+        )
+
+    def update_step(self, gradient, variable, learning_rate):
+        index, adapted, decay_rate = self._variable_settings(variable)
+        dtype = variable.dtype
+        update = ops.add(
+            ops.cast(gradient, dtype), ops.multiply(decay_rate, variable)
+        )
+        if adapted:
+            weight_norm = layerwise.float32_norm(variable)
+            gradient_norm = layerwise.float32_norm(gradient)
+            trust = layerwise.trust_ratio(
+                weight_norm,
+                gradient_norm,
+                gradient_norm + decay_rate * weight_norm + self.epsilon,
+                self.trust_coefficient,
+            )
+            scaled_rate = ops.cast(learning_rate * trust, dtype)
+        else:
+            scaled_rate = ops.cast(learning_rate, dtype)
+        step = ops.multiply(scaled_rate, update)
+        velocity = self.momentums[index]
+        self.assign(velocity, ops.add(ops.multiply(self.momentum, velocity),
+                                      step))
+        if self.nesterov:
+            step = ops.add(ops.multiply(self.momentum, velocity), step)
+        else:
+            step = velocity
+        self.assign_sub(variable, step)

@@ -1,0 +1,184 @@
+"""What LARS and CLARS share: per-variable settings and the trust ratio.
+
+Both optimizers scale each variable's step by a trust ratio
+`eta * ||w|| / denominator`; they differ only in the denominator and in where
+the ratio enters the momentum update. This module holds the common part so the
+two update rules stay short and checkable against the spec.
+"""
+
+import re
+
+from keras import ops
+from keras import optimizers
+
+
+def trust_ratio(weight_norm, gradient_norm, denominator, trust_coefficient,
+                clip=None):
+    """Layer-wise trust ratio, `eta * ||w|| / denominator`.
+
+    The ratio is 1 where `weight_norm` or `gradient_norm` is zero: a freshly
+    zero-initialised variable, or one that received no signal, then takes a
+    plain step instead of none at all (or an infinite one).
+
+    Args:
+        weight_norm: float32 scalar, `||w||`.
+        gradient_norm: float32 scalar whose zeroness disables adaptation
+            (`||g||` for LARS, the estimate `a_l` for CLARS).
+        denominator: float32 scalar dividing `eta * ||w||`.
+        trust_coefficient: `eta`.
+        clip: optional upper bound applied to the ratio (and to the fallback 1).
+
+    Returns:
+        float32 scalar.
+    """
+    both_positive = ops.logical_and(
+        ops.greater(weight_norm, 0.0), ops.greater(gradient_norm, 0.0)
+    )
+    # Dividing by a safe denominator keeps the unused branch of `where`
+    # finite, so its gradient and value never carry NaN.
+    safe_denominator = ops.where(both_positive, denominator, 1.0)
+    ratio = ops.where(
+        both_positive, trust_coefficient * weight_norm / safe_denominator, 1.0
+    )
+    if clip is not None:
+        ratio = ops.minimum(ratio, clip)
+    return ratio
+
+
+def float32_norm(tensor):
+    """L2 norm computed in float32, whatever the tensor's dtype."""
+    tensor = ops.cast(tensor, "float32")
+    return ops.sqrt(ops.sum(ops.square(tensor)))
+
+
+def _check_float(name, value, low, high=None, low_inclusive=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    below = value < low if low_inclusive else value <= low
+    above = high is not None and value >= high
+    if below or above:
+        bound = f"{'>=' if low_inclusive else '>'} {low}"
+        if high is not None:
+            bound += f" and < {high}"
+        raise ValueError(f"`{name}` must be {bound}, got {value!r}.")
+
+
+class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
+    """Base class for momentum optimizers with a per-variable trust ratio.
+
+    It validates the shared hyperparameters, decides in `build()` which
+    variables are adapted and decayed (the per-replica variables that reach
+    `update_step` under `tf.distribute` carry no `.path`, so the decision has
+    to be made here and looked up by index), creates the momentum buffers and
+    serializes the shared config. Subclasses implement `update_step`.
+
+    Args:
+        learning_rate: float >= 0, a `LearningRateSchedule` or a callable.
+        momentum: momentum coefficient `mu` in [0, 1).
+        nesterov: whether to use Nesterov momentum.
+        weight_decay_rate: coupled L2 coefficient `lambda` added to the
+            gradient (`d = g + lambda * w`). Keras's own `weight_decay`
+            keeps its decoupled meaning and is applied separately.
+        trust_coefficient: `eta` > 0.
+        epsilon: >= 0, added to the trust-ratio denominator.
+        exclude_from_layer_adaptation: optional list of regexes; variables
+            whose path matches any of them get trust ratio 1. Variables of
+            rank <= 1 (biases, batch-norm scale and offset) are always
+            excluded.
+        decay_excluded_variables: whether variables excluded from layer
+            adaptation still get the coupled `weight_decay_rate` term.
+        **kwargs: Keras's base optimizer arguments.
+    """
+
+    def __init__(
+        self,
+        learning_rate,
+        momentum,
+        nesterov,
+        weight_decay_rate,
+        trust_coefficient,
+        epsilon,
+        exclude_from_layer_adaptation,
+        decay_excluded_variables,
+        **kwargs,
+    ):
+        if isinstance(learning_rate, (int, float)) and not isinstance(
+            learning_rate, bool
+        ):
+            _check_float("learning_rate", learning_rate, 0.0)
+        _check_float("momentum", momentum, 0.0, 1.0)
+        _check_float("weight_decay_rate", weight_decay_rate, 0.0)
+        _check_float(
+            "trust_coefficient", trust_coefficient, 0.0, low_inclusive=False
+        )
+        _check_float("epsilon", epsilon, 0.0)
+        if isinstance(exclude_from_layer_adaptation, str):
+            exclude_from_layer_adaptation = [exclude_from_layer_adaptation]
+        patterns = list(exclude_from_layer_adaptation or [])
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(
+                    "`exclude_from_layer_adaptation` must be a list of regular "
+                    f"expressions; {pattern!r} is not one ({error})."
+                ) from None
+        if kwargs.get("gradient_accumulation_steps"):
+            raise ValueError(
+                "`gradient_accumulation_steps` is not supported by "
+                f"{type(self).__name__}: the trust ratio needs the norms of the "
+                "whole accumulated step. Use a larger global batch instead."
+            )
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.weight_decay_rate = float(weight_decay_rate)
+        self.trust_coefficient = float(trust_coefficient)
+        self.epsilon = float(epsilon)
+        self.exclude_from_layer_adaptation = patterns
+        self.decay_excluded_variables = bool(decay_excluded_variables)
+
+    def is_adapted(self, variable):
+        """Whether `variable` gets a trust ratio (decided from rank and path)."""
+        if len(variable.shape) <= 1:
+            return False
+        path = getattr(variable, "path", None) or variable.name
+        return not any(
+            re.search(pattern, path)
+            for pattern in self.exclude_from_layer_adaptation
+        )
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._adapted = [self.is_adapted(v) for v in variables]
+        self._decay_rates = [
+            self.weight_decay_rate
+            if adapted or self.decay_excluded_variables
+            else 0.0
+            for adapted in self._adapted
+        ]
+        self.momentums = self.add_optimizer_variables(variables, "momentum")
+
+    def _variable_settings(self, variable):
+        """(index, adapted, decay_rate) of a variable seen by `update_step`."""
+        index = self._get_variable_index(variable)
+        return index, self._adapted[index], self._decay_rates[index]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "momentum": self.momentum,
+                "nesterov": self.nesterov,
+                "weight_decay_rate": self.weight_decay_rate,
+                "trust_coefficient": self.trust_coefficient,
+                "epsilon": self.epsilon,
+                "exclude_from_layer_adaptation": list(
+                    self.exclude_from_layer_adaptation
+                ),
+                "decay_excluded_variables": self.decay_excluded_variables,
+            }
+        )
+        return config

@@ -1,0 +1,136 @@
+"""Learning-rate schedules for large-batch training, as Keras schedules.
+
+Linear scaling sets the peak rate from the batch size; `LinearWarmup` wraps
+any schedule (the SGD and LARS baselines use it, CLARS does not); the decay
+schedules are Keras's own with the reference defaults (polynomial power 2
+down to 1e-4).
+"""
+
+from keras import ops
+from keras import optimizers
+from keras import saving
+
+
+def linear_scaling(base_learning_rate, global_batch_size,
+                   reference_batch_size=256):
+    """`base_learning_rate * global_batch_size / reference_batch_size`.
+
+    Args:
+        base_learning_rate: rate at the reference batch size (> 0).
+        global_batch_size: examples per step over all replicas (>= 1).
+        reference_batch_size: 256 for ImageNet, 128 for CIFAR in the paper.
+    """
+    if base_learning_rate <= 0:
+        raise ValueError(
+            f"`base_learning_rate` must be > 0, got {base_learning_rate}.")
+    if global_batch_size < 1 or reference_batch_size < 1:
+        raise ValueError(
+            "`global_batch_size` and `reference_batch_size` must be >= 1, got "
+            f"{global_batch_size} and {reference_batch_size}.")
+    return base_learning_rate * global_batch_size / reference_batch_size
+
+
+def polynomial_decay(initial_learning_rate, decay_steps,
+                     end_learning_rate=1e-4, power=2.0):
+    """Keras's `PolynomialDecay` with the reference defaults."""
+    return optimizers.schedules.PolynomialDecay(
+        initial_learning_rate, decay_steps,
+        end_learning_rate=end_learning_rate, power=power)
+
+
+def cosine_decay(initial_learning_rate, decay_steps, alpha=0.0):
+    """Keras's `CosineDecay` (to `alpha * initial_learning_rate`)."""
+    return optimizers.schedules.CosineDecay(
+        initial_learning_rate, decay_steps, alpha=alpha)
+
+
+@saving.register_keras_serializable(package="clars_tf")
+class LinearWarmup(optimizers.schedules.LearningRateSchedule):
+    """Linear warmup in front of any schedule (Goyal et al., 2017).
+
+    For `step < warmup_steps` the rate rises linearly from
+    `initial_learning_rate` to `schedule(warmup_steps)`; from then on it is
+    `schedule(step)`, so the decay keeps counting from step 0.
+
+    Args:
+        schedule: a `LearningRateSchedule` or a float.
+        warmup_steps: number of warmup steps (>= 0; 0 disables warmup).
+        initial_learning_rate: rate at step 0. Defaults to 0.
+    """
+
+    def __init__(self, schedule, warmup_steps, initial_learning_rate=0.0):
+        if warmup_steps < 0:
+            raise ValueError(
+                f"`warmup_steps` must be >= 0, got {warmup_steps}.")
+        self.schedule = schedule
+        self.warmup_steps = int(warmup_steps)
+        self.initial_learning_rate = float(initial_learning_rate)
+
+    def _after_warmup(self, step):
+        if isinstance(self.schedule, optimizers.schedules.LearningRateSchedule):
+            return ops.cast(self.schedule(step), "float32")
+        return ops.cast(self.schedule, "float32")
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        if self.warmup_steps == 0:
+            return self._after_warmup(step)
+        warmup_steps = float(self.warmup_steps)
+        target = self._after_warmup(warmup_steps)
+        fraction = ops.minimum(step / warmup_steps, 1.0)
+        warming = self.initial_learning_rate + fraction * (
+            target - self.initial_learning_rate)
+        return ops.where(step < warmup_steps, warming,
+                         self._after_warmup(step))
+
+    def get_config(self):
+        schedule = self.schedule
+        if isinstance(schedule, optimizers.schedules.LearningRateSchedule):
+            schedule = saving.serialize_keras_object(schedule)
+        return {
+            "schedule": schedule,
+            "warmup_steps": self.warmup_steps,
+            "initial_learning_rate": self.initial_learning_rate,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config["schedule"], dict):
+            config["schedule"] = saving.deserialize_keras_object(
+                config["schedule"])
+        return cls(**config)
+
+
+def build_schedule(peak_learning_rate, total_steps, decay="polynomial",
+                   warmup_steps=0, end_learning_rate=1e-4, power=2.0):
+    """Peak rate, optional warmup and a decay over the whole run.
+
+    Args:
+        peak_learning_rate: rate after linear scaling (> 0).
+        total_steps: steps of the whole run (>= 1), the decay horizon.
+        decay: 'polynomial', 'cosine' or 'constant'.
+        warmup_steps: linear warmup steps (0 for CLARS).
+        end_learning_rate: final rate of the polynomial decay.
+        power: power of the polynomial decay.
+    """
+    if total_steps < 1:
+        raise ValueError(f"`total_steps` must be >= 1, got {total_steps}.")
+    if warmup_steps >= total_steps and warmup_steps > 0:
+        raise ValueError(
+            f"`warmup_steps` ({warmup_steps}) must be smaller than "
+            f"`total_steps` ({total_steps}).")
+    if decay == "polynomial":
+        schedule = polynomial_decay(peak_learning_rate, total_steps,
+                                    end_learning_rate, power)
+    elif decay == "cosine":
+        schedule = cosine_decay(peak_learning_rate, total_steps)
+    elif decay == "constant":
+        schedule = float(peak_learning_rate)
+    else:
+        raise ValueError(
+            f"`decay` must be 'polynomial', 'cosine' or 'constant', got "
+            f"{decay!r}.")
+    if warmup_steps:
+        return LinearWarmup(schedule, warmup_steps)
+    return schedule

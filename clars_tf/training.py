@@ -1,0 +1,148 @@
+"""Where CLARS meets a training step: custom `strategy.run` loops and fit."""
+
+import collections
+
+import keras
+import tensorflow as tf
+
+from clars_tf import clars
+from clars_tf import gradient_norms
+
+StepGradients = collections.namedtuple(
+    "StepGradients", ["loss", "predictions", "gradients", "gradient_norms"]
+)
+
+
+def _unwrap(optimizer):
+    """The optimizer doing the update, inside a `LossScaleOptimizer`."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def per_example_loss_of(loss):
+    """`fn(y_true, y_pred) -> [batch]` from a Keras loss identifier.
+
+    Args:
+        loss: a `keras.losses.Loss`, a loss function or its name, as given to
+            `model.compile`.
+    """
+    if isinstance(loss, str) or callable(loss):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call
+    if callable(loss):
+        return loss
+    raise ValueError(
+        f"Cannot derive a per-example loss from {loss!r} (multi-output losses "
+        "need an explicit one): pass `per_example_loss=fn(y_true, y_pred)` "
+        "returning one loss per example."
+    )
+
+
+def gradient_norms_for_step(optimizer, estimator, model, per_example_loss, x,
+                            y, sample_weight=None):
+    """Fresh estimates on refresh steps, the stored ones in between."""
+    optimizer = _unwrap(optimizer)
+
+    def estimate():
+        return tf.stack(
+            estimator(model, per_example_loss, x, y, sample_weight))
+
+    if estimator.refresh_every == 1:
+        return tf.unstack(estimate())
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    refresh = tf.equal(optimizer.iterations % estimator.refresh_every, 0)
+    stored = optimizer.gradient_norm_estimates
+    return tf.unstack(tf.cond(refresh, estimate, lambda: tf.identity(stored)))
+
+
+def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
+                                     sample_weight=None, *, global_batch_size,
+                                     optimizer=None, estimator=None):
+    """Loss, gradients and (for CLARS) norm estimates of one replica's batch.
+
+    Call it inside the function given to `strategy.run`. The loss is scaled
+    for the sum all-reduce that Keras optimizers perform: per-example losses
+    summed and divided by the *global* batch size, model regularization
+    losses divided by the number of replicas. Then apply with
+    `optimizer.apply(out.gradients, model.trainable_variables,
+    gradient_norms=out.gradient_norms)` (LARS/SGD take no norms).
+
+    Args:
+        model: a built Keras model.
+        per_example_loss: `fn(y_true, y_pred) -> [batch]`.
+        x, y, sample_weight: this replica's batch.
+        global_batch_size: examples per step over all replicas.
+        optimizer: needed with an estimator that refreshes less than every
+            step (its stored estimates are reused).
+        estimator: a `GradientNormEstimator`, or None when the optimizer
+            needs no norms.
+
+    Returns:
+        `StepGradients(loss, predictions, gradients, gradient_norms)`, where
+        `loss` is this replica's share of the global mean loss.
+    """
+    context = tf.distribute.get_replica_context()
+    num_replicas = context.num_replicas_in_sync if context else 1
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        predictions = model(x, training=True)
+        losses = tf.cast(per_example_loss(y, predictions), "float32")
+        if sample_weight is not None:
+            losses *= tf.cast(sample_weight, "float32")
+        loss = tf.reduce_sum(losses) / tf.cast(global_batch_size, "float32")
+        if model.losses:
+            loss += tf.add_n(model.losses) / num_replicas
+        scaled_loss = optimizer.scale_loss(loss) if optimizer else loss
+    gradients = tape.gradient(scaled_loss, variables)
+    norms = None
+    if estimator is not None:
+        if estimator.refresh_every > 1 and optimizer is None:
+            raise ValueError(
+                "`optimizer` is required when the estimator refreshes less "
+                "than every step (its stored estimates are reused).")
+        norms = (
+            gradient_norms_for_step(optimizer, estimator, model,
+                                    per_example_loss, x, y, sample_weight)
+            if optimizer is not None
+            else estimator(model, per_example_loss, x, y, sample_weight)
+        )
+    return StepGradients(loss, predictions, gradients, norms)
+
+
+def attach_gradient_norm_estimator(model, estimator=None,
+                                   per_example_loss=None):
+    """Lets `model.fit` train with CLARS: the one extra line it needs.
+
+    Wraps the model's `train_step` so that each step first estimates the
+    gradient norms on the step's own batch (before the weights change) and
+    hands them to the CLARS optimizer, then runs Keras's own step unchanged
+    (metrics, loss scaling and callbacks included). Call it before or after
+    `compile`, before `fit`.
+
+    Args:
+        model: a Keras model (functional, Sequential or subclassed).
+        estimator: a `GradientNormEstimator`; defaults to the reference
+            (8 examples x 64 micro-batches, every step).
+        per_example_loss: `fn(y_true, y_pred) -> [batch]`; defaults to the
+            loss given to `compile`.
+
+    Returns:
+        The model, for chaining.
+    """
+    estimator = estimator or gradient_norms.GradientNormEstimator()
+    keras_train_step = model.train_step
+
+    def train_step(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        optimizer = _unwrap(model.optimizer)
+        if not isinstance(optimizer, clars.CLARS):
+            return keras_train_step(data)
+        loss = per_example_loss or per_example_loss_of(model.loss)
+        norms = gradient_norms_for_step(optimizer, estimator, model, loss, x,
+                                        y, sample_weight)
+        optimizer.set_gradient_norms(norms, model.trainable_variables)
+        return keras_train_step(data)
+
+    model.train_step = train_step
+    return model

@@ -1,0 +1,29 @@
+"""Test setup: two logical CPU devices so MirroredStrategy has 2 replicas.
+
+Logical devices must be configured before TensorFlow initialises its
+runtime, hence at import time of the test session.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def two_replicas():
+    """One MirroredStrategy over the 2 logical CPUs for the whole session.
+
+    Separate MirroredStrategy objects in one process reuse collective
+    instance keys, and the runtime rejects the second one's shapes.
+    """
+    return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])

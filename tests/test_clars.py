@@ -1,0 +1,165 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import clars_tf
+import reference
+
+
+def _variables():
+    """Adapted kernel, rank-1 bias, all-zero kernel, regex-excluded kernel."""
+    rng = np.random.default_rng(0)
+    with keras.name_scope("body"):
+        kernel = keras.Variable(rng.normal(size=(3, 2)), name="kernel",
+                                dtype="float32")
+        bias = keras.Variable(rng.normal(size=(2,)), name="bias",
+                              dtype="float32")
+        zero = keras.Variable(np.zeros((2, 2)), name="zero", dtype="float32")
+    with keras.name_scope("head"):
+        head = keras.Variable(rng.normal(size=(2, 2)), name="kernel",
+                              dtype="float32")
+    return [kernel, bias, zero, head]
+
+
+def test_two_steps_match_hand_computed_values():
+    w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    optimizer = clars_tf.CLARS(learning_rate=1.0, momentum=0.9,
+                               trust_coefficient=0.01, trust_clip=0.1,
+                               epsilon=0.0)
+    g = np.array([[0.6, 0.8]], dtype="float32")
+    # Step 1: trust = 0.01 * 5 / 2 = 0.025, m = g, w = w - 0.025 * g.
+    optimizer.apply([g], [w], gradient_norms=[2.0])
+    np.testing.assert_allclose(w.numpy(), [[2.985, 3.98]], rtol=1e-6)
+    # Step 2: ||w|| = 4.975, trust = 0.024875, m = 1.9 g.
+    optimizer.apply([g], [w], gradient_norms=[2.0])
+    np.testing.assert_allclose(w.numpy(), [[2.9566425, 3.94219]], rtol=1e-6)
+
+
+def test_trust_is_clipped():
+    w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    optimizer = clars_tf.CLARS(learning_rate=1.0, trust_clip=0.1, epsilon=0.0)
+    # 0.01 * 5 / 0.1 = 0.5 is clipped to 0.1.
+    optimizer.apply([np.array([[1.0, 0.0]])], [w], gradient_norms=[0.1])
+    np.testing.assert_allclose(w.numpy(), [[2.9, 4.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("decay_excluded", [True, False])
+def test_several_steps_match_numpy_reference(nesterov, decay_excluded):
+    variables = _variables()
+    initial = [v.numpy() for v in variables]
+    rng = np.random.default_rng(1)
+    steps = 4
+    gradients = [[rng.normal(size=v.shape).astype("float32")
+                  for v in variables] for _ in range(steps)]
+    norms = [[float(x) for x in rng.uniform(0.5, 3.0, size=len(variables))]
+             for _ in range(steps)]
+    norms[1][0] = 0.0  # a zero estimate falls back to min(clip, 1)
+    schedule = keras.optimizers.schedules.PolynomialDecay(
+        0.5, decay_steps=steps, end_learning_rate=1e-4, power=2.0)
+    optimizer = clars_tf.CLARS(
+        schedule, momentum=0.9, nesterov=nesterov, weight_decay_rate=0.01,
+        trust_coefficient=0.05, trust_clip=0.2, epsilon=1e-6,
+        exclude_from_layer_adaptation=["^head/"],
+        decay_excluded_variables=decay_excluded)
+    for step_gradients, step_norms in zip(gradients, norms):
+        optimizer.apply(step_gradients, variables, gradient_norms=step_norms)
+    rates = [float(schedule(t)) for t in range(steps)]
+    expected = reference.clars_steps(
+        initial, gradients, norms, rates, momentum=0.9, decay=0.01, eta=0.05,
+        clip=0.2, epsilon=1e-6, adapted=[True, False, True, False],
+        decayed=[True, decay_excluded, True, decay_excluded],
+        nesterov=nesterov)
+    for variable, want in zip(variables, expected):
+        np.testing.assert_allclose(variable.numpy(), want, atol=1e-6)
+
+
+def test_adaptation_decisions_follow_rank_and_regex():
+    variables = _variables()
+    optimizer = clars_tf.CLARS(1.0, exclude_from_layer_adaptation="^head/")
+    assert [optimizer.is_adapted(v) for v in variables] == [
+        True, False, True, False]
+
+
+def test_apply_without_norms_explains_the_fix():
+    w = keras.Variable(np.ones((2, 2)), dtype="float32")
+    optimizer = clars_tf.CLARS(0.1)
+    with pytest.raises(ValueError, match="attach_gradient_norm_estimator"):
+        optimizer.apply([np.ones((2, 2))], [w])
+    with pytest.raises(ValueError, match="attach_gradient_norm_estimator"):
+        optimizer.apply_gradients([(np.ones((2, 2)), w)])
+
+
+def test_norms_of_wrong_length_are_rejected():
+    w = keras.Variable(np.ones((2, 2)), dtype="float32")
+    optimizer = clars_tf.CLARS(0.1)
+    with pytest.raises(ValueError, match="gradient_norms"):
+        optimizer.apply([np.ones((2, 2))], [w], gradient_norms=[1.0, 2.0])
+
+
+def test_norms_follow_the_order_of_the_given_variables():
+    a = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32", name="a")
+    b = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32", name="b")
+    optimizer = clars_tf.CLARS(1.0, epsilon=0.0)
+    optimizer.build([a, b])
+    g = np.array([[0.6, 0.8]], dtype="float32")
+    optimizer.apply([g, g], [b, a], gradient_norms=[2.0, 1.0])
+    # a got a = 1.0 -> trust 0.05; b got a = 2.0 -> trust 0.025.
+    np.testing.assert_allclose(a.numpy(), [[2.97, 3.96]], rtol=1e-6)
+    np.testing.assert_allclose(b.numpy(), [[2.985, 3.98]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_variables_take_a_float32_trust_ratio(dtype):
+    w = keras.Variable(np.full((1, 400), 100.0), dtype=dtype)
+    optimizer = clars_tf.CLARS(1.0, trust_clip=1.0, epsilon=0.0)
+    # ||w|| = 2000 overflows float16 squares if computed in float16.
+    optimizer.apply([np.ones((1, 400))], [w], gradient_norms=[4000.0])
+    # trust = 0.01 * 2000 / 4000 = 0.005.
+    np.testing.assert_allclose(
+        w.numpy().astype("float32"), np.full((1, 400), 100.0 - 0.005),
+        rtol=1e-2)
+    assert np.all(np.isfinite(w.numpy().astype("float32")))
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"learning_rate": -0.1}, "learning_rate"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"trust_clip": 0.0}, "trust_clip"),
+        ({"trust_coefficient": 0.0}, "trust_coefficient"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"weight_decay_rate": -1e-4}, "weight_decay_rate"),
+        ({"exclude_from_layer_adaptation": ["("]}, "exclude_from_layer"),
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    kwargs = {"learning_rate": 0.1, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        clars_tf.CLARS(**kwargs)
+
+
+def test_config_round_trip():
+    schedule = clars_tf.schedules.LinearWarmup(
+        clars_tf.schedules.polynomial_decay(2.0, 100), warmup_steps=10)
+    optimizer = clars_tf.CLARS(
+        schedule, momentum=0.8, nesterov=True, weight_decay_rate=2e-4,
+        trust_coefficient=0.02, trust_clip=0.5, epsilon=1e-5,
+        exclude_from_layer_adaptation=["head"], decay_excluded_variables=False)
+    restored = keras.optimizers.deserialize(
+        keras.optimizers.serialize(optimizer))
+    assert isinstance(restored, clars_tf.CLARS)
+    config = restored.get_config()
+    for key, value in {"momentum": 0.8, "nesterov": True,
+                       "weight_decay_rate": 2e-4, "trust_coefficient": 0.02,
+                       "trust_clip": 0.5, "epsilon": 1e-5,
+                       "exclude_from_layer_adaptation": ["head"],
+                       "decay_excluded_variables": False}.items():
+        assert config[key] == value
+    assert float(restored.learning_rate) == pytest.approx(float(schedule(0)))
+    assert float(restored._learning_rate(50)) == pytest.approx(
+        float(schedule(50)))
