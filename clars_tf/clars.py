@@ -167,6 +167,16 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
         self._norms_set_in_this_step.value = False
         return super().apply(grads, trainable_variables)
 
+    def layer_trust_ratio(self, weight_norm, gradient_norm, decay_rate):
+        del decay_rate  # the estimate carries no decay term (spec step 1)
+        return layerwise.trust_ratio(
+            weight_norm,
+            gradient_norm,
+            gradient_norm + self.epsilon,
+            self.trust_coefficient,
+            clip=self.trust_clip,
+        )
+
     def update_step(self, gradient, variable, learning_rate):
         index, adapted, decay_rate = self._variable_settings(variable)
         dtype = variable.dtype
@@ -174,14 +184,9 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             ops.cast(gradient, dtype), ops.multiply(decay_rate, variable)
         )
         if adapted:
-            estimate = self.gradient_norm_estimates[index]
-            trust = layerwise.trust_ratio(
+            trust = self.layer_trust_ratio(
                 layerwise.float32_norm(variable),
-                estimate,
-                estimate + self.epsilon,
-                self.trust_coefficient,
-                clip=self.trust_clip,
-            )
+                self.gradient_norm_estimates[index], decay_rate)
             scaled_rate = ops.cast(learning_rate * trust, dtype)
         else:
             scaled_rate = ops.cast(learning_rate, dtype)

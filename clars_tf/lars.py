@@ -68,6 +68,14 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             **kwargs,
         )
 
+    def layer_trust_ratio(self, weight_norm, gradient_norm, decay_rate):
+        return layerwise.trust_ratio(
+            weight_norm,
+            gradient_norm,
+            gradient_norm + decay_rate * weight_norm + self.epsilon,
+            self.trust_coefficient,
+        )
+
     def update_step(self, gradient, variable, learning_rate):
         index, adapted, decay_rate = self._variable_settings(variable)
         dtype = variable.dtype
@@ -75,14 +83,9 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             ops.cast(gradient, dtype), ops.multiply(decay_rate, variable)
         )
         if adapted:
-            weight_norm = layerwise.float32_norm(variable)
-            gradient_norm = layerwise.float32_norm(gradient)
-            trust = layerwise.trust_ratio(
-                weight_norm,
-                gradient_norm,
-                gradient_norm + decay_rate * weight_norm + self.epsilon,
-                self.trust_coefficient,
-            )
+            trust = self.layer_trust_ratio(
+                layerwise.float32_norm(variable),
+                layerwise.float32_norm(gradient), decay_rate)
             scaled_rate = ops.cast(learning_rate * trust, dtype)
         else:
             scaled_rate = ops.cast(learning_rate, dtype)

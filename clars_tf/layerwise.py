@@ -161,6 +161,34 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
         ]
         self.momentums = self.add_optimizer_variables(variables, "momentum")
 
+    def layer_trust_ratio(self, weight_norm, gradient_norm, decay_rate):
+        """The trust ratio of an adapted variable; subclasses define it.
+
+        Args:
+            weight_norm: float32 `||w||`.
+            gradient_norm: float32 norm the ratio divides by (`||g||` for
+                LARS, the estimate `a` for CLARS).
+            decay_rate: the variable's coupled decay coefficient.
+        """
+        raise NotImplementedError
+
+    def trust_ratios(self, variables, gradient_norms):
+        """Per-variable trust ratios, 1 for excluded variables (diagnostics).
+
+        Args:
+            variables: variables the optimizer was built with.
+            gradient_norms: one norm per variable, as `layer_trust_ratio`
+                takes it.
+        """
+        ratios = []
+        for variable, norm in zip(variables, gradient_norms):
+            _, adapted, decay_rate = self._variable_settings(variable)
+            ratios.append(
+                self.layer_trust_ratio(float32_norm(variable), norm,
+                                       decay_rate)
+                if adapted else ops.ones((), "float32"))
+        return ratios
+
     def _variable_settings(self, variable):
         """(index, adapted, decay_rate) of a variable seen by `update_step`."""
         index = self._get_variable_index(variable)

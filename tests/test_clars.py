@@ -163,3 +163,15 @@ def test_config_round_trip():
     assert float(restored.learning_rate) == pytest.approx(float(schedule(0)))
     assert float(restored._learning_rate(50)) == pytest.approx(
         float(schedule(50)))
+
+
+def test_trust_ratios_for_diagnostics():
+    variables = _variables()
+    optimizer = clars_tf.CLARS(1.0, trust_clip=1.0, epsilon=0.0,
+                               exclude_from_layer_adaptation="^head/")
+    optimizer.build(variables)
+    norms = [2.0, 2.0, 2.0, 2.0]
+    ratios = [float(r) for r in optimizer.trust_ratios(variables, norms)]
+    kernel_norm = np.linalg.norm(variables[0].numpy())
+    # Zero weights fall back to min(clip, 1) = 1; excluded variables use 1.
+    assert ratios == pytest.approx([0.01 * kernel_norm / 2.0, 1.0, 1.0, 1.0])
