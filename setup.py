@@ -25,6 +25,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9",
         "absl-py>=1.0",
         "pyyaml>=6.0",
+        "tensorboard>=2.16",
     ],
     extras_require={
         "test": ["pytest>=7"],

@@ -1,0 +1,1 @@
+"""Training entry points, configs and input pipelines."""

@@ -1,0 +1,289 @@
+"""Experiment configs: defaults, YAML files, overrides and validation.
+
+A config is a nested dict of plain values (big_vision style). `DEFAULTS`
+lists every key a config may set, with its type; a YAML file under
+`configs/` and then `--params_override` are merged on top of it. Unknown
+keys, wrong types and impossible combinations are rejected before any work
+starts, with the key and a fix in the message.
+"""
+
+import copy
+import difflib
+
+import yaml
+
+from models import MODEL_NAMES
+from models import model_options
+
+OPTIMIZERS = ("clars", "lars", "sgd", "lamb")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+DECAYS = ("polynomial", "cosine", "constant")
+
+DEFAULTS = {
+    "task": {
+        "dataset": "fashion_mnist",
+        "image_size": 32,
+    },
+    "model": {
+        "name": "resnet20",
+        "use_sync_bn": False,
+        # Model-specific options (`models.model_options(name)`), e.g.
+        # zero_init_residual, dropout_rate, alpha.
+        "options": {},
+    },
+    "train": {
+        "global_batch_size": 512,
+        "epochs": 10,
+        "max_steps": 0,
+        "steps_per_loop": 10,
+        "checkpoint_every_steps": 100,
+        "checkpoints_to_keep": 3,
+        "eval_every_epochs": 1,
+        "eval_batch_size": 1000,
+        "label_smoothing": 0.0,
+        "precision": "float32",
+        "seed": 0,
+        "deterministic": False,
+        "diagnostics_every_steps": 0,
+    },
+    "optimizer": {
+        "name": "clars",
+        "base_learning_rate": 0.1,
+        "reference_batch_size": 128,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay_rate": 0.0002,
+        "exclude_from_layer_adaptation": [],
+        "warmup_epochs": 0.0,
+        "decay": "polynomial",
+        "end_learning_rate": 0.0001,
+        "power": 2.0,
+    },
+    # Used when optimizer.name is clars (defaults: the reference code).
+    "clars": {
+        "trust_coefficient": 0.01,
+        "trust_clip": 0.1,
+        "epsilon": 1e-6,
+        "decay_excluded_variables": True,
+    },
+    # Used when optimizer.name is lars (defaults: MLPerf).
+    "lars": {
+        "trust_coefficient": 0.001,
+        "epsilon": 0.0,
+        "decay_excluded_variables": False,
+    },
+    "estimator": {
+        "micro_batch_size": 8,
+        "num_micro_batches": 64,
+        "refresh_every": 1,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+def _closest(name, candidates):
+    match = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _merge(base, override, prefix=""):
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(
+                f"Unknown config key '{path}'.{_closest(key, base)} Valid keys "
+                f"here: {', '.join(sorted(base))}.")
+        default = base[key]
+        if isinstance(default, dict) and not default and isinstance(value,
+                                                                    dict):
+            base[key] = dict(value)  # free-form mapping, checked by its user
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"Config key '{path}' is a section; give it a mapping of "
+                    f"keys ({', '.join(sorted(default))}), not {value!r}.")
+            _merge(default, value, prefix=f"{path}.")
+        else:
+            base[key] = _coerce(path, default, value)
+
+
+def _coerce(path, default, value):
+    """Checks `value` against the default's type (ints widen to floats)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        kind = type(default).__name__
+        raise ConfigError(
+            f"Config key '{path}' must be a {kind}"
+            f"{' of strings' if kind == 'list' else ''}, got {value!r} "
+            f"({type(value).__name__}).")
+    return value
+
+
+def parse_overrides(text):
+    """Parses `--params_override`: a YAML mapping or `a.b=1,c.d=x` pairs.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        A nested dict.
+    """
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if "=" in text and not text.lstrip().startswith("{"):
+        nested = {}
+        for item in text.split(","):
+            if "=" not in item:
+                raise ConfigError(
+                    f"--params_override: '{item}' is not key=value; write e.g. "
+                    "'train.epochs=5,optimizer.name=lars'.")
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as error:
+                raise ConfigError(
+                    f"--params_override: cannot parse the value of '{key}': "
+                    f"{error}") from None
+            node = nested
+            parts = key.strip().split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        return nested
+    try:
+        nested = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"--params_override is neither key=value pairs nor valid YAML: "
+            f"{error}") from None
+    if not isinstance(nested, dict):
+        raise ConfigError(
+            "--params_override must be a YAML mapping or key=value pairs, got "
+            f"{text!r}.")
+    return nested
+
+
+def load_yaml(path):
+    """Reads a config file, rejecting malformed YAML with its location."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"Config file '{path}' does not exist; see configs/ for the "
+            "provided ones.") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {error}"
+                          ) from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(
+            f"Config file '{path}' must hold a mapping of sections (task, "
+            f"model, train, ...), got {type(content).__name__}.")
+    return content
+
+
+def build_config(config_file=None, params_override=None):
+    """Defaults, then the YAML file, then the overrides; validated."""
+    config = copy.deepcopy(DEFAULTS)
+    if config_file:
+        _merge(config, load_yaml(config_file))
+    _merge(config, parse_overrides(params_override))
+    validate(config)
+    return config
+
+
+def _require(condition, key, message):
+    if not condition:
+        raise ConfigError(f"Config key '{key}': {message}")
+
+
+def validate(config):
+    """Checks values and combinations that do not depend on the machine."""
+    task, model, train = config["task"], config["model"], config["train"]
+    opt, est = config["optimizer"], config["estimator"]
+    from trainers import data  # deferred: data imports tensorflow_datasets
+    _require(task["dataset"] in data.DATASETS, "task.dataset",
+             f"unknown data set '{task['dataset']}'."
+             f"{_closest(task['dataset'], data.DATASETS)} Choose one of "
+             f"{', '.join(sorted(data.DATASETS))}.")
+    _require(task["image_size"] >= 32, "task.image_size",
+             "must be >= 32 (the models' smallest input).")
+    _require(model["name"] in MODEL_NAMES, "model.name",
+             f"unknown model '{model['name']}'."
+             f"{_closest(model['name'], MODEL_NAMES)} Choose one of "
+             f"{', '.join(MODEL_NAMES)}.")
+    valid_options = model_options(model["name"])
+    for option in model["options"]:
+        _require(option in valid_options and option != "use_sync_bn",
+                 f"model.options.{option}",
+                 f"not an option of {model['name']}."
+                 f"{_closest(option, valid_options)} Valid: "
+                 f"{', '.join(o for o in valid_options if o != 'use_sync_bn')}"
+                 ".")
+    _require(opt["name"] in OPTIMIZERS, "optimizer.name",
+             f"unknown optimizer '{opt['name']}'."
+             f"{_closest(opt['name'], OPTIMIZERS)} Choose one of "
+             f"{', '.join(OPTIMIZERS)}.")
+    _require(train["precision"] in PRECISIONS, "train.precision",
+             f"must be one of {', '.join(PRECISIONS)}.")
+    _require(opt["decay"] in DECAYS, "optimizer.decay",
+             f"must be one of {', '.join(DECAYS)}.")
+    for key in ("global_batch_size", "epochs", "steps_per_loop",
+                "checkpoint_every_steps", "eval_every_epochs",
+                "eval_batch_size", "checkpoints_to_keep"):
+        _require(train[key] >= 1, f"train.{key}", "must be >= 1.")
+    _require(train["max_steps"] >= 0, "train.max_steps",
+             "must be >= 0 (0 means the whole run).")
+    _require(0.0 <= train["label_smoothing"] < 1.0, "train.label_smoothing",
+             "must be in [0, 1).")
+    _require(opt["base_learning_rate"] > 0, "optimizer.base_learning_rate",
+             "must be > 0.")
+    _require(0.0 <= opt["momentum"] < 1.0, "optimizer.momentum",
+             "must be in [0, 1).")
+    _require(opt["warmup_epochs"] >= 0, "optimizer.warmup_epochs",
+             "must be >= 0.")
+    _require(opt["warmup_epochs"] < train["epochs"], "optimizer.warmup_epochs",
+             f"must be shorter than train.epochs ({train['epochs']}).")
+    _require(not (opt["name"] == "clars" and opt["warmup_epochs"] > 0),
+             "optimizer.warmup_epochs",
+             "CLARS is meant to run without warmup; set it to 0 (or use "
+             "optimizer.name=sgd/lars for a warmup baseline).")
+    for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):
+        _require(est[key] >= 1, f"estimator.{key}", "must be >= 1.")
+    return config
+
+
+def check_against_strategy(config, num_replicas):
+    """Checks what depends on the number of replicas."""
+    train, est = config["train"], config["estimator"]
+    batch = train["global_batch_size"]
+    _require(batch % num_replicas == 0, "train.global_batch_size",
+             f"{batch} is not divisible by the {num_replicas} replicas; use a "
+             f"multiple of {num_replicas}.")
+    if config["optimizer"]["name"] == "clars":
+        import clars_tf
+        estimator = clars_tf.GradientNormEstimator(
+            est["micro_batch_size"], est["num_micro_batches"],
+            est["refresh_every"])
+        try:
+            estimator.check_fits(batch // num_replicas, num_replicas)
+        except ValueError as error:
+            raise ConfigError(f"Config section 'estimator': {error}") from None
+        return estimator
+    return None

@@ -1,0 +1,588 @@
+"""Input pipelines: tfds data sets, deterministic augmentation, serving.
+
+Every data set is read through tensorflow-datasets, so one pipeline serves
+ImageNet and CIFAR on a connected machine and Fashion-MNIST offline.
+
+Offline Fashion-MNIST. The Debian package `dataset-fashion-mnist` ships the
+upstream IDX files, but Debian's build (dh_strip_nondeterminism) rewrote
+each file's 10-byte gzip header: it dropped the stored file name and
+replaced the modification time with the package's release date. The
+compressed data is untouched, yet the files no longer match the sha256 sums
+tfds records for its `fashion_mnist` builder. `prepare` validates each file
+(gzip stream, IDX header and size), puts the upstream header back (file
+name plus the original time stamps, recorded below) and checks that the
+result is byte-identical to the upstream download. The restored files go
+into a temporary `manual_dir` and tfds's own `fashion_mnist` builder
+prepares the data set from there: its DownloadManager takes a file from
+`manual_dir` when the name matches the registered one, computes its sha256
+and size itself and rejects a mismatch, so nothing is downloaded and tfds
+vouches for the bytes. tfds writes the prepared data set into an
+`incomplete.*` directory and renames it when complete, so an interrupted
+preparation never leaves a data set that looks valid.
+"""
+
+import dataclasses
+import difflib
+import gzip
+import hashlib
+import math
+import os
+import socket
+import struct
+import tempfile
+import urllib.parse
+import urllib.request
+import zlib
+
+from absl import logging
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import download_manager
+from tensorflow_datasets.core.download import extractor
+
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+_EVAL_CROP_FRACTION = 0.875
+_SMALL_PAD = 4
+
+
+class DataError(ValueError):
+    """A data set is missing, corrupt or cannot be prepared here."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the pipeline needs to know about one data set.
+
+    Attributes:
+      tfds_name: name of the tfds builder.
+      num_classes: number of labels.
+      image_shape: (H, W, C) as stored; H and W are None when they vary.
+      train_split: tfds split used for training.
+      eval_split: tfds split used for evaluation.
+      num_train_examples: examples in `train_split`.
+      num_eval_examples: examples in `eval_split`.
+      preprocessing: 'imagenet' (random-resized crop; eval center crop) or
+        'small' (pad-and-crop; eval resize only).
+      default_image_size: the usual training resolution.
+      mean: per-channel pixel mean of the training set, in [0, 1] units.
+      std: per-channel pixel standard deviation, in [0, 1] units.
+      shuffle_buffer: examples held by the training shuffle buffer.
+      cacheable: whether the decoded split fits in host memory.
+    """
+
+    tfds_name: str
+    num_classes: int
+    image_shape: tuple
+    train_split: str
+    eval_split: str
+    num_train_examples: int
+    num_eval_examples: int
+    preprocessing: str
+    default_image_size: int
+    mean: tuple
+    std: tuple
+    shuffle_buffer: int
+    cacheable: bool
+
+
+DATASETS = {
+    "imagenet2012": DatasetSpec(
+        tfds_name="imagenet2012", num_classes=1000, image_shape=(None, None, 3),
+        train_split="train", eval_split="validation",
+        num_train_examples=1_281_167, num_eval_examples=50_000,
+        preprocessing="imagenet", default_image_size=224,
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        # Encoded JPEGs average ~110 KB: 10k of them is ~1 GB of host memory.
+        shuffle_buffer=10_000, cacheable=False),
+    "cifar10": DatasetSpec(
+        tfds_name="cifar10", num_classes=10, image_shape=(32, 32, 3),
+        train_split="train", eval_split="test",
+        num_train_examples=50_000, num_eval_examples=10_000,
+        preprocessing="small", default_image_size=32,
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        shuffle_buffer=50_000, cacheable=True),
+    "cifar100": DatasetSpec(
+        tfds_name="cifar100", num_classes=100, image_shape=(32, 32, 3),
+        train_split="train", eval_split="test",
+        num_train_examples=50_000, num_eval_examples=10_000,
+        preprocessing="small", default_image_size=32,
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        shuffle_buffer=50_000, cacheable=True),
+    "fashion_mnist": DatasetSpec(
+        tfds_name="fashion_mnist", num_classes=10, image_shape=(28, 28, 1),
+        train_split="train", eval_split="test",
+        num_train_examples=60_000, num_eval_examples=10_000,
+        preprocessing="small", default_image_size=28,
+        mean=(0.2860,), std=(0.3530,),
+        shuffle_buffer=60_000, cacheable=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _IdxFile:
+    """An upstream Fashion-MNIST file: gzip time stamp and IDX dimensions."""
+
+    mtime: int
+    dims: tuple
+
+
+# Upstream gzip headers are `1f8b 0808 <mtime> 00 03 <name>\0`; Debian keeps
+# everything but the name and the time stamp, which are recorded here (they
+# reproduce the sha256 sums tfds registers for fashion_mnist).
+_FASHION_MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": _IdxFile(1504176606, (60_000, 28, 28)),
+    "train-labels-idx1-ubyte.gz": _IdxFile(1504176606, (60_000,)),
+    "t10k-images-idx3-ubyte.gz": _IdxFile(1504176627, (10_000, 28, 28)),
+    "t10k-labels-idx1-ubyte.gz": _IdxFile(1504176627, (10_000,)),
+}
+
+_GZIP_FEXTRA, _GZIP_FNAME, _GZIP_FCOMMENT, _GZIP_FHCRC = 4, 8, 16, 2
+
+_FASHION_MNIST_FIX = (
+    "Fix: `apt-get install -y --reinstall dataset-fashion-mnist`, or pass "
+    "--data_dir with an already prepared fashion_mnist data set.")
+
+
+def _spec(name):
+    if name not in DATASETS:
+        match = difflib.get_close_matches(str(name), list(DATASETS), n=1)
+        hint = f" Did you mean '{match[0]}'?" if match else ""
+        raise ValueError(
+            f"name: unknown data set '{name}'.{hint} Choose one of "
+            f"{', '.join(sorted(DATASETS))}.")
+    return DATASETS[name]
+
+
+def _check_positive(value, argument):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be an integer >= 1, got {value!r}.")
+
+
+def _expand_data_dir(data_dir):
+    if not data_dir:
+        raise ValueError(
+            "data_dir must name a directory, e.g. ~/tensorflow_datasets.")
+    return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+
+
+def prepare(name, data_dir, *, fashion_mnist_dir=DEBIAN_FASHION_MNIST_DIR):
+    """Makes sure data set `name` is prepared in `data_dir`.
+
+    Fashion-MNIST is prepared from the local IDX files (see the module
+    docstring); the other data sets are downloaded and prepared by tfds
+    (ImageNet needs its archives in `<data_dir>/downloads/manual/`).
+    Does nothing when the data set is already prepared.
+
+    Args:
+      name: a key of `DATASETS`.
+      data_dir: tfds data directory (`~` is expanded).
+      fashion_mnist_dir: directory holding the Fashion-MNIST `*.gz` IDX
+        files (Debian's by default).
+
+    Returns:
+      The tfds builder of the prepared data set.
+
+    Raises:
+      ValueError: on an unknown name or an empty data_dir.
+      DataError: when the data set cannot be prepared here; the message
+        names the file or host at fault and the fix.
+    """
+    spec = _spec(name)
+    data_dir = _expand_data_dir(data_dir)
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    if spec.tfds_name == "fashion_mnist":
+        _prepare_fashion_mnist(builder, data_dir, fashion_mnist_dir)
+    else:
+        _download_and_prepare(builder, name, data_dir)
+    return builder
+
+
+def _prepare_fashion_mnist(builder, data_dir, source_dir):
+    url_infos = builder.url_infos
+    restored = {}
+    for url_info in url_infos.values():
+        path = os.path.join(source_dir, url_info.filename)
+        restored[url_info.filename] = _restore_upstream_file(path, url_info)
+    downloads = os.path.join(data_dir, "downloads")
+    os.makedirs(downloads, exist_ok=True)
+    # Restored archives and tfds's extracted copies are only needed while
+    # preparing; a temporary directory keeps them out of data_dir.
+    with tempfile.TemporaryDirectory(prefix="fashion_mnist_local.",
+                                     dir=downloads) as tmp_dir:
+        manual_dir = os.path.join(tmp_dir, "manual")
+        os.makedirs(manual_dir)
+        for filename, content in restored.items():
+            with open(os.path.join(manual_dir, filename), "wb") as f:
+                f.write(content)
+        config = tfds.download.DownloadConfig(
+            manual_dir=manual_dir,
+            # Every URL must have a registered checksum for tfds to check.
+            force_checksums_validation=True,
+            try_download_gcs=False)
+        logging.info("Preparing fashion_mnist in %s from %s.", data_dir,
+                     source_dir)
+        try:
+            builder.download_and_prepare(
+                download_dir=os.path.join(tmp_dir, "downloads"),
+                download_config=config)
+        except download_manager.NonMatchingChecksumError as err:
+            raise DataError(
+                f"tfds rejected the restored Fashion-MNIST files from "
+                f"{source_dir}: {err}\n{_FASHION_MNIST_FIX}") from err
+
+
+def _restore_upstream_file(path, url_info):
+    """Validates one Fashion-MNIST file and returns its upstream bytes.
+
+    Args:
+      path: the local `.gz` file (Debian-normalised or upstream).
+      url_info: tfds's registered size and sha256 for the upstream file.
+
+    Returns:
+      The upstream file's bytes.
+
+    Raises:
+      DataError: the file is missing, not gzip, truncated, not the expected
+        IDX array, or does not reproduce the upstream sha256.
+    """
+    filename = os.path.basename(path)
+    expected = _FASHION_MNIST_FILES.get(filename)
+    if expected is None:
+        raise DataError(
+            f"tfds expects a Fashion-MNIST file named {filename}, which this "
+            "module does not know; tensorflow-datasets changed its "
+            "fashion_mnist sources.")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as err:
+        raise DataError(f"Missing Fashion-MNIST file {path}. "
+                        f"{_FASHION_MNIST_FIX}") from err
+    try:
+        content = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is not a complete gzip file ({err}); it is "
+                        f"truncated or corrupt. {_FASHION_MNIST_FIX}") from err
+    _check_idx(path, content, expected.dims)
+    upstream = (b"\x1f\x8b\x08" + bytes([_GZIP_FNAME])
+                + struct.pack("<I", expected.mtime) + b"\x00\x03"
+                + filename[:-len(".gz")].encode() + b"\x00"
+                + raw[_gzip_header_length(path, raw):])
+    checksum = hashlib.sha256(upstream).hexdigest()
+    if checksum != url_info.checksum or len(upstream) != url_info.size:
+        raise DataError(
+            f"{path} decompresses to a valid IDX array but is not the "
+            f"upstream Fashion-MNIST file: sha256 {checksum} ({len(upstream)} "
+            f"bytes) after restoring its gzip header, tfds expects "
+            f"{url_info.checksum} ({int(url_info.size)} bytes). "
+            f"{_FASHION_MNIST_FIX}")
+    return upstream
+
+
+def _gzip_header_length(path, raw):
+    """Length of the gzip member header (RFC 1952) at the start of raw."""
+    flags = raw[3]
+    length = 10
+    try:
+        if flags & _GZIP_FEXTRA:
+            length += 2 + int.from_bytes(raw[length:length + 2], "little")
+        if flags & _GZIP_FNAME:
+            length = raw.index(b"\x00", length) + 1
+        if flags & _GZIP_FCOMMENT:
+            length = raw.index(b"\x00", length) + 1
+    except ValueError as err:
+        raise DataError(f"{path} has a malformed gzip header. "
+                        f"{_FASHION_MNIST_FIX}") from err
+    if flags & _GZIP_FHCRC:
+        length += 2
+    return length
+
+
+def _check_idx(path, content, dims):
+    # IDX magic: two zero bytes, element type 0x08 (uint8), number of dims.
+    magic = bytes([0, 0, 8, len(dims)])
+    header_size = 4 + 4 * len(dims)
+    header = content[:header_size]
+    if header[:4] != magic:
+        raise DataError(
+            f"{path} has IDX magic number {header[:4].hex()}, expected "
+            f"{magic.hex()}; it is not the expected Fashion-MNIST file. "
+            f"{_FASHION_MNIST_FIX}")
+    found = (struct.unpack(f">{len(dims)}I", header[4:])
+             if len(header) == header_size else None)
+    data_size = math.prod(dims)
+    if found != tuple(dims) or len(content) != header_size + data_size:
+        raise DataError(
+            f"{path} holds {len(content)} bytes with dimensions {found}; "
+            f"expected dimensions {tuple(dims)} in {header_size + data_size} "
+            f"bytes. The file is truncated or corrupt. {_FASHION_MNIST_FIX}")
+
+
+def _download_and_prepare(builder, name, data_dir):
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        fix = (f"Put the archives named in tfds's instructions above into "
+               f"{os.path.join(data_dir, 'downloads', 'manual')}, or pass "
+               f"--data_dir with an already prepared {name}.")
+    else:
+        fix = (f"Prepare it on a connected machine (`tfds build {name} "
+               f"--data_dir DIR`) and pass --data_dir DIR here.")
+        _check_hosts_reachable(builder, name, fix)
+    logging.info("Preparing %s in %s with tfds.", name, data_dir)
+    try:
+        builder.download_and_prepare()
+    except (AssertionError, OSError, tfds.download.DownloadError,
+            download_manager.NonMatchingChecksumError,
+            extractor.ExtractError) as err:
+        raise DataError(f"Could not prepare {name} in {data_dir}: {err}\n"
+                        f"{fix}") from err
+
+
+def _check_hosts_reachable(builder, name, fix):
+    """Fails fast offline: tfds itself retries for minutes before failing."""
+    # Behind a proxy a direct connection proves nothing; let tfds try.
+    if urllib.request.getproxies():
+        return
+    for url in builder.url_infos or {}:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=10).close()
+        except OSError as err:
+            raise DataError(
+                f"Cannot download {name}: {parts.hostname}:{port} is not "
+                f"reachable ({err}). {fix}") from err
+
+
+def steps_per_epoch(name, global_batch_size):
+    """Training steps in one pass over the train split (last batch dropped).
+
+    Args:
+      name: a key of `DATASETS`.
+      global_batch_size: examples per step over all replicas.
+
+    Returns:
+      The number of full global batches in the train split.
+    """
+    spec = _spec(name)
+    _check_positive(global_batch_size, "global_batch_size")
+    if global_batch_size > spec.num_train_examples:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} exceeds the "
+            f"{spec.num_train_examples} training examples of {name}.")
+    return spec.num_train_examples // global_batch_size
+
+
+def preprocess_for_serving(images_uint8, name, image_size):
+    """Eval preprocessing of a batch of raw images (for the SavedModel).
+
+    Args:
+      images_uint8: uint8 tensor [N, H, W, C] of raw pixels.
+      name: a key of `DATASETS`.
+      image_size: side of the square model input.
+
+    Returns:
+      float32 tensor [N, image_size, image_size, C], normalised exactly as
+      `build_dataset(..., is_training=False)` does.
+    """
+    spec = _spec(name)
+    _check_positive(image_size, "image_size")
+    images = tf.convert_to_tensor(images_uint8)
+    if images.dtype != tf.uint8:
+        raise ValueError(
+            f"images_uint8 must have dtype uint8, got {images.dtype.name}.")
+    if images.shape.rank not in (None, 4):
+        raise ValueError(
+            f"images_uint8 must be [N, H, W, C], got shape {images.shape}.")
+    return _eval_image(images, spec, image_size)
+
+
+def _eval_image(image, spec, image_size):
+    """Eval preprocessing of one image [H, W, C] or a batch [N, H, W, C]."""
+    if spec.preprocessing == "imagenet":
+        shape = tf.shape(image)
+        height, width = shape[-3], shape[-2]
+        crop = tf.cast(
+            tf.round(_EVAL_CROP_FRACTION
+                     * tf.cast(tf.minimum(height, width), tf.float32)),
+            tf.int32)
+        image = tf.image.crop_to_bounding_box(
+            image, (height - crop) // 2, (width - crop) // 2, crop, crop)
+        image = _resize(image, image_size)
+    else:
+        image = _resize_if_needed(image, image_size)
+    return _normalize(image, spec)
+
+
+def _resize(image, image_size):
+    return tf.image.resize(image, [image_size, image_size],
+                           method="bilinear", antialias=True)
+
+
+def _resize_if_needed(image, image_size):
+    if image.shape[-3] == image_size and image.shape[-2] == image_size:
+        return tf.cast(image, tf.float32)
+    return _resize(image, image_size)
+
+
+def _normalize(image, spec):
+    mean = tf.constant(spec.mean, tf.float32) * 255.0
+    std = tf.constant(spec.std, tf.float32) * 255.0
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def _imagenet_train_image(image_bytes, seed, image_size):
+    """Random-resized crop (Inception style) and flip of one encoded JPEG.
+
+    Args:
+      image_bytes: scalar string tensor, a JPEG.
+      seed: int tensor [2] for the stateless random ops.
+      image_size: side of the square output.
+
+    Returns:
+      float32 [image_size, image_size, 3], not normalised.
+    """
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=2))
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(image_bytes),
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=crop_seed,
+        # The box is the whole image: coverage is the area fraction, which
+        # area_range already bounds.
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    offset_y, offset_x, _ = tf.unstack(begin)
+    height, width, _ = tf.unstack(size)
+    # Decoding only the crop window skips most of the JPEG's pixels.
+    image = tf.image.decode_and_crop_jpeg(
+        image_bytes, tf.stack([offset_y, offset_x, height, width]), channels=3)
+    image = _resize(image, image_size)
+    return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+def _small_train_image(image, seed, spec, image_size):
+    """Pad-4 random crop and flip of one stored-size image [H, W, C].
+
+    Args:
+      image: uint8 tensor of shape `spec.image_shape`.
+      seed: int tensor [2] for the stateless random ops.
+      spec: the data set's `DatasetSpec`.
+      image_size: side of the square output.
+
+    Returns:
+      float32 [image_size, image_size, C], not normalised.
+    """
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=2))
+    pad = [[_SMALL_PAD, _SMALL_PAD], [_SMALL_PAD, _SMALL_PAD], [0, 0]]
+    image = tf.image.stateless_random_crop(
+        tf.pad(image, pad), spec.image_shape, seed=crop_seed)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return _resize_if_needed(image, image_size)
+
+
+def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
+                  image_size, seed, input_context=None, drop_remainder=True,
+                  cache=True):
+    """The input pipeline: batches of (normalised float32 images, int32 labels).
+
+    Training repeats forever over a seeded shuffle; the augmentation of the
+    element at position i of that stream is keyed by (seed, input pipeline,
+    i), so the same arguments give the same batches on every run. Eval reads
+    the split once, in order.
+
+    Args:
+      name: a key of `DATASETS` (prepared with `prepare` when missing).
+      split: tfds split, e.g. `DATASETS[name].train_split` or 'train[:10%]'.
+      data_dir: tfds data directory.
+      global_batch_size: examples per step over all replicas.
+      is_training: augment, shuffle and repeat when True.
+      image_size: side of the square output images.
+      seed: integer seed of the shuffle and the augmentation.
+      input_context: optional `tf.distribute.InputContext`; this host then
+        reads only its `1 / num_input_pipelines` slice of the split and
+        batches by the per-replica batch size.
+      drop_remainder: drop a last partial batch (keep it for exact eval).
+      cache: keep decoded examples in memory after the first pass; ignored
+        for data sets that do not fit (`DatasetSpec.cacheable`).
+
+    Returns:
+      A `tf.data.Dataset` of (images [B, image_size, image_size, C] float32,
+      labels [B] int32).
+    """
+    spec = _spec(name)
+    _check_positive(global_batch_size, "global_batch_size")
+    _check_positive(image_size, "image_size")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    builder = prepare(name, data_dir)
+    split_name = split.split("[")[0] if isinstance(split, str) else None
+    if split_name not in builder.info.splits:
+        raise ValueError(
+            f"split: {split!r} is not a split of {name}; it has "
+            f"{', '.join(sorted(builder.info.splits))}.")
+
+    batch_size = global_batch_size
+    pipeline_id = 0
+    if input_context is not None:
+        batch_size = input_context.get_per_replica_batch_size(
+            global_batch_size)
+        pipeline_id = input_context.input_pipeline_id
+        # Slicing the split (rather than Dataset.shard) lets each host read
+        # only the tfrecord files of its own slice.
+        split = tfds.even_splits(
+            split, n=input_context.num_input_pipelines)[pipeline_id]
+
+    decoders = None
+    if spec.preprocessing == "imagenet":
+        # Training decodes only its crop window; see _imagenet_train_image.
+        decoders = {"image": tfds.decode.SkipDecoding()}
+    dataset = builder.as_dataset(
+        split=split,
+        as_supervised=True,
+        shuffle_files=is_training,
+        decoders=decoders,
+        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
+    if cache and spec.cacheable:
+        dataset = dataset.cache()
+
+    if is_training:
+        base_seed = tf.constant([seed, pipeline_id], tf.int64)
+
+        def augment(index, example):
+            image, label = example
+            element_seed = tf.random.experimental.stateless_fold_in(
+                base_seed, index)
+            if spec.preprocessing == "imagenet":
+                image = _imagenet_train_image(image, element_seed, image_size)
+            else:
+                image = _small_train_image(image, element_seed, spec,
+                                           image_size)
+            return _normalize(image, spec), tf.cast(label, tf.int32)
+
+        dataset = dataset.shuffle(spec.shuffle_buffer, seed=seed,
+                                  reshuffle_each_iteration=True)
+        dataset = dataset.repeat().enumerate()
+        dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+    else:
+        def evaluate(image, label):
+            if spec.preprocessing == "imagenet":
+                image = tf.io.decode_jpeg(image, channels=3)
+            return (_eval_image(image, spec, image_size),
+                    tf.cast(label, tf.int32))
+
+        dataset = dataset.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return dataset.with_options(options)

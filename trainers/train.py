@@ -1,0 +1,508 @@
+r"""Trains, evaluates and exports an image classifier with CLARS or a baseline.
+
+    python3 -m trainers.train --config_file=configs/fashion_mnist_resnet20_clars.yaml \
+        --model_dir=/tmp/run --mode=train_and_eval
+
+Flags follow TF Model Garden: --config_file, --params_override, --mode
+(train, eval, train_and_eval, export), --model_dir, --strategy, --tpu,
+--data_dir. One readable custom loop under `strategy.run` (Keras 3
+`model.fit` fails under MultiWorkerMirroredStrategy); CLARS gets its
+gradient-norm estimates from `clars_tf.compute_loss_gradients_and_norms`.
+"""
+
+import fcntl
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+flags.DEFINE_string("config_file", None, "YAML experiment config.")
+flags.DEFINE_string("params_override", "",
+                    "Overrides: 'a.b=1,c.d=x' or a YAML mapping.")
+flags.DEFINE_enum("mode", "train_and_eval",
+                  ["train", "eval", "train_and_eval", "export"],
+                  "What to run.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, results.")
+flags.DEFINE_string("export_dir", None,
+                    "SavedModel destination; default MODEL_DIR/export.")
+flags.DEFINE_enum("strategy", "default",
+                  ["tpu", "mirrored", "multi_worker_mirrored", "one_device",
+                   "default"], "tf.distribute strategy.")
+flags.DEFINE_string("tpu", "", "TPU name, grpc:// address or 'local'.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+flags.DEFINE_integer("cpu_devices", 1,
+                     "Split the CPU into this many logical devices (runs "
+                     "--strategy=mirrored on one CPU, for tests).")
+FLAGS = flags.FLAGS
+
+USER_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+class TrainerError(RuntimeError):
+    """A run that cannot proceed; the message says why and what to do."""
+
+
+class ModelDirLock:
+    """Refuses a second trainer on the same model_dir while one runs.
+
+    An advisory `flock` is released by the kernel when the holder dies, so a
+    killed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, model_dir, name):
+        os.makedirs(model_dir, exist_ok=True)
+        self._file = open(os.path.join(model_dir, f".lock-{name}"), "w")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainerError(
+                f"Another trainer is already using --model_dir={model_dir}. "
+                "Wait for it to finish or pick another --model_dir.") from None
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+
+def _write_json_atomically(path, content):
+    staging = f"{path}.partial-{os.getpid()}"
+    with open(staging, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, path)
+
+
+class Trainer:
+    """Holds what one run needs: strategy, data, model, optimizer, state."""
+
+    def __init__(self, config, strategy, model_dir, data_dir):
+        import keras
+        import tensorflow as tf
+
+        import clars_tf
+        from trainers import builders
+        from trainers import config as config_lib
+        from trainers import data
+        from trainers import distribution
+
+        self.config = config
+        self.strategy = strategy
+        self.model_dir = model_dir
+        self.data_dir = data_dir
+        self.is_chief = distribution.is_chief(strategy)
+        task, train = config["task"], config["train"]
+        self.info = data.DATASETS[task["dataset"]]
+        self.global_batch = train["global_batch_size"]
+        self.replicas = strategy.num_replicas_in_sync
+        self.estimator = config_lib.check_against_strategy(config,
+                                                           self.replicas)
+        self.steps_per_epoch = data.steps_per_epoch(task["dataset"],
+                                                    self.global_batch)
+        if self.steps_per_epoch < 1:
+            raise config_lib.ConfigError(
+                f"Config key 'train.global_batch_size': "
+                f"{self.global_batch} is larger than the "
+                f"{self.info.num_train_examples} training examples.")
+        total = train["epochs"] * self.steps_per_epoch
+        self.last_step = min(total, train["max_steps"] or total)
+
+        if train["deterministic"]:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(train["seed"])
+        if train["precision"] != "float32":
+            keras.mixed_precision.set_global_policy(train["precision"])
+        with strategy.scope():
+            self.model = builders.model(config)
+            self.optimizer = builders.optimizer(config, self.steps_per_epoch)
+            self.optimizer.build(self.model.trainable_variables)
+        self.update_optimizer = getattr(self.optimizer, "inner_optimizer",
+                                        self.optimizer)
+        self.sgd_decay_rate = builders.sgd_decay_rate(config)
+        self.loss_fn = builders.per_example_loss(self.info.num_classes,
+                                                 train["label_smoothing"])
+        # Running sums of the current epoch, checkpointed so a resumed run
+        # reports the same epoch metrics as an uninterrupted one.
+        self.epoch_sums = tf.Variable(tf.zeros([3], "float64"),
+                                      trainable=False, name="epoch_sums")
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model, optimizer=self.optimizer,
+            epoch_sums=self.epoch_sums)
+        directory = os.path.join(model_dir, "checkpoints")
+        if not self.is_chief:
+            directory = os.path.join(
+                model_dir, f"worker-temp-{distribution.task_id(strategy)}")
+        self.checkpoints = tf.train.CheckpointManager(
+            self.checkpoint, directory, max_to_keep=train["checkpoints_to_keep"])
+        self._tf, self._clars_tf, self._data = tf, clars_tf, data
+        self._results_path = os.path.join(model_dir, "results.json")
+        summary_root = model_dir if self.is_chief else os.path.join(
+            directory, "summaries")
+        self.train_writer = tf.summary.create_file_writer(
+            os.path.join(summary_root, "train"))
+        self.eval_writer = tf.summary.create_file_writer(
+            os.path.join(summary_root, "eval"))
+
+    # Data ------------------------------------------------------------------
+
+    def _distributed(self, split, is_training, seed, batch_size):
+        config = self.config
+
+        def dataset_fn(input_context):
+            return self._data.build_dataset(
+                config["task"]["dataset"], split, data_dir=self.data_dir,
+                global_batch_size=batch_size, is_training=is_training,
+                image_size=config["task"]["image_size"], seed=seed,
+                input_context=input_context, drop_remainder=is_training)
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def _train_iterator(self, start_step):
+        dataset = self._distributed(self.info.train_split, True,
+                                    self.config["train"]["seed"],
+                                    self.global_batch)
+        iterator = iter(dataset)
+        # Each step takes one per-replica batch per local replica; skipping
+        # them replays the same data order as an uninterrupted run.
+        if start_step:
+            self._skip(iterator, start_step)
+        return iterator
+
+    def _skip(self, iterator, steps):
+        tf = self._tf
+
+        @tf.function
+        def skip(iterator, steps):
+            for _ in tf.range(steps):
+                next(iterator)
+
+        skip(iterator, tf.constant(steps))
+
+    # Steps -----------------------------------------------------------------
+
+    def _replica_train_step(self, images, labels):
+        tf = self._tf
+        variables = self.model.trainable_variables
+        out = self._clars_tf.compute_loss_gradients_and_norms(
+            self.model, self.loss_fn, images, labels,
+            global_batch_size=self.global_batch, optimizer=self.optimizer,
+            estimator=self.estimator)
+        gradients = out.gradients
+        if self.sgd_decay_rate:
+            gradients = [g + self.sgd_decay_rate * tf.cast(v, g.dtype)
+                         for g, v in zip(gradients, variables)]
+        if self.estimator is not None:
+            self.update_optimizer.set_gradient_norms(out.gradient_norms,
+                                                     variables)
+        self.optimizer.apply(gradients, variables)
+        correct = tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(out.predictions, -1, output_type="int32"),
+                     tf.cast(labels, "int32")), "float32"))
+        return out.loss, correct
+
+    def _make_train_loop(self):
+        tf, strategy = self._tf, self.strategy
+
+        @tf.function
+        def train_loop(iterator, steps):
+            loss_sum = tf.constant(0.0)
+            correct = tf.constant(0.0)
+            for _ in tf.range(steps):
+                loss, hits = strategy.run(self._replica_train_step,
+                                          args=next(iterator))
+                loss_sum += strategy.reduce("SUM", loss, axis=None)
+                correct += strategy.reduce("SUM", hits, axis=None)
+            return loss_sum, correct
+
+        return train_loop
+
+    def _make_eval_step(self):
+        tf, strategy = self._tf, self.strategy
+
+        def replica_eval(images, labels):
+            logits = tf.cast(self.model(images, training=False), "float32")
+            loss = tf.reduce_sum(self.loss_fn(labels, logits))
+            correct = tf.reduce_sum(tf.cast(tf.equal(
+                tf.argmax(logits, -1, output_type="int32"),
+                tf.cast(labels, "int32")), "float32"))
+            count = tf.cast(tf.shape(labels)[0], "float32")
+            return loss, correct, count
+
+        @tf.function
+        def eval_step(batch):
+            results = strategy.run(replica_eval, args=batch)
+            return [strategy.reduce("SUM", r, axis=None) for r in results]
+
+        return eval_step
+
+    def evaluate(self):
+        """Loss and accuracy on the whole eval split."""
+        eval_step = self._make_eval_step()
+        dataset = self._distributed(self.info.eval_split, False, 0,
+                                    self.config["train"]["eval_batch_size"])
+        totals = [0.0, 0.0, 0.0]
+        for batch in dataset:
+            totals = [t + float(v) for t, v in zip(totals, eval_step(batch))]
+        loss, correct, count = totals
+        if count != self.info.num_eval_examples:
+            raise TrainerError(
+                f"Evaluated {int(count)} examples but the eval split has "
+                f"{self.info.num_eval_examples}; the data set is incomplete.")
+        return {"eval_loss": loss / count, "eval_accuracy": correct / count}
+
+    def _make_diagnostics(self):
+        """Per-layer trust ratios and gradient-noise ratios a_l / ||g_l||."""
+        tf, strategy = self._tf, self.strategy
+        est = self.config["estimator"]
+        estimator = self._clars_tf.GradientNormEstimator(
+            est["micro_batch_size"], est["num_micro_batches"])
+        variables = self.model.trainable_variables
+
+        def replica_fn(images, labels):
+            out = self._clars_tf.compute_loss_gradients_and_norms(
+                self.model, self.loss_fn, images, labels,
+                global_batch_size=self.global_batch, estimator=estimator)
+            return out.gradients, out.gradient_norms
+
+        @tf.function
+        def diagnostics(batch):
+            gradients, estimates = strategy.run(replica_fn, args=batch)
+            gradients = strategy.reduce("SUM", gradients, axis=None)
+            estimates = strategy.reduce("MEAN", estimates, axis=None)
+            norms = [self._clars_tf.layerwise.float32_norm(g)
+                     for g in gradients]
+            if hasattr(self.update_optimizer, "trust_ratios"):
+                uses_estimate = isinstance(self.update_optimizer,
+                                           self._clars_tf.CLARS)
+                trust = self.update_optimizer.trust_ratios(
+                    variables, estimates if uses_estimate else norms)
+            else:
+                trust = [tf.ones(())] * len(variables)
+            noise = [a / tf.maximum(n, 1e-12)
+                     for a, n in zip(estimates, norms)]
+            return trust, noise
+
+        return diagnostics
+
+    # The loop --------------------------------------------------------------
+
+    def _load_history(self, step):
+        if not os.path.exists(self._results_path):
+            return []
+        with open(self._results_path, encoding="utf-8") as f:
+            history = json.load(f).get("epochs", [])
+        return [entry for entry in history if entry["step"] <= step]
+
+    def _save_results(self, history, final=None):
+        if not self.is_chief:
+            return
+        _write_json_atomically(self._results_path, {
+            "config": self.config,
+            "strategy": type(self.strategy).__name__,
+            "num_replicas": self.replicas,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epochs": history,
+            "final": final,
+        })
+
+    def restore(self, required=False):
+        latest = self.checkpoints.latest_checkpoint
+        if latest is None and self.is_chief is False:
+            latest = self._tf.train.latest_checkpoint(
+                os.path.join(self.model_dir, "checkpoints"))
+        if latest is None:
+            if required:
+                raise TrainerError(
+                    f"No checkpoint in {self.model_dir}/checkpoints to "
+                    "evaluate or export; train first (--mode=train).")
+            return 0
+        try:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError,
+                self._tf.errors.OpError) as error:
+            raise TrainerError(
+                f"Checkpoint {latest} does not match this config's model and "
+                f"optimizer ({self.config['model']['name']}, "
+                f"{self.config['optimizer']['name']}): {error}. Use the "
+                "config it was trained with, or a fresh --model_dir."
+            ) from None
+        return int(self.optimizer.iterations.numpy())
+
+    def train(self):
+        tf = self._tf
+        train = self.config["train"]
+        step = self.restore()
+        history = self._load_history(step)
+        if step >= self.last_step:
+            logging.info("Already trained to step %d.", step)
+            return history
+        iterator = self._train_iterator(step)
+        train_loop = self._make_train_loop()
+        diagnostics = None
+        probe = None
+        if train["diagnostics_every_steps"]:
+            diagnostics = self._make_diagnostics()
+            probe = iter(self._distributed(self.info.train_split, True,
+                                           train["seed"] + 1,
+                                           self.global_batch))
+        paths = [v.path for v in self.model.trainable_variables]
+        logging.info("Training %s with %s on %d replica(s), steps %d..%d.",
+                     self.config["model"]["name"],
+                     self.config["optimizer"]["name"], self.replicas, step,
+                     self.last_step)
+        while step < self.last_step:
+            epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+            steps = min(train["steps_per_loop"], self.last_step - step,
+                        epoch_end - step)
+            start = time.time()
+            loss_sum, correct = train_loop(iterator, tf.constant(steps))
+            loss_sum, correct = float(loss_sum), float(correct)
+            seconds = time.time() - start
+            if not math.isfinite(loss_sum):
+                raise TrainerError(
+                    f"Training loss became {loss_sum} between steps {step} "
+                    f"and {step + steps}; lower the learning rate. The last "
+                    "good checkpoint is kept.")
+            step += steps
+            self.epoch_sums.assign_add(
+                [loss_sum, correct, float(steps * self.global_batch)])
+            rate = float(self.optimizer.learning_rate)
+            images_per_second = steps * self.global_batch / seconds
+            with self.train_writer.as_default(step=step):
+                tf.summary.scalar("loss", loss_sum / steps)
+                tf.summary.scalar("accuracy",
+                                  correct / (steps * self.global_batch))
+                tf.summary.scalar("learning_rate", rate)
+                tf.summary.scalar("images_per_second", images_per_second)
+                if diagnostics and step % train["diagnostics_every_steps"] < (
+                        steps):
+                    self._log_diagnostics(diagnostics(next(probe)), paths,
+                                          step)
+            logging.info(
+                "step %d/%d epoch %.2f loss %.4f accuracy %.4f lr %.4g "
+                "%.1f images/s", step, self.last_step,
+                step / self.steps_per_epoch, loss_sum / steps,
+                correct / (steps * self.global_batch), rate,
+                images_per_second)
+            at_epoch_end = step == epoch_end
+            if (step % train["checkpoint_every_steps"] < steps
+                    or step == self.last_step or at_epoch_end):
+                if at_epoch_end or step == self.last_step:
+                    history = self._end_epoch(history, step, rate,
+                                              images_per_second)
+                self.checkpoints.save(checkpoint_number=step)
+                self._save_results(history)
+        return history
+
+    def _end_epoch(self, history, step, rate, images_per_second):
+        loss_sum, correct, count = self.epoch_sums.numpy()
+        epoch = -(-step // self.steps_per_epoch)
+        steps = count / self.global_batch
+        entry = {"epoch": epoch, "step": step,
+                 "train_loss": float(loss_sum / steps),
+                 "train_accuracy": float(correct / count),
+                 "learning_rate": rate,
+                 "images_per_second": images_per_second}
+        every = self.config["train"]["eval_every_epochs"]
+        if epoch % every == 0 or step == self.last_step:
+            entry.update(self.evaluate())
+            with self.eval_writer.as_default(step=step):
+                for key in ("eval_loss", "eval_accuracy"):
+                    self._tf.summary.scalar(key.split("_")[1], entry[key])
+            logging.info("epoch %d eval loss %.4f accuracy %.4f", epoch,
+                         entry["eval_loss"], entry["eval_accuracy"])
+        self.epoch_sums.assign([0.0, 0.0, 0.0])
+        return history + [entry]
+
+    def _log_diagnostics(self, outputs, paths, step):
+        tf = self._tf
+        trust, noise = outputs
+        records = {}
+        for path, t, n in zip(paths, trust, noise):
+            tf.summary.scalar(f"trust_ratio/{path}", t)
+            tf.summary.scalar(f"noise_ratio/{path}", n)
+            records[path] = {"trust_ratio": float(t), "noise_ratio": float(n)}
+        if self.is_chief:
+            with open(os.path.join(self.model_dir, "diagnostics.jsonl"), "a",
+                      encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "layers": records}) + "\n")
+
+    def export(self, export_dir):
+        from trainers import builders
+        from trainers import export as export_lib
+
+        # A single-device copy: the SavedModel must not depend on the
+        # training strategy's devices.
+        serving_model = builders.model(self.config)
+        serving_model.set_weights(self.model.get_weights())
+        return export_lib.export(serving_model,
+                                 self.config["task"]["dataset"],
+                                 self.config["task"]["image_size"],
+                                 export_dir)
+
+
+def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
+    """Runs `mode`; returns the results dict written to results.json."""
+    from trainers import data
+    from trainers import distribution
+    from trainers import export as export_lib
+
+    export_dir = export_dir or os.path.join(model_dir, "export")
+    if mode in ("train_and_eval", "export"):
+        export_lib.check_destination(export_dir)
+    strategy = distribution.create(strategy_name, tpu)
+    trainer_name = "chief" if distribution.is_chief(strategy) else (
+        f"worker-{distribution.task_id(strategy)}")
+    lock = ModelDirLock(model_dir, trainer_name)
+    data.prepare(config["task"]["dataset"], data_dir)
+    trainer = Trainer(config, strategy, model_dir, data_dir)
+    results = {"model_dir": model_dir}
+    if mode in ("train", "train_and_eval"):
+        history = trainer.train()
+        results["epochs"] = history
+    else:
+        trainer.restore(required=True)
+    if mode in ("eval", "train_and_eval"):
+        step = int(trainer.optimizer.iterations.numpy())
+        history = results.get("epochs") or trainer._load_history(step)
+        last = history[-1] if history else {}
+        if last.get("step") == step and "eval_accuracy" in last:
+            final = {k: last[k] for k in ("eval_loss", "eval_accuracy")}
+        else:
+            final = trainer.evaluate()
+        final["step"] = step
+        results["final"] = final
+        trainer._save_results(history, final)
+    if mode in ("train_and_eval", "export") and trainer.is_chief:
+        results["export_dir"] = trainer.export(export_dir)
+    del lock
+    return results
+
+
+def main(argv):
+    del argv
+    from trainers import config as config_lib
+    from trainers import distribution
+
+    if not FLAGS.model_dir:
+        raise app.UsageError("--model_dir is required.")
+    try:
+        distribution.split_cpu(FLAGS.cpu_devices)
+        config = config_lib.build_config(FLAGS.config_file,
+                                         FLAGS.params_override)
+        results = run(config, FLAGS.mode, FLAGS.model_dir, FLAGS.data_dir,
+                      FLAGS.strategy, FLAGS.tpu, FLAGS.export_dir)
+    except (config_lib.ConfigError, TrainerError) as error:
+        sys.exit(f"error: {error}")
+    except USER_ERRORS as error:
+        sys.exit(f"error: {type(error).__name__}: {error}")
+    print(json.dumps({k: results[k] for k in ("model_dir", "final",
+                                              "export_dir") if k in results},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
