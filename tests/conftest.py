@@ -27,3 +27,13 @@ def two_replicas():
     instance keys, and the runtime rejects the second one's shapes.
     """
     return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir(tmp_path_factory):
+    """Fashion-MNIST prepared through tfds from the Debian files, once."""
+    from trainers import data
+
+    data_dir = str(tmp_path_factory.mktemp("tensorflow_datasets"))
+    data.prepare("fashion_mnist", data_dir)
+    return data_dir

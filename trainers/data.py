@@ -37,6 +37,7 @@ import zlib
 from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 from tensorflow_datasets.core.download import download_manager
 from tensorflow_datasets.core.download import extractor
 
@@ -62,8 +63,8 @@ class DatasetSpec:
       eval_split: tfds split used for evaluation.
       num_train_examples: examples in `train_split`.
       num_eval_examples: examples in `eval_split`.
-      preprocessing: 'imagenet' (random-resized crop; eval center crop) or
-        'small' (pad-and-crop; eval resize only).
+      preprocessing: 'imagenet' (random-resized crop; eval center crop),
+        'small' (pad-and-crop; eval resize only) or 'none' (resize only).
       default_image_size: the usual training resolution.
       mean: per-channel pixel mean of the training set, in [0, 1] units.
       std: per-channel pixel standard deviation, in [0, 1] units.
@@ -88,7 +89,8 @@ class DatasetSpec:
 
 DATASETS = {
     "imagenet2012": DatasetSpec(
-        tfds_name="imagenet2012", num_classes=1000, image_shape=(None, None, 3),
+        tfds_name="imagenet2012", num_classes=1000,
+        image_shape=(None, None, 3),
         train_split="train", eval_split="validation",
         num_train_examples=1_281_167, num_eval_examples=50_000,
         preprocessing="imagenet", default_image_size=224,
@@ -116,7 +118,43 @@ DATASETS = {
         preprocessing="small", default_image_size=28,
         mean=(0.2860,), std=(0.3530,),
         shuffle_buffer=60_000, cacheable=True),
+    # Generated, not read: uniform noise images whose label is the brightest
+    # of 10 horizontal bands. For throughput runs and for tests that need
+    # data without exact ties (Fashion-MNIST's constant background makes
+    # ReLU masks flip on rounding-level differences).
+    "synthetic": DatasetSpec(
+        tfds_name="", num_classes=10, image_shape=(32, 32, 3),
+        train_split="train", eval_split="test",
+        num_train_examples=8192, num_eval_examples=1024,
+        preprocessing="none", default_image_size=32,
+        mean=(0.5, 0.5, 0.5), std=(0.2887, 0.2887, 0.2887),
+        shuffle_buffer=8192, cacheable=True),
 }
+
+_SYNTHETIC_SPLITS = {"train": 0, "test": 1}
+
+
+def _synthetic_examples(split, spec):
+    """(uint8 image, label) pairs generated from the element index."""
+    if split not in _SYNTHETIC_SPLITS:
+        raise ValueError(
+            f"split: {split!r} is not a split of synthetic; it has "
+            f"{', '.join(_SYNTHETIC_SPLITS)}.")
+    count = (spec.num_train_examples if split == "train"
+             else spec.num_eval_examples)
+    split_id = _SYNTHETIC_SPLITS[split]
+
+    def example(index):
+        image = tf.random.stateless_uniform(
+            spec.image_shape, seed=tf.stack([tf.cast(index, tf.int64),
+                                             split_id]),
+            minval=0, maxval=256, dtype=tf.int32)
+        bands = tf.reshape(tf.cast(image[:30], tf.float32),
+                           [spec.num_classes, -1])
+        label = tf.argmax(tf.reduce_mean(bands, axis=1), output_type=tf.int32)
+        return tf.cast(image, tf.uint8), label
+
+    return tf.data.Dataset.range(count).map(example)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,10 +198,8 @@ def _check_positive(value, argument):
 
 
 def _expand_data_dir(data_dir):
-    if not data_dir:
-        raise ValueError(
-            "data_dir must name a directory, e.g. ~/tensorflow_datasets.")
-    return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+    return os.path.abspath(os.path.expanduser(
+        os.fspath(data_dir or tfds_constants.DATA_DIR)))
 
 
 def prepare(name, data_dir, *, fashion_mnist_dir=DEBIAN_FASHION_MNIST_DIR):
@@ -176,7 +212,8 @@ def prepare(name, data_dir, *, fashion_mnist_dir=DEBIAN_FASHION_MNIST_DIR):
 
     Args:
       name: a key of `DATASETS`.
-      data_dir: tfds data directory (`~` is expanded).
+      data_dir: tfds data directory (`~` is expanded); None means tfds's
+        default, $TFDS_DATA_DIR or ~/tensorflow_datasets.
       fashion_mnist_dir: directory holding the Fashion-MNIST `*.gz` IDX
         files (Debian's by default).
 
@@ -184,11 +221,13 @@ def prepare(name, data_dir, *, fashion_mnist_dir=DEBIAN_FASHION_MNIST_DIR):
       The tfds builder of the prepared data set.
 
     Raises:
-      ValueError: on an unknown name or an empty data_dir.
+      ValueError: on an unknown name.
       DataError: when the data set cannot be prepared here; the message
         names the file or host at fault and the fix.
     """
     spec = _spec(name)
+    if name == "synthetic":
+        return None  # generated on the fly
     data_dir = _expand_data_dir(data_dir)
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if builder.is_prepared():
@@ -258,9 +297,9 @@ def _restore_upstream_file(path, url_info):
     try:
         with open(path, "rb") as f:
             raw = f.read()
-    except FileNotFoundError as err:
-        raise DataError(f"Missing Fashion-MNIST file {path}. "
-                        f"{_FASHION_MNIST_FIX}") from err
+    except OSError as err:
+        raise DataError(f"Missing or unreadable Fashion-MNIST file {path} "
+                        f"({err.strerror}). {_FASHION_MNIST_FIX}") from err
     try:
         content = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as err:
@@ -322,14 +361,19 @@ def _check_idx(path, content, dims):
 
 
 def _download_and_prepare(builder, name, data_dir):
+    # tfds's default manual_dir: archives found there are not downloaded.
+    manual_dir = os.path.join(data_dir, "downloads", "manual")
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         fix = (f"Put the archives named in tfds's instructions above into "
-               f"{os.path.join(data_dir, 'downloads', 'manual')}, or pass "
-               f"--data_dir with an already prepared {name}.")
+               f"{manual_dir}, or pass --data_dir with an already prepared "
+               f"{name}.")
     else:
-        fix = (f"Prepare it on a connected machine (`tfds build {name} "
-               f"--data_dir DIR`) and pass --data_dir DIR here.")
-        _check_hosts_reachable(builder, name, fix)
+        archives = ", ".join(
+            info.filename for info in (builder.url_infos or {}).values())
+        fix = (f"Put {archives} into {manual_dir}, or prepare {name} on a "
+               f"connected machine (`tfds build {name} --data_dir DIR`) and "
+               "pass --data_dir DIR here.")
+        _check_hosts_reachable(builder, name, manual_dir, fix)
     logging.info("Preparing %s in %s with tfds.", name, data_dir)
     try:
         builder.download_and_prepare()
@@ -340,16 +384,20 @@ def _download_and_prepare(builder, name, data_dir):
                         f"{fix}") from err
 
 
-def _check_hosts_reachable(builder, name, fix):
+def _check_hosts_reachable(builder, name, manual_dir, fix):
     """Fails fast offline: tfds itself retries for minutes before failing."""
     # Behind a proxy a direct connection proves nothing; let tfds try.
     if urllib.request.getproxies():
         return
-    for url in builder.url_infos or {}:
+    for url, url_info in (builder.url_infos or {}).items():
+        if url_info.filename and os.path.exists(
+                os.path.join(manual_dir, url_info.filename)):
+            continue
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            socket.create_connection((parts.hostname, port), timeout=10).close()
+            with socket.create_connection((parts.hostname, port), timeout=10):
+                pass
         except OSError as err:
             raise DataError(
                 f"Cannot download {name}: {parts.hostname}:{port} is not "
@@ -487,10 +535,39 @@ def _small_train_image(image, seed, spec, image_size):
     return _resize_if_needed(image, image_size)
 
 
+def _tfds_examples(name, spec, split, data_dir, is_training, seed,
+                   input_context):
+    """(image, label) pairs of a tfds split, this host's slice only."""
+    builder = prepare(name, data_dir)
+    # tfds split syntax: "train", "train[:10%]", "train+test[:50]".
+    split_names = ([part.split("[")[0].strip() for part in split.split("+")]
+                   if isinstance(split, str) else [None])
+    if not all(part in builder.info.splits for part in split_names):
+        raise ValueError(
+            f"split: {split!r} is not a split of {name}; it has "
+            f"{', '.join(sorted(builder.info.splits))}.")
+    if input_context is not None:
+        # Slicing the split (rather than Dataset.shard) lets each host read
+        # only the tfrecord files of its own slice.
+        split = tfds.even_splits(
+            split, n=input_context.num_input_pipelines)[
+                input_context.input_pipeline_id]
+    decoders = None
+    if spec.preprocessing == "imagenet":
+        # Training decodes only its crop window; see _imagenet_train_image.
+        decoders = {"image": tfds.decode.SkipDecoding()}
+    return builder.as_dataset(
+        split=split,
+        as_supervised=True,
+        shuffle_files=is_training,
+        decoders=decoders,
+        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
+
+
 def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
                   image_size, seed, input_context=None, drop_remainder=True,
                   cache=True):
-    """The input pipeline: batches of (normalised float32 images, int32 labels).
+    """Input pipeline: batches of (normalised float32 images, int32 labels).
 
     Training repeats forever over a seeded shuffle; the augmentation of the
     element at position i of that stream is keyed by (seed, input pipeline,
@@ -500,7 +577,7 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
     Args:
       name: a key of `DATASETS` (prepared with `prepare` when missing).
       split: tfds split, e.g. `DATASETS[name].train_split` or 'train[:10%]'.
-      data_dir: tfds data directory.
+      data_dir: tfds data directory; None means tfds's default.
       global_batch_size: examples per step over all replicas.
       is_training: augment, shuffle and repeat when True.
       image_size: side of the square output images.
@@ -521,34 +598,26 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
     _check_positive(image_size, "image_size")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
-    builder = prepare(name, data_dir)
-    split_name = split.split("[")[0] if isinstance(split, str) else None
-    if split_name not in builder.info.splits:
-        raise ValueError(
-            f"split: {split!r} is not a split of {name}; it has "
-            f"{', '.join(sorted(builder.info.splits))}.")
-
     batch_size = global_batch_size
     pipeline_id = 0
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(
             global_batch_size)
         pipeline_id = input_context.input_pipeline_id
-        # Slicing the split (rather than Dataset.shard) lets each host read
-        # only the tfrecord files of its own slice.
-        split = tfds.even_splits(
-            split, n=input_context.num_input_pipelines)[pipeline_id]
 
-    decoders = None
-    if spec.preprocessing == "imagenet":
-        # Training decodes only its crop window; see _imagenet_train_image.
-        decoders = {"image": tfds.decode.SkipDecoding()}
-    dataset = builder.as_dataset(
-        split=split,
-        as_supervised=True,
-        shuffle_files=is_training,
-        decoders=decoders,
-        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
+    # Generated data costs nothing to read, so every host generates the
+    # whole stream and keeps its contiguous share of each global batch: the
+    # global batches are then the same for any number of hosts.
+    host_share_of_global_batch = (
+        name == "synthetic" and is_training and input_context is not None)
+    if name == "synthetic":
+        dataset = _synthetic_examples(split, spec)
+        if input_context is not None and not is_training:
+            dataset = dataset.shard(input_context.num_input_pipelines,
+                                    pipeline_id)
+    else:
+        dataset = _tfds_examples(name, spec, split, data_dir, is_training,
+                                 seed, input_context)
     if cache and spec.cacheable:
         dataset = dataset.cache()
 
@@ -561,9 +630,11 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
                 base_seed, index)
             if spec.preprocessing == "imagenet":
                 image = _imagenet_train_image(image, element_seed, image_size)
-            else:
+            elif spec.preprocessing == "small":
                 image = _small_train_image(image, element_seed, spec,
                                            image_size)
+            else:
+                image = _resize_if_needed(image, image_size)
             return _normalize(image, spec), tf.cast(label, tf.int32)
 
         dataset = dataset.shuffle(spec.shuffle_buffer, seed=seed,
@@ -581,6 +652,13 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
         dataset = dataset.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
 
+    if host_share_of_global_batch:
+        share = global_batch_size // input_context.num_input_pipelines
+        dataset = dataset.batch(global_batch_size, drop_remainder=True).map(
+            lambda images, labels: (
+                images[pipeline_id * share:(pipeline_id + 1) * share],
+                labels[pipeline_id * share:(pipeline_id + 1) * share]),
+        ).unbatch()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()

@@ -68,7 +68,11 @@ def create(name, tpu=""):
             ) from None
         return tf.distribute.TPUStrategy(resolver)
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        if tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy()
+        # Without GPUs, mirror over the logical CPUs of --cpu_devices.
+        return tf.distribute.MirroredStrategy(
+            [d.name for d in tf.config.list_logical_devices("CPU")])
     if name == "multi_worker_mirrored":
         if "TF_CONFIG" in os.environ:
             try:

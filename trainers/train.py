@@ -79,7 +79,8 @@ def _write_json_atomically(path, content):
 class Trainer:
     """Holds what one run needs: strategy, data, model, optimizer, state."""
 
-    def __init__(self, config, strategy, model_dir, data_dir):
+    def __init__(self, config, strategy, model_dir, data_dir,
+                 strategy_name="default"):
         import keras
         import tensorflow as tf
 
@@ -91,6 +92,7 @@ class Trainer:
 
         self.config = config
         self.strategy = strategy
+        self.strategy_name = strategy_name
         self.model_dir = model_dir
         self.data_dir = data_dir
         self.is_chief = distribution.is_chief(strategy)
@@ -192,7 +194,9 @@ class Trainer:
             estimator=self.estimator)
         gradients = out.gradients
         if self.sgd_decay_rate:
-            gradients = [g + self.sgd_decay_rate * tf.cast(v, g.dtype)
+            # Each replica adds its share: the gradients are summed next.
+            share = self.sgd_decay_rate / self.replicas
+            gradients = [g + share * tf.cast(v, g.dtype)
                          for g, v in zip(gradients, variables)]
         if self.estimator is not None:
             self.update_optimizer.set_gradient_norms(out.gradient_norms,
@@ -222,14 +226,22 @@ class Trainer:
     def _make_eval_step(self):
         tf, strategy = self._tf, self.strategy
 
-        def replica_eval(images, labels):
+        def sums(images, labels):
             logits = tf.cast(self.model(images, training=False), "float32")
             loss = tf.reduce_sum(self.loss_fn(labels, logits))
             correct = tf.reduce_sum(tf.cast(tf.equal(
                 tf.argmax(logits, -1, output_type="int32"),
                 tf.cast(labels, "int32")), "float32"))
-            count = tf.cast(tf.shape(labels)[0], "float32")
-            return loss, correct, count
+            return loss, correct
+
+        def replica_eval(images, labels):
+            count = tf.shape(labels)[0]
+            # The last round of a split that does not divide evenly leaves
+            # some replicas an empty batch.
+            loss, correct = tf.cond(
+                count > 0, lambda: sums(images, labels),
+                lambda: (tf.constant(0.0), tf.constant(0.0)))
+            return loss, correct, tf.cast(count, "float32")
 
         @tf.function
         def eval_step(batch):
@@ -301,7 +313,7 @@ class Trainer:
             return
         _write_json_atomically(self._results_path, {
             "config": self.config,
-            "strategy": type(self.strategy).__name__,
+            "strategy": self.strategy_name,
             "num_replicas": self.replicas,
             "steps_per_epoch": self.steps_per_epoch,
             "epochs": history,
@@ -458,7 +470,7 @@ def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
         f"worker-{distribution.task_id(strategy)}")
     lock = ModelDirLock(model_dir, trainer_name)
     data.prepare(config["task"]["dataset"], data_dir)
-    trainer = Trainer(config, strategy, model_dir, data_dir)
+    trainer = Trainer(config, strategy, model_dir, data_dir, strategy_name)
     results = {"model_dir": model_dir}
     if mode in ("train", "train_and_eval"):
         history = trainer.train()

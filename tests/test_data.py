@@ -1,0 +1,221 @@
+"""Input pipeline: offline Fashion-MNIST through tfds, determinism, serving."""
+
+import collections
+import gzip
+import os
+import shutil
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from trainers import data
+
+_IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tfds data_dir with fashion_mnist prepared once for this module."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    data.prepare("fashion_mnist", data_dir)
+    return data_dir
+
+
+def _first_batches(data_dir, seed):
+    dataset = data.build_dataset(
+        "fashion_mnist", "train[:10000]", data_dir=data_dir,
+        global_batch_size=64, is_training=True, image_size=32, seed=seed)
+    return [(x.numpy(), y.numpy()) for x, y in dataset.take(2)]
+
+
+def _corrupt_copy(tmp_path, filename, content):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in _IDX_FILES:
+        shutil.copy(os.path.join(data.DEBIAN_FASHION_MNIST_DIR, name), source)
+    if content is None:
+        (source / filename).unlink()
+    else:
+        (source / filename).write_bytes(content)
+    return str(source)
+
+
+def test_fashion_mnist_prepared_through_tfds(data_dir):
+    builder = data.prepare("fashion_mnist", data_dir)
+    assert builder.is_prepared()
+    assert builder.info.splits["train"].num_examples == 60_000
+    assert builder.info.splits["test"].num_examples == 10_000
+    assert builder.info.features["image"].shape == (28, 28, 1)
+    labels = np.concatenate([
+        y for _, y in tfds.as_numpy(builder.as_dataset(
+            split="test", as_supervised=True, batch_size=10_000))])
+    assert labels.min() == 0 and labels.max() == 9
+    assert np.bincount(labels).tolist() == [1000] * 10
+    # Only the prepared data set is left behind, no staging files.
+    assert sorted(os.listdir(data_dir)) == ["downloads", "fashion_mnist"]
+    assert os.listdir(os.path.join(data_dir, "downloads")) == []
+
+
+def test_upstream_files_are_accepted_as_they_are(tmp_path):
+    # A machine with the original downloads (gzip header intact) must get
+    # the same bytes back as one with Debian's normalised copies.
+    url_infos = tfds.builder_cls("fashion_mnist").url_infos
+    url_info = next(info for info in url_infos.values()
+                    if info.filename == "t10k-labels-idx1-ubyte.gz")
+    upstream = data._restore_upstream_file(
+        os.path.join(data.DEBIAN_FASHION_MNIST_DIR, url_info.filename),
+        url_info)
+    (tmp_path / url_info.filename).write_bytes(upstream)
+    assert data._restore_upstream_file(
+        str(tmp_path / url_info.filename), url_info) == upstream
+
+
+def test_training_batches_depend_only_on_seed(data_dir):
+    first = _first_batches(data_dir, seed=7)
+    again = _first_batches(data_dir, seed=7)
+    other = _first_batches(data_dir, seed=8)
+    for (x1, y1), (x2, y2) in zip(first, again):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(first[0][0], other[0][0])
+    images, labels = first[0]
+    assert images.shape == (64, 32, 32, 1) and images.dtype == np.float32
+    assert labels.dtype == np.int32
+
+
+def test_eval_sharding_gives_disjoint_halves(data_dir):
+    def image_keys(input_context=None):
+        dataset = data.build_dataset(
+            "fashion_mnist", "test", data_dir=data_dir,
+            global_batch_size=1000, is_training=False, image_size=28, seed=0,
+            input_context=input_context, drop_remainder=False)
+        return collections.Counter(
+            image.tobytes() + bytes([label])
+            for x, y in dataset for image, label in zip(x.numpy(), y.numpy()))
+
+    halves = [
+        image_keys(tf.distribute.InputContext(
+            num_input_pipelines=2, input_pipeline_id=i,
+            num_replicas_in_sync=2))
+        for i in range(2)]
+    assert sum(halves[0].values()) == sum(halves[1].values()) == 5000
+    assert halves[0] + halves[1] == image_keys()
+
+
+@pytest.mark.parametrize("filename, damage", [
+    ("t10k-labels-idx1-ubyte.gz", "truncated"),
+    ("train-labels-idx1-ubyte.gz", "missing"),
+    ("t10k-labels-idx1-ubyte.gz", "bad_magic"),
+    ("t10k-labels-idx1-ubyte.gz", "other_content"),
+])
+def test_damaged_idx_file_raises_data_error(tmp_path, filename, damage):
+    original = open(os.path.join(data.DEBIAN_FASHION_MNIST_DIR, filename),
+                    "rb").read()
+    labels = gzip.decompress(original)
+    content = {
+        "truncated": original[:len(original) // 2],
+        "missing": None,
+        "bad_magic": gzip.compress(b"\x00\x00\x08\x03" + labels[4:]),
+        "other_content": gzip.compress(labels[:8] + bytes(len(labels) - 8)),
+    }[damage]
+    source = _corrupt_copy(tmp_path, filename, content)
+    data_dir = tmp_path / "tfds"
+    with pytest.raises(data.DataError, match=filename) as error:
+        data.prepare("fashion_mnist", str(data_dir), fashion_mnist_dir=source)
+    assert "apt-get install" in str(error.value)
+    assert not tfds.builder("fashion_mnist",
+                            data_dir=str(data_dir)).is_prepared()
+
+
+def test_download_failures_raise_data_error(tmp_path, monkeypatch):
+    def unreachable(address, timeout):
+        raise OSError(f"no route to {address[0]}")
+
+    # Simulated offline, so a connected machine downloads nothing either.
+    monkeypatch.setattr(urllib.request, "getproxies", dict)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(data.DataError, match="cifar-10-binary.tar.gz into"):
+        data.prepare("cifar10", str(tmp_path))
+    with pytest.raises(data.DataError, match="ILSVRC2012_img_train.tar"):
+        data.prepare("imagenet2012", str(tmp_path))
+
+
+def test_serving_matches_eval_pipeline(data_dir):
+    builder = data.prepare("fashion_mnist", data_dir)
+    raw, _ = next(iter(builder.as_dataset(
+        split="test", as_supervised=True, batch_size=100)))
+    for image_size in (28, 36):
+        served = data.preprocess_for_serving(raw, "fashion_mnist", image_size)
+        evaluated, _ = next(iter(data.build_dataset(
+            "fashion_mnist", "test", data_dir=data_dir, global_batch_size=100,
+            is_training=False, image_size=image_size, seed=0)))
+        assert served.shape == (100, image_size, image_size, 1)
+        np.testing.assert_allclose(served, evaluated, rtol=0, atol=1e-5)
+
+
+def test_imagenet_preprocessing_on_synthetic_images():
+    images = tf.random.stateless_uniform(
+        [2, 120, 90, 3], seed=[1, 2], maxval=256, dtype=tf.int32)
+    images = tf.cast(images, tf.uint8)
+    served = data.preprocess_for_serving(images, "imagenet2012", 64)
+    assert served.shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(
+        served[1], data.preprocess_for_serving(images[1:], "imagenet2012",
+                                               64)[0], atol=1e-5)
+
+    jpeg = tf.io.encode_jpeg(images[0])
+    crop = [data._imagenet_train_image(jpeg, tf.constant([3, s], tf.int64),
+                                       64) for s in (0, 0, 1)]
+    assert crop[0].shape == (64, 64, 3)
+    np.testing.assert_array_equal(crop[0], crop[1])
+    assert not np.array_equal(crop[0], crop[2])
+
+
+def test_normalisation_zero_mean_unit_std_on_train_set(data_dir):
+    dataset = data.build_dataset(
+        "fashion_mnist", "train", data_dir=data_dir, global_batch_size=2000,
+        is_training=False, image_size=28, seed=0)
+    total, total_sq, count = 0.0, 0.0, 0
+    for images, _ in dataset:
+        images = images.numpy().astype(np.float64)
+        total += images.sum()
+        total_sq += np.square(images).sum()
+        count += images.size
+    mean = total / count
+    assert abs(mean) < 0.01
+    assert abs(np.sqrt(total_sq / count - mean**2) - 1.0) < 0.01
+
+
+def test_argument_validation():
+    with pytest.raises(ValueError, match="name: .*Did you mean 'cifar10'"):
+        data.steps_per_epoch("cifar_10", 128)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        data.steps_per_epoch("fashion_mnist", 0)
+    with pytest.raises(ValueError, match="image_size"):
+        data.preprocess_for_serving(
+            tf.zeros([1, 28, 28, 1], tf.uint8), "fashion_mnist", 0)
+    with pytest.raises(ValueError, match="images_uint8"):
+        data.preprocess_for_serving(
+            tf.zeros([1, 28, 28, 1]), "fashion_mnist", 28)
+    assert data.steps_per_epoch("fashion_mnist", 512) == 117
+    for spec in data.DATASETS.values():
+        assert spec.preprocessing in ("imagenet", "small")
+        assert len(spec.mean) == len(spec.std) == spec.image_shape[-1]
+
+
+def test_build_dataset_rejects_bad_arguments(data_dir):
+    common = dict(data_dir=data_dir, is_training=False, seed=0)
+    with pytest.raises(ValueError, match="image_size"):
+        data.build_dataset("fashion_mnist", "test", global_batch_size=8,
+                           image_size=0, **common)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        data.build_dataset("fashion_mnist", "test", global_batch_size=0,
+                           image_size=28, **common)
+    with pytest.raises(ValueError, match="split: 'validation'"):
+        data.build_dataset("fashion_mnist", "validation", global_batch_size=8,
+                           image_size=28, **common)

@@ -1,0 +1,234 @@
+"""End-to-end trainer runs, each in its own process as users run it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "fashion_mnist_resnet8_clars.yaml")
+# Small and quick: 64 examples per step, 4 micro-batches of 8.
+SMALL = ("train.global_batch_size=64,estimator.num_micro_batches=4,"
+         "train.steps_per_loop=4,train.deterministic=true,"
+         "train.eval_batch_size=2000")
+
+
+def trainer_command(model_dir, data_dir, *flags, override=""):
+    overrides = ",".join(o for o in (SMALL, override) if o)
+    return [sys.executable, "-m", "trainers.train", f"--config_file={CONFIG}",
+            f"--model_dir={model_dir}", f"--data_dir={data_dir}",
+            f"--params_override={overrides}", *flags]
+
+
+def run_trainer(model_dir, data_dir, *flags, override="", timeout=600,
+                env=None):
+    result = subprocess.run(
+        trainer_command(model_dir, data_dir, *flags, override=override),
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+    return result
+
+
+def checkpoint_values(model_dir):
+    """Every saved variable of the latest checkpoint, by checkpoint key."""
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir,
+                                                     "checkpoints"))
+    reader = tf.train.load_checkpoint(latest)
+    return {name: reader.get_tensor(name)
+            for name, _ in tf.train.list_variables(latest)
+            if name.endswith("VARIABLE_VALUE")}
+
+
+def max_difference(a, b):
+    assert set(a) == set(b)
+    return max(float(np.max(np.abs(a[k].astype(np.float64) -
+                                   b[k].astype(np.float64)))) for k in a)
+
+
+def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
+    model_dir = str(tmp_path / "run")
+    result = run_trainer(model_dir, fashion_mnist_dir, override=(
+        "train.max_steps=8,train.checkpoint_every_steps=4,"
+        "train.diagnostics_every_steps=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.exists(os.path.join(model_dir, "checkpoints",
+                                       "ckpt-8.index"))
+    for sub in ("train", "eval"):
+        assert any(f.startswith("events.out.tfevents")
+                   for f in os.listdir(os.path.join(model_dir, sub)))
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["config"]["optimizer"]["name"] == "clars"
+    assert results["epochs"][-1]["step"] == 8
+    assert 0.0 <= results["final"]["eval_accuracy"] <= 1.0
+    diagnostics = [json.loads(line) for line in open(
+        os.path.join(model_dir, "diagnostics.jsonl"))]
+    assert [d["step"] for d in diagnostics] == [4, 8]
+    ratios = [v["trust_ratio"] for v in diagnostics[0]["layers"].values()]
+    assert max(ratios) <= 1.0 and min(ratios) > 0
+    assert all(v["noise_ratio"] >= 1.0 - 1e-3  # a_l >= ||g_l|| (triangle)
+               for v in diagnostics[0]["layers"].values()
+               if v["noise_ratio"] > 0)
+
+    # The SavedModel, loaded with TensorFlow alone, predicts what the
+    # checkpointed model predicts on raw test images.
+    import tensorflow_datasets as tfds
+
+    from trainers import builders, config as config_lib, data
+    images, _ = next(iter(tfds.load(
+        "fashion_mnist", split="test[:64]", data_dir=fashion_mnist_dir,
+        as_supervised=True, batch_size=64, download=False)))
+    served = tf.saved_model.load(os.path.join(model_dir, "export"))
+    probabilities = served.signatures["serving_default"](
+        images=images)["probabilities"].numpy()
+    config = config_lib.build_config(CONFIG, SMALL)
+    model = builders.model(config)
+    tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(
+        os.path.join(model_dir, "checkpoints"))).expect_partial()
+    eval_batch = next(iter(data.build_dataset(
+        "fashion_mnist", "test[:64]", data_dir=fashion_mnist_dir,
+        global_batch_size=64, is_training=False, image_size=32, seed=0)))
+    expected = tf.nn.softmax(model(eval_batch[0], training=False)).numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert probabilities.shape == (64, 10)
+    one = served.signatures["serving_default"](images=images[:1])
+    np.testing.assert_allclose(one["probabilities"][0], expected[0],
+                               atol=1e-5)
+
+
+# Generated data without augmentation has no exact ties (Fashion-MNIST's
+# constant background and the pad-crop borders make ReLU masks flip on
+# rounding-level differences), so one and two replicas agree to float32
+# rounding for the first steps. Training then amplifies those rounding
+# differences (measured: 7e-7 after 2 steps, 3e-6 after 5, ~1e-3 after 10),
+# so the comparison stops at 5 steps.
+DISTRIBUTED = ("task.dataset=synthetic,train.max_steps=5,"
+               "train.checkpoint_every_steps=5,model.use_sync_bn=true,"
+               "train.epochs=1")
+
+
+def test_mirrored_matches_one_device(tmp_path, fashion_mnist_dir):
+    runs = {}
+    for name, flags in (("one", ["--strategy=one_device"]),
+                        ("two", ["--strategy=mirrored", "--cpu_devices=2"])):
+        model_dir = str(tmp_path / name)
+        result = run_trainer(model_dir, fashion_mnist_dir, "--mode=train",
+                             *flags, override=DISTRIBUTED)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = checkpoint_values(model_dir)
+    with open(os.path.join(tmp_path / "two", "results.json")) as f:
+        assert json.load(f)["num_replicas"] == 2
+    assert max_difference(runs["one"], runs["two"]) <= 1e-4
+    step = runs["one"]["optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"]
+    assert int(step) == 5
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_match_a_single_process(tmp_path, fashion_mnist_dir):
+    model_dir = str(tmp_path / "workers")
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    workers = [
+        subprocess.Popen(
+            trainer_command(model_dir, fashion_mnist_dir, "--mode=train",
+                            "--strategy=multi_worker_mirrored",
+                            override=DISTRIBUTED),
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+                 "TF_CONFIG": json.dumps({"cluster": cluster, "task": {
+                     "type": "worker", "index": index}})})
+        for index in range(2)]
+    try:
+        errors = [worker.communicate(timeout=600)[1] for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    for worker, error in zip(workers, errors):
+        assert worker.returncode == 0, error[-3000:]
+    single_dir = str(tmp_path / "single")
+    result = run_trainer(single_dir, fashion_mnist_dir, "--mode=train",
+                         "--strategy=one_device", override=DISTRIBUTED)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(model_dir, "results.json")) as f:
+        results = json.load(f)
+    assert results["strategy"] == "multi_worker_mirrored"
+    assert results["num_replicas"] == 2
+    assert max_difference(checkpoint_values(model_dir),
+                          checkpoint_values(single_dir)) <= 1e-4
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path,
+                                                        fashion_mnist_dir):
+    override = "train.max_steps=16,train.checkpoint_every_steps=4"
+    reference_dir = str(tmp_path / "uninterrupted")
+    result = run_trainer(reference_dir, fashion_mnist_dir, "--mode=train",
+                         override=override)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model_dir = str(tmp_path / "killed")
+    process = subprocess.Popen(
+        trainer_command(model_dir, fashion_mnist_dir, "--mode=train",
+                        override=override),
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(model_dir, "checkpoints", "ckpt-4.index")
+    deadline = time.time() + 300
+    while not os.path.exists(first) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(
+        os.path.join(model_dir, "checkpoints", "ckpt-16.index"))
+
+    result = run_trainer(model_dir, fashion_mnist_dir, "--mode=train",
+                         override=override)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "steps 0..16" not in result.stderr  # it resumed, not restarted
+    assert max_difference(checkpoint_values(reference_dir),
+                          checkpoint_values(model_dir)) == 0.0
+    with open(os.path.join(reference_dir, "results.json")) as f:
+        want = json.load(f)["epochs"]
+    with open(os.path.join(model_dir, "results.json")) as f:
+        got = json.load(f)["epochs"]
+    assert [e["train_loss"] for e in got] == pytest.approx(
+        [e["train_loss"] for e in want], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, override, message", [
+    (["--strategy=tpu"], "", "no TPU is reachable"),
+    ([], "train.epochz=3", "Did you mean 'epochs'"),
+    ([], "model.name=resnet21", "Did you mean 'resnet20'"),
+    ([], "optimizer.name=adamw", "Choose one of clars, lars, sgd, lamb"),
+    (["--strategy=mirrored", "--cpu_devices=2"],
+     "train.global_batch_size=63", "not divisible by the 2 replicas"),
+    ([], "estimator.num_micro_batches=16", "Lower `num_micro_batches`"),
+    ([], "task.dataset=fashion_mnst", "Did you mean 'fashion_mnist'"),
+    (["--mode=eval"], "", "No checkpoint"),
+])
+def test_bad_setups_fail_fast_with_a_clear_message(tmp_path,
+                                                   fashion_mnist_dir, flags,
+                                                   override, message):
+    start = time.time()
+    result = run_trainer(str(tmp_path / "run"), fashion_mnist_dir, *flags,
+                         override=override, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.time() - start < 60
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
