@@ -204,7 +204,7 @@ def test_argument_validation():
             tf.zeros([1, 28, 28, 1]), "fashion_mnist", 28)
     assert data.steps_per_epoch("fashion_mnist", 512) == 117
     for spec in data.DATASETS.values():
-        assert spec.preprocessing in ("imagenet", "small")
+        assert spec.preprocessing in ("imagenet", "small", "none")
         assert len(spec.mean) == len(spec.std) == spec.image_shape[-1]
 
 
@@ -219,3 +219,29 @@ def test_build_dataset_rejects_bad_arguments(data_dir):
     with pytest.raises(ValueError, match="split: 'validation'"):
         data.build_dataset("fashion_mnist", "validation", global_batch_size=8,
                            image_size=28, **common)
+
+
+def test_synthetic_labels_are_the_brightest_band():
+    images, labels = next(iter(data.build_dataset(
+        "synthetic", "test", data_dir=None, global_batch_size=64,
+        is_training=False, image_size=32, seed=0)))
+    spec = data.DATASETS["synthetic"]
+    raw = images.numpy() * np.array(spec.std) + np.array(spec.mean)
+    bands = raw[:, :30].reshape(64, 10, -1).mean(axis=2)
+    np.testing.assert_array_equal(np.argmax(bands, axis=1), labels.numpy())
+
+
+def test_synthetic_hosts_split_each_global_batch_contiguously():
+    def batches(context):
+        return next(iter(data.build_dataset(
+            "synthetic", "train", data_dir=None, global_batch_size=16,
+            is_training=True, image_size=32, seed=3, input_context=context)))
+
+    whole = batches(None)
+    for host in range(2):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=2, input_pipeline_id=host,
+            num_replicas_in_sync=2)
+        images, labels = batches(context)
+        np.testing.assert_array_equal(images, whole[0][host * 8:][:8])
+        np.testing.assert_array_equal(labels, whole[1][host * 8:][:8])
