@@ -6,6 +6,7 @@ from clars_tf.gradient_norms import GradientNormEstimator
 from clars_tf.lars import LARS
 from clars_tf.layerwise import trust_ratio
 from clars_tf.training import StepGradients
+from clars_tf.training import apply_state_updates
 from clars_tf.training import attach_gradient_norm_estimator
 from clars_tf.training import compute_loss_gradients_and_norms
 from clars_tf.training import per_example_loss_of

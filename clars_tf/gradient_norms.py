@@ -14,9 +14,27 @@ import tensorflow as tf
 
 from clars_tf import layerwise
 
-# Guards the temporary switch of synchronized batch norm to local statistics:
-# replica threads that trace concurrently must not see each other's switch.
-_BATCH_NORM_SWITCH_LOCK = threading.RLock()
+class _SynchronizedExceptWhileEstimating:
+    """Stands in for `BatchNormalization.synchronized` while estimating.
+
+    Truthy in every thread except those tracing the estimator: replica
+    threads of MirroredStrategy trace concurrently, and one replica's
+    estimator must not turn off synchronization in another's main pass.
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+        self.users = 0
+
+    def __bool__(self):
+        return not getattr(self._local, "estimating", False)
+
+    def set_estimating(self, value):
+        self._local.estimating = value
+
+
+_SWITCH = _SynchronizedExceptWhileEstimating()
+_SWITCH_LOCK = threading.Lock()
 
 
 def _check_positive_int(name, value):
@@ -32,19 +50,25 @@ def _local_batch_norm_statistics(model):
     over that micro-batch alone, so cross-replica synchronization would make
     the estimate depend on the number of replicas.
     """
-    synchronized = [
+    layers = [
         layer
         for layer in model._flatten_layers(include_self=False)
-        if getattr(layer, "synchronized", False)
+        if getattr(layer, "synchronized", False) is not False
     ]
-    with _BATCH_NORM_SWITCH_LOCK:
-        for layer in synchronized:
-            layer.synchronized = False
-        try:
-            yield
-        finally:
-            for layer in synchronized:
-                layer.synchronized = True
+    with _SWITCH_LOCK:
+        for layer in layers:
+            layer.synchronized = _SWITCH
+        _SWITCH.users += 1
+    _SWITCH.set_estimating(True)
+    try:
+        yield
+    finally:
+        _SWITCH.set_estimating(False)
+        with _SWITCH_LOCK:
+            _SWITCH.users -= 1
+            if not _SWITCH.users:
+                for layer in layers:
+                    layer.synchronized = True
 
 
 def _batch_size(structure):

@@ -1,6 +1,7 @@
 """Where CLARS meets a training step: custom `strategy.run` loops and fit."""
 
 import collections
+import contextlib
 
 import keras
 import tensorflow as tf
@@ -9,8 +10,16 @@ from clars_tf import clars
 from clars_tf import gradient_norms
 
 StepGradients = collections.namedtuple(
-    "StepGradients", ["loss", "predictions", "gradients", "gradient_norms"]
+    "StepGradients",
+    ["loss", "predictions", "gradients", "gradient_norms", "state_updates"],
+    defaults=[None],
 )
+
+
+def apply_state_updates(state_updates):
+    """Assigns the deferred (variable, value) updates of a forward pass."""
+    for variable, value in state_updates:
+        variable.assign(value)
 
 
 def _unwrap(optimizer):
@@ -58,7 +67,8 @@ def gradient_norms_for_step(optimizer, estimator, model, per_example_loss, x,
 
 def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
                                      sample_weight=None, *, global_batch_size,
-                                     optimizer=None, estimator=None):
+                                     optimizer=None, estimator=None,
+                                     defer_state_updates=False):
     """Loss, gradients and (for CLARS) norm estimates of one replica's batch.
 
     Call it inside the function given to `strategy.run`. The loss is scaled
@@ -77,24 +87,40 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
             step (its stored estimates are reused).
         estimator: a `GradientNormEstimator`, or None when the optimizer
             needs no norms.
+        defer_state_updates: if True, the forward pass's state writes
+            (batch-norm moving statistics, seed generators) are not applied
+            but returned in `state_updates`, for the caller to apply with
+            `apply_state_updates` only if it applies the step (a step skipped
+            for non-finite values then leaves no trace).
 
     Returns:
-        `StepGradients(loss, predictions, gradients, gradient_norms)`, where
-        `loss` is this replica's share of the global mean loss.
+        `StepGradients(loss, predictions, gradients, gradient_norms,
+        state_updates)`, where `loss` is this replica's share of the global
+        mean loss.
     """
     context = tf.distribute.get_replica_context()
     num_replicas = context.num_replicas_in_sync if context else 1
     variables = model.trainable_variables
     with tf.GradientTape() as tape:
-        predictions = model(x, training=True)
+        with (keras.StatelessScope(collect_losses=True) if defer_state_updates
+              else contextlib.nullcontext()) as scope:
+            predictions = model(x, training=True)
+        regularization = scope.losses if defer_state_updates else model.losses
         losses = tf.cast(per_example_loss(y, predictions), "float32")
         if sample_weight is not None:
             losses *= tf.cast(sample_weight, "float32")
         loss = tf.reduce_sum(losses) / tf.cast(global_batch_size, "float32")
-        if model.losses:
-            loss += tf.add_n(model.losses) / num_replicas
+        if regularization:
+            loss += tf.add_n(regularization) / num_replicas
         scaled_loss = optimizer.scale_loss(loss) if optimizer else loss
     gradients = tape.gradient(scaled_loss, variables)
+    state_updates = None
+    if defer_state_updates:
+        state_updates = [
+            (variable, scope.get_current_value(variable))
+            for variable in model.non_trainable_variables
+            if scope.get_current_value(variable) is not None
+        ]
     norms = None
     if estimator is not None:
         if estimator.refresh_every > 1 and optimizer is None:
@@ -107,7 +133,7 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
             if optimizer is not None
             else estimator(model, per_example_loss, x, y, sample_weight)
         )
-    return StepGradients(loss, predictions, gradients, norms)
+    return StepGradients(loss, predictions, gradients, norms, state_updates)
 
 
 def attach_gradient_norm_estimator(model, estimator=None,

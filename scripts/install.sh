@@ -18,5 +18,6 @@ python3 -m pip install -q --upgrade pip
 python3 -c "import tensorflow" 2>/dev/null \
   || python3 -m pip install -q "tensorflow-cpu==2.21.0"
 python3 -m pip install -q "tensorflow-datasets>=4.9" "absl-py>=1.0" \
-  "pyyaml>=6.0" "tensorboard>=2.16" "pytest>=7" "matplotlib>=3.5"
+  "pyyaml>=6.0" "tensorboard>=2.16" "importlib_resources" "pytest>=7" \
+  "matplotlib>=3.5"
 python3 -m pip install -q --no-deps -e ".${extras:+[$extras]}"

@@ -232,3 +232,16 @@ def test_bad_setups_fail_fast_with_a_clear_message(tmp_path,
     assert "Traceback" not in result.stderr
     assert time.time() - start < 60
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_params_override_as_a_yaml_mapping():
+    from trainers import config as config_lib
+
+    config = config_lib.build_config(
+        CONFIG, "{train: {epochs: 2}, optimizer: {name: lars}}")
+    assert config["train"]["epochs"] == 2
+    assert config["optimizer"]["name"] == "lars"
+    for text, message in (("{train: [}", "neither key=value pairs nor"),
+                          ("[1, 2]", "must be a YAML mapping")):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.build_config(CONFIG, text)

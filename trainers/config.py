@@ -45,6 +45,9 @@ DEFAULTS = {
         "seed": 0,
         "deterministic": False,
         "diagnostics_every_steps": 0,
+        # A non-finite gradient or estimate: 'stop' (the default) or 'skip'
+        # the step. float16 loss scaling always skips, as Keras does.
+        "on_nonfinite": "stop",
     },
     "optimizer": {
         "name": "clars",
@@ -117,6 +120,12 @@ def _coerce(path, default, value):
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):
+            # YAML 1.1 reads exponents without a dot (1e-4) as strings.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, list):
@@ -222,6 +231,12 @@ def validate(config):
              f"unknown data set '{task['dataset']}'."
              f"{_closest(task['dataset'], data.DATASETS)} Choose one of "
              f"{', '.join(sorted(data.DATASETS))}.")
+    dataset = data.DATASETS[task["dataset"]]
+    _require(train["global_batch_size"] <= dataset.num_train_examples,
+             "train.global_batch_size",
+             f"{train['global_batch_size']} is larger than the "
+             f"{dataset.num_train_examples} training examples of "
+             f"{task['dataset']}.")
     _require(task["image_size"] >= 32, "task.image_size",
              "must be >= 32 (the models' smallest input).")
     _require(model["name"] in MODEL_NAMES, "model.name",
@@ -248,6 +263,8 @@ def validate(config):
                 "checkpoint_every_steps", "eval_every_epochs",
                 "eval_batch_size", "checkpoints_to_keep"):
         _require(train[key] >= 1, f"train.{key}", "must be >= 1.")
+    _require(train["on_nonfinite"] in ("stop", "skip"), "train.on_nonfinite",
+             "must be 'stop' or 'skip'.")
     _require(train["max_steps"] >= 0, "train.max_steps",
              "must be >= 0 (0 means the whole run).")
     _require(0.0 <= train["label_smoothing"] < 1.0, "train.label_smoothing",

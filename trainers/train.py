@@ -12,7 +12,6 @@ gradient-norm estimates from `clars_tf.compute_loss_gradients_and_norms`.
 
 import fcntl
 import json
-import math
 import os
 import sys
 import time
@@ -76,17 +75,38 @@ def _write_json_atomically(path, content):
     os.replace(staging, path)
 
 
+def _nonfinite_flags(gradients, norms):
+    """1.0 for each variable whose gradient or estimate is not finite."""
+    import tensorflow as tf
+
+    flags = []
+    for index, gradient in enumerate(gradients):
+        finite = tf.reduce_all(tf.math.is_finite(gradient))
+        if norms:
+            finite = tf.logical_and(finite, tf.math.is_finite(norms[index]))
+        flags.append(tf.cast(tf.logical_not(finite), "float32"))
+    return tf.stack(flags)
+
+
+def _first_flag_code(flags):
+    """0 if no flag is set, else `len(flags) - i` for the first set flag i."""
+    import tensorflow as tf
+
+    count = tf.shape(flags)[0]
+    first = tf.argmax(tf.cast(flags > 0, "int32"), output_type="int32")
+    return tf.where(tf.reduce_any(flags > 0), count - first, 0)
+
+
 class Trainer:
     """Holds what one run needs: strategy, data, model, optimizer, state."""
 
     def __init__(self, config, strategy, model_dir, data_dir,
-                 strategy_name="default"):
+                 strategy_name="default", estimator=None):
         import keras
         import tensorflow as tf
 
         import clars_tf
         from trainers import builders
-        from trainers import config as config_lib
         from trainers import data
         from trainers import distribution
 
@@ -100,15 +120,9 @@ class Trainer:
         self.info = data.DATASETS[task["dataset"]]
         self.global_batch = train["global_batch_size"]
         self.replicas = strategy.num_replicas_in_sync
-        self.estimator = config_lib.check_against_strategy(config,
-                                                           self.replicas)
+        self.estimator = estimator
         self.steps_per_epoch = data.steps_per_epoch(task["dataset"],
                                                     self.global_batch)
-        if self.steps_per_epoch < 1:
-            raise config_lib.ConfigError(
-                f"Config key 'train.global_batch_size': "
-                f"{self.global_batch} is larger than the "
-                f"{self.info.num_train_examples} training examples.")
         total = train["epochs"] * self.steps_per_epoch
         self.last_step = min(total, train["max_steps"] or total)
 
@@ -123,6 +137,7 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
         self.update_optimizer = getattr(self.optimizer, "inner_optimizer",
                                         self.optimizer)
+        self.loss_scaled = self.update_optimizer is not self.optimizer
         self.sgd_decay_rate = builders.sgd_decay_rate(config)
         self.loss_fn = builders.per_example_loss(self.info.num_classes,
                                                  train["label_smoothing"])
@@ -188,38 +203,100 @@ class Trainer:
     def _replica_train_step(self, images, labels):
         tf = self._tf
         variables = self.model.trainable_variables
+        num_classes = self.info.num_classes
+        with tf.control_dependencies([tf.debugging.assert_less(
+                tf.cast(labels, "int32"), num_classes,
+                message=f"A label is >= {num_classes}, the number of classes "
+                        "of this data set: the data does not match the "
+                        "config's task.dataset.")]):
+            images = tf.identity(images)
         out = self._clars_tf.compute_loss_gradients_and_norms(
             self.model, self.loss_fn, images, labels,
             global_batch_size=self.global_batch, optimizer=self.optimizer,
-            estimator=self.estimator)
+            estimator=self.estimator, defer_state_updates=True)
         gradients = out.gradients
         if self.sgd_decay_rate:
             # Each replica adds its share: the gradients are summed next.
             share = self.sgd_decay_rate / self.replicas
             gradients = [g + share * tf.cast(v, g.dtype)
                          for g, v in zip(gradients, variables)]
-        if self.estimator is not None:
-            self.update_optimizer.set_gradient_norms(out.gradient_norms,
-                                                     variables)
-        self.optimizer.apply(gradients, variables)
+        norms = out.gradient_norms or []
+        flags = _nonfinite_flags(gradients, norms)
+        context = tf.distribute.get_replica_context()
+        # Every replica must take the same branch below: agree on the flags.
+        if context and context.num_replicas_in_sync > 1:
+            flags = context.all_reduce("SUM", flags)
+        bad = _first_flag_code(flags)
+        state_variables = [v for v, _ in out.state_updates]
+        state_values = [value for _, value in out.state_updates]
+
+        def update(gradients, norms, state_values):
+            self._clars_tf.apply_state_updates(
+                zip(state_variables, state_values))
+            if norms:
+                self.update_optimizer.set_gradient_norms(norms, variables)
+            self.optimizer.apply(gradients, variables)
+
+        def lower_loss_scale(gradients):
+            # The LossScaleOptimizer sees the overflow, halves its scale and
+            # applies nothing.
+            self.optimizer.apply(gradients, variables)
+
+        def decide(distribution, gradients, norms, state_values, bad):
+            # A branch that synchronizes replicas must be chosen in
+            # cross-replica context (as Keras's LossScaleOptimizer does).
+            bad = distribution.experimental_local_results(bad)[0]
+
+            def skip():
+                if self.loss_scaled:
+                    distribution.extended.call_for_each_replica(
+                        lower_loss_scale, args=(gradients,))
+                # Keep the step count in line with the data consumed, so a
+                # resumed run replays the same batches.
+                self.update_optimizer.iterations.assign_add(1)
+
+            tf.cond(tf.equal(bad, 0),
+                    lambda: distribution.extended.call_for_each_replica(
+                        update, args=(gradients, norms, state_values)),
+                    skip)
+
+        tf.distribute.get_replica_context().merge_call(
+            decide, args=(gradients, norms, state_values, bad))
         correct = tf.reduce_sum(tf.cast(
             tf.equal(tf.argmax(out.predictions, -1, output_type="int32"),
                      tf.cast(labels, "int32")), "float32"))
-        return out.loss, correct
+        return out.loss, correct, tf.cast(bad, "float32")
 
     def _make_train_loop(self):
         tf, strategy = self._tf, self.strategy
+        # Loss-scaled steps overflow now and then by design: never stop.
+        stop = (self.config["train"]["on_nonfinite"] == "stop"
+                and not self.loss_scaled)
 
         @tf.function
         def train_loop(iterator, steps):
             loss_sum = tf.constant(0.0)
             correct = tf.constant(0.0)
-            for _ in tf.range(steps):
-                loss, hits = strategy.run(self._replica_train_step,
-                                          args=next(iterator))
-                loss_sum += strategy.reduce("SUM", loss, axis=None)
-                correct += strategy.reduce("SUM", hits, axis=None)
-            return loss_sum, correct
+            first_bad_step = tf.constant(-1)
+            bad_code = tf.constant(0)
+            skipped = tf.constant(0)
+            for step in tf.range(steps):
+                loss, hits, bad = strategy.run(self._replica_train_step,
+                                               args=next(iterator))
+                # Identical on every replica after the all-reduce.
+                bad = tf.cast(strategy.reduce("MEAN", bad, axis=None),
+                              "int32")
+                if bad > 0:
+                    skipped += 1
+                    if first_bad_step < 0:
+                        first_bad_step = step
+                        bad_code = bad
+                    if stop:
+                        break
+                else:
+                    loss_sum += strategy.reduce("SUM", loss, axis=None)
+                    correct += strategy.reduce("SUM", hits, axis=None)
+            return loss_sum, correct, first_bad_step, bad_code, skipped
 
         return train_loop
 
@@ -256,8 +333,12 @@ class Trainer:
         dataset = self._distributed(self.info.eval_split, False, 0,
                                     self.config["train"]["eval_batch_size"])
         totals = [0.0, 0.0, 0.0]
-        for batch in dataset:
-            totals = [t + float(v) for t, v in zip(totals, eval_step(batch))]
+        try:
+            for batch in dataset:
+                totals = [t + float(v)
+                          for t, v in zip(totals, eval_step(batch))]
+        except self._tf.errors.DataLossError as error:
+            raise self._corrupt_data(error) from None
         loss, correct, count = totals
         if count != self.info.num_eval_examples:
             raise TrainerError(
@@ -299,6 +380,14 @@ class Trainer:
 
         return diagnostics
 
+    def _corrupt_data(self, error):
+        name = self.config["task"]["dataset"]
+        return TrainerError(
+            f"The {name} data files are corrupt or truncated "
+            f"({error.message.splitlines()[0]}). Delete the {name} folder "
+            f"under --data_dir ({self.data_dir or '~/tensorflow_datasets'}) "
+            "and rerun to prepare it again.")
+
     # The loop --------------------------------------------------------------
 
     def _load_history(self, step):
@@ -332,7 +421,9 @@ class Trainer:
                     "evaluate or export; train first (--mode=train).")
             return 0
         try:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            # Every saved value must find its variable and every variable
+            # its value: a checkpoint of another model or optimizer fails.
+            self.checkpoint.restore(latest).assert_consumed()
         except (AssertionError, ValueError,
                 self._tf.errors.OpError) as error:
             raise TrainerError(
@@ -370,23 +461,44 @@ class Trainer:
             steps = min(train["steps_per_loop"], self.last_step - step,
                         epoch_end - step)
             start = time.time()
-            loss_sum, correct = train_loop(iterator, tf.constant(steps))
-            loss_sum, correct = float(loss_sum), float(correct)
-            seconds = time.time() - start
-            if not math.isfinite(loss_sum):
+            try:
+                outputs = train_loop(iterator, tf.constant(steps))
+            except tf.errors.DataLossError as error:
+                raise self._corrupt_data(error) from None
+            except tf.errors.InvalidArgumentError as error:
                 raise TrainerError(
-                    f"Training loss became {loss_sum} between steps {step} "
-                    f"and {step + steps}; lower the learning rate. The last "
-                    "good checkpoint is kept.")
+                    f"Training failed between steps {step} and "
+                    f"{step + steps}: {error.message.splitlines()[0]}"
+                ) from None
+            loss_sum, correct, bad_step, bad_code, skipped = (
+                float(outputs[0]), float(outputs[1]), int(outputs[2]),
+                int(outputs[3]), int(outputs[4]))
+            seconds = time.time() - start
+            if bad_code and train["on_nonfinite"] == "stop" and not (
+                    self.loss_scaled):
+                raise TrainerError(
+                    f"Non-finite gradient or gradient-norm estimate at step "
+                    f"{step + bad_step + 1}, first in variable "
+                    f"'{paths[len(paths) - bad_code]}'; the update was not "
+                    "applied and the last good checkpoint is kept. Lower the "
+                    "learning rate, or set train.on_nonfinite=skip.")
+            if skipped:
+                logging.warning(
+                    "Skipped %d step(s) with non-finite values, first at step "
+                    "%d in '%s'.", skipped, step + bad_step + 1,
+                    paths[len(paths) - bad_code])
+            applied = steps - skipped
             step += steps
             self.epoch_sums.assign_add(
-                [loss_sum, correct, float(steps * self.global_batch)])
+                [loss_sum, correct, float(applied * self.global_batch)])
             rate = float(self.optimizer.learning_rate)
             images_per_second = steps * self.global_batch / seconds
             with self.train_writer.as_default(step=step):
-                tf.summary.scalar("loss", loss_sum / steps)
+                tf.summary.scalar("loss", loss_sum / max(applied, 1))
+                tf.summary.scalar("skipped_steps", skipped)
                 tf.summary.scalar("accuracy",
-                                  correct / (steps * self.global_batch))
+                                  correct / max(applied * self.global_batch,
+                                                1))
                 tf.summary.scalar("learning_rate", rate)
                 tf.summary.scalar("images_per_second", images_per_second)
                 if diagnostics and step % train["diagnostics_every_steps"] < (
@@ -396,8 +508,8 @@ class Trainer:
             logging.info(
                 "step %d/%d epoch %.2f loss %.4f accuracy %.4f lr %.4g "
                 "%.1f images/s", step, self.last_step,
-                step / self.steps_per_epoch, loss_sum / steps,
-                correct / (steps * self.global_batch), rate,
+                step / self.steps_per_epoch, loss_sum / max(applied, 1),
+                correct / max(applied * self.global_batch, 1), rate,
                 images_per_second)
             at_epoch_end = step == epoch_end
             if (step % train["checkpoint_every_steps"] < steps
@@ -414,8 +526,8 @@ class Trainer:
         epoch = -(-step // self.steps_per_epoch)
         steps = count / self.global_batch
         entry = {"epoch": epoch, "step": step,
-                 "train_loss": float(loss_sum / steps),
-                 "train_accuracy": float(correct / count),
+                 "train_loss": float(loss_sum / steps) if count else None,
+                 "train_accuracy": float(correct / count) if count else None,
                  "learning_rate": rate,
                  "images_per_second": images_per_second}
         every = self.config["train"]["eval_every_epochs"]
@@ -458,6 +570,7 @@ class Trainer:
 
 def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
     """Runs `mode`; returns the results dict written to results.json."""
+    from trainers import config as config_lib
     from trainers import data
     from trainers import distribution
     from trainers import export as export_lib
@@ -465,12 +578,18 @@ def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
     export_dir = export_dir or os.path.join(model_dir, "export")
     if mode in ("train_and_eval", "export"):
         export_lib.check_destination(export_dir)
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise TrainerError(
+            f"--model_dir={model_dir} exists and is a file; pass a directory.")
     strategy = distribution.create(strategy_name, tpu)
+    estimator = config_lib.check_against_strategy(
+        config, strategy.num_replicas_in_sync)
     trainer_name = "chief" if distribution.is_chief(strategy) else (
         f"worker-{distribution.task_id(strategy)}")
     lock = ModelDirLock(model_dir, trainer_name)
     data.prepare(config["task"]["dataset"], data_dir)
-    trainer = Trainer(config, strategy, model_dir, data_dir, strategy_name)
+    trainer = Trainer(config, strategy, model_dir, data_dir, strategy_name,
+                      estimator)
     results = {"model_dir": model_dir}
     if mode in ("train", "train_and_eval"):
         history = trainer.train()
