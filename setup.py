@@ -26,6 +26,8 @@ setuptools.setup(
         "absl-py>=1.0",
         "pyyaml>=6.0",
         "tensorboard>=2.16",
+        # tensorflow-datasets needs it through etils but does not declare it.
+        "importlib_resources",
     ],
     extras_require={
         "test": ["pytest>=7"],
