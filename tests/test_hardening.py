@@ -225,3 +225,23 @@ def test_same_seed_gives_bit_identical_weights(tmp_path, fashion_mnist_dir):
         assert result.returncode == 0, result.stderr[-3000:]
         runs.append(checkpoint_values(model_dir))
     assert all(np.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_labels_outside_the_classes_stop_the_step(tmp_path):
+    import clars_tf
+    from trainers import config as config_lib
+    from trainers import train
+
+    config = config_lib.build_config(CONFIG, f"{SMALL},task.dataset=synthetic")
+    strategy = tf.distribute.get_strategy()
+    trainer = train.Trainer(config, strategy, str(tmp_path), None,
+                            estimator=clars_tf.GradientNormEstimator(8, 4))
+    batch = (tf.zeros([64, 32, 32, 3]), tf.fill([64], 12))
+    iterator = iter(strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(batch).repeat()))
+    before = [v.numpy() for v in trainer.model.variables]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="A label is >= 10, the number of classes"):
+        trainer._make_train_loop()(iterator, tf.constant(1))
+    after = [v.numpy() for v in trainer.model.variables]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))

@@ -98,6 +98,10 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
     expected = tf.nn.softmax(model(eval_batch[0], training=False)).numpy()
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     assert probabilities.shape == (64, 10)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"images must be uint8 \[N, 28, 28, 1\]"):
+        served.signatures["serving_default"](
+            images=tf.zeros([1, 32, 32, 3], tf.uint8))
     one = served.signatures["serving_default"](images=images[:1])
     np.testing.assert_allclose(one["probabilities"][0], expected[0],
                                atol=1e-5)

@@ -25,6 +25,17 @@ class _Serving(tf.Module):
         self._image_size = image_size
 
     def serve(self, images):
+        expected = data.DATASETS[self._dataset].image_shape
+        shape = tf.shape(images)
+        checks = [
+            tf.debugging.assert_equal(
+                shape[axis + 1], size,
+                message=f"images must be uint8 [N, {expected[0] or 'H'}, "
+                        f"{expected[1] or 'W'}, {expected[2]}] for this "
+                        f"{self._dataset} model")
+            for axis, size in enumerate(expected) if size is not None]
+        with tf.control_dependencies(checks):
+            images = tf.identity(images)
         inputs = data.preprocess_for_serving(images, self._dataset,
                                              self._image_size)
         logits = self.model(inputs, training=False)

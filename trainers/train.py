@@ -209,7 +209,7 @@ class Trainer:
                 message=f"A label is >= {num_classes}, the number of classes "
                         "of this data set: the data does not match the "
                         "config's task.dataset.")]):
-            images = tf.identity(images)
+            images, labels = tf.identity(images), tf.identity(labels)
         out = self._clars_tf.compute_loss_gradients_and_norms(
             self.model, self.loss_fn, images, labels,
             global_batch_size=self.global_batch, optimizer=self.optimizer,
