@@ -245,3 +245,47 @@ def test_labels_outside_the_classes_stop_the_step(tmp_path):
         trainer._make_train_loop()(iterator, tf.constant(1))
     after = [v.numpy() for v in trainer.model.variables]
     assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def _tiny_export(tmp_path, monkeypatch=None, fail=False):
+    import keras
+
+    from trainers import export
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32, 32, 3)),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(10)])
+    if fail:
+        real_save = tf.saved_model.save
+
+        def save_then_die(obj, path, **kwargs):
+            real_save(obj, path, **kwargs)
+            os.remove(os.path.join(path, "saved_model.pb"))
+            raise KeyboardInterrupt("killed half-way")
+
+        monkeypatch.setattr(tf.saved_model, "save", save_then_die)
+    return export.export(model, "synthetic", 32, str(tmp_path / "export"))
+
+
+def test_interrupted_export_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = _tiny_export(tmp_path)
+    images = tf.zeros([2, 32, 32, 3], tf.uint8)
+    want = tf.saved_model.load(path).signatures["serving_default"](
+        images=images)["probabilities"].numpy()
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_export(tmp_path, monkeypatch, fail=True)
+    got = tf.saved_model.load(path).signatures["serving_default"](
+        images=images)["probabilities"].numpy()
+    np.testing.assert_array_equal(want, got)
+    assert os.listdir(tmp_path) == ["export"]
+
+
+def test_export_moved_aside_by_a_crash_is_put_back(tmp_path):
+    from trainers import export
+
+    path = _tiny_export(tmp_path)
+    os.rename(path, f"{path}.previous-12345")  # crash between the renames
+    export.check_destination(path)
+    assert tf.saved_model.load(path) is not None
+    assert sorted(os.listdir(tmp_path)) == ["export"]

@@ -81,8 +81,12 @@ def export(model, dataset, image_size, export_dir):
     os.makedirs(parent, exist_ok=True)
     staging = f"{export_dir}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    tf.saved_model.save(module, staging,
-                        signatures={"serving_default": serve})
+    try:
+        tf.saved_model.save(module, staging,
+                            signatures={"serving_default": serve})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     previous = f"{export_dir}.previous-{os.getpid()}"
     if os.path.isdir(export_dir):
         os.rename(export_dir, previous)
