@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def train(model_dir, flags, args):
     override = (f"task.dataset={args.dataset},optimizer.name={args.optimizer},"
                 f"train.global_batch_size=64,estimator.num_micro_batches=4,"
+                "optimizer.base_learning_rate=0.1,"
                 f"train.max_steps={args.steps},train.steps_per_loop=1,"
                 f"train.checkpoint_every_steps=1,"
                 f"train.checkpoints_to_keep={args.steps},"

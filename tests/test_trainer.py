@@ -16,6 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "fashion_mnist_resnet8_clars.yaml")
 # Small and quick: 64 examples per step, 4 micro-batches of 8.
 SMALL = ("train.global_batch_size=64,estimator.num_micro_batches=4,"
+         "optimizer.base_learning_rate=0.1,"
          "train.steps_per_loop=4,train.deterministic=true,"
          "train.eval_batch_size=2000")
 
