@@ -355,9 +355,12 @@ class Trainer:
         variables = self.model.trainable_variables
 
         def replica_fn(images, labels):
+            # Deferred and never applied: diagnostics leave the batch-norm
+            # moving statistics as training left them.
             out = self._clars_tf.compute_loss_gradients_and_norms(
                 self.model, self.loss_fn, images, labels,
-                global_batch_size=self.global_batch, estimator=estimator)
+                global_batch_size=self.global_batch, estimator=estimator,
+                defer_state_updates=True)
             return out.gradients, out.gradient_norms
 
         @tf.function
