@@ -175,3 +175,28 @@ def test_trust_ratios_for_diagnostics():
     kernel_norm = np.linalg.norm(variables[0].numpy())
     # Zero weights fall back to min(clip, 1) = 1; excluded variables use 1.
     assert ratios == pytest.approx([0.01 * kernel_norm / 2.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("estimate, trust", [
+    (1e30, 0.01 * 5 / 1e30),  # huge estimate: a vanishing, finite step
+    (1e-30, 0.1),             # tiny estimate: epsilon keeps it finite, clip
+    (float("inf"), 0.0),
+])
+def test_huge_and_tiny_estimates_give_finite_steps(estimate, trust):
+    w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    optimizer = clars_tf.CLARS(1.0)
+    optimizer.apply([np.array([[0.6, 0.8]])], [w], gradient_norms=[estimate])
+    np.testing.assert_allclose(w.numpy(), [[3.0 - trust * 0.6,
+                                            4.0 - trust * 0.8]], rtol=1e-6)
+
+
+def test_huge_weights_and_gradients_keep_a_finite_trust_ratio():
+    # Squares of 1e15 overflow float16 and bfloat16 keeps 3 digits; the
+    # norms are taken in float32.
+    w = keras.Variable(np.full((1, 100), 1e15), dtype="float32")
+    optimizer = clars_tf.CLARS(1e-20, trust_clip=1.0)
+    optimizer.apply([np.full((1, 100), 1e15)], [w], gradient_norms=[1e17])
+    ratio = float(optimizer.trust_ratios([w], [1e17])[0])
+    # ||w|| = 1e16, so the ratio is 0.01 * 1e16 / 1e17.
+    assert ratio == pytest.approx(1e-3, rel=1e-3)
+    assert np.all(np.isfinite(w.numpy()))
