@@ -13,6 +13,7 @@ gradient-norm estimate `a` (the mean norm of micro-batch gradients, see
 
 import threading
 
+import tensorflow as tf
 from keras import ops
 from keras import saving
 
@@ -190,14 +191,14 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             scaled_rate = ops.cast(learning_rate * trust, dtype)
         else:
             scaled_rate = ops.cast(learning_rate, dtype)
-        momentum = self.momentums[index]
-        self.assign(momentum, ops.add(ops.multiply(self.momentum, momentum),
-                                      update))
-        if self.nesterov:
-            update = ops.add(ops.multiply(self.momentum, momentum), update)
-        else:
-            update = momentum
-        self.assign_sub(variable, ops.multiply(scaled_rate, update))
+        # One fused kernel for spec steps 4-5: m = mu * m + d, then
+        # w -= rate * m (nesterov: w -= rate * (d + mu * m)).
+        tf.raw_ops.ResourceApplyMomentum(
+            var=layerwise.resource_handle(variable),
+            accum=layerwise.resource_handle(self.momentums[index]),
+            lr=scaled_rate, grad=update,
+            momentum=ops.cast(self.momentum, dtype),
+            use_nesterov=self.nesterov)
 
     def get_config(self):
         config = super().get_config()

@@ -1,5 +1,6 @@
 """LARS with MLPerf semantics: the baseline CLARS is compared against."""
 
+import tensorflow as tf
 from keras import ops
 from keras import saving
 
@@ -89,12 +90,11 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             scaled_rate = ops.cast(learning_rate * trust, dtype)
         else:
             scaled_rate = ops.cast(learning_rate, dtype)
-        step = ops.multiply(scaled_rate, update)
-        velocity = self.momentums[index]
-        self.assign(velocity, ops.add(ops.multiply(self.momentum, velocity),
-                                      step))
-        if self.nesterov:
-            step = ops.add(ops.multiply(self.momentum, velocity), step)
-        else:
-            step = velocity
-        self.assign_sub(variable, step)
+        # One fused kernel for v = mu * v + rate * d, w -= v (nesterov:
+        # w -= mu * v + rate * d). It keeps the velocity negated: -v.
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=layerwise.resource_handle(variable),
+            accum=layerwise.resource_handle(self.momentums[index]),
+            lr=scaled_rate, grad=update,
+            momentum=ops.cast(self.momentum, dtype),
+            use_nesterov=self.nesterov)

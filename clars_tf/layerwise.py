@@ -8,6 +8,8 @@ two update rules stay short and checkable against the spec.
 
 import re
 
+import keras
+import tensorflow as tf
 from keras import ops
 from keras import optimizers
 
@@ -47,8 +49,15 @@ def trust_ratio(weight_norm, gradient_norm, denominator, trust_coefficient,
 
 def float32_norm(tensor):
     """L2 norm computed in float32, whatever the tensor's dtype."""
-    tensor = ops.cast(tensor, "float32")
-    return ops.sqrt(ops.sum(ops.square(tensor)))
+    # One fused reduction (sum of squares / 2) instead of square + sum.
+    return tf.sqrt(2.0 * tf.nn.l2_loss(tf.cast(tensor, "float32")))
+
+
+def resource_handle(variable):
+    """The resource handle of a Keras or TensorFlow variable (or replica)."""
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.handle
 
 
 def _check_float(name, value, low, high=None, low_inclusive=True):
