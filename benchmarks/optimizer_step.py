@@ -1,0 +1,561 @@
+"""Cost of one optimizer step over ResNet-50's variables: CLARS, LARS vs SGD.
+
+Times `optimizer.apply(gradients, variables)` alone (no forward or backward
+pass) over the 161 trainable variables (25.6M floats) of
+`models.build_model("resnet50", (224, 224, 3), 1000)`, for
+
+  * `sgd`:   `keras.optimizers.SGD(momentum=0.9)`, the baseline;
+  * `lars`:  `clars_tf.LARS`;
+  * `clars`: `clars_tf.CLARS`, with `gradient_norms=` fixed random positive
+    floats (the estimator itself is not timed here; see `train_step.py`).
+
+Each candidate's apply is wrapped in its own `tf.function` (optionally
+`jit_compile=True`). The gradients are random, fixed tensors captured by the
+functions. All optimizers update the SAME model variables: an update costs
+the same whatever the values are (no data-dependent branches; the learning
+rate is small, so the drift from repeated fixed gradients stays far from
+overflow or denormals), and sharing keeps the memory footprint, allocation
+and cache behaviour identical for every candidate, where separate copies
+would add 100 MB per candidate and let allocation order favour one of them.
+Each optimizer has its own momentum buffers.
+
+The candidates are interleaved: after tracing and warm-up, each of
+`--rounds` rounds times every candidate for `--iterations` back-to-back
+steps (one untimed step first), starting at a different candidate every
+round. Each round gives a per-step time per candidate and a ratio to that
+round's SGD time; the table reports medians with min..max over rounds, so the
+noise of this shared machine shows instead of hiding in a single number.
+
+Targets (from the issue): CLARS <= 1.3x SGD, LARS <= 1.5x SGD.
+
+`--diagnose` adds ablation variants (subclasses defined in this file, NOT
+part of clars_tf) that locate the overhead: a trust ratio fixed to 1, the
+weight norm via `tf.nn.l2_loss`, and a fused in-place momentum kernel
+(`tf.raw_ops.ResourceApplyMomentum`). It first checks, on small variables,
+that every variant computes the same update as the shipped optimizer.
+
+Command (2-core CPU: about 2 minutes with --diagnose, 1 minute without):
+
+    TF_ENABLE_ONEDNN_OPTS=1 python3 -m benchmarks.optimizer_step \\
+        --diagnose --output=/tmp/optimizer_step.json
+
+Run it from the repository root.
+"""
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("rounds", 15, "Interleaved rounds (each times every "
+                     "candidate once).")
+flags.DEFINE_integer("iterations", 10, "Timed steps per candidate per round "
+                     "(short rounds keep each ratio's two timings close in "
+                     "time).")
+flags.DEFINE_integer("warmup", 5, "Untimed steps per candidate after tracing.")
+flags.DEFINE_string("model", "resnet50", "Model whose variables are updated.")
+flags.DEFINE_integer("image_size", 224, "Input height and width.")
+flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
+flags.DEFINE_float("learning_rate", 0.01, "Learning rate of every optimizer.")
+flags.DEFINE_float("weight_decay_rate", 2e-4,
+                   "Coupled L2 decay of LARS and CLARS (the spec's ImageNet "
+                   "value); SGD has none, as Keras's default.")
+flags.DEFINE_bool("diagnose", False,
+                  "Add ablation variants that locate the overhead.")
+flags.DEFINE_bool("jit_compile", False,
+                  "Wrap every candidate in tf.function(jit_compile=True).")
+flags.DEFINE_integer("seed", 0, "Seed of the random gradients and norms.")
+flags.DEFINE_string("output", None, "Write the results as JSON to this path.")
+
+TARGETS = {"clars": 1.3, "lars": 1.5}
+
+
+# --------------------------------------------------------------- helpers
+def environment_info():
+    """What the numbers were measured on."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        onednn_built = bool(_pywrap_util_port.IsMklEnabled())
+    except Exception:  # pylint: disable=broad-except
+        onednn_built = None
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "onednn_enabled_in_build": onednn_built,
+    }
+
+
+def summarize(times, baseline_times, cpu_times, baseline_cpu_times):
+    """Medians and spreads of per-step times and of per-round ratios."""
+    ratios = [t / b for t, b in zip(times, baseline_times)]
+    cpu_ratios = [t / b for t, b in zip(cpu_times, baseline_cpu_times)]
+    return {
+        "cpu_seconds_per_step": cpu_times,
+        "cpu_time_ratio_to_baseline": cpu_ratios,
+        "median_cpu_time_ratio": statistics.median(cpu_ratios),
+        "min_cpu_time_ratio": min(cpu_ratios),
+        "max_cpu_time_ratio": max(cpu_ratios),
+        "step_seconds": times,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "ratio_to_baseline": ratios,
+        "median_ratio": statistics.median(ratios),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+    }
+
+
+def interleave(candidates, rounds, iterations):
+    """Per-round per-step seconds of every candidate, rotating the order.
+
+    Also returns the process CPU seconds per step (a cross-check that other
+    processes affect less than wall time, though it counts work rather than
+    time), and per candidate and round the
+    share of the machine's CPUs this process used while timing it (CPU time
+    / (wall time x CPU count)): a low share flags a round slowed by other
+    processes.
+    """
+    names = list(candidates)
+    times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
+    shares = {name: [] for name in names}
+    cpus = os.cpu_count() or 1
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            step = candidates[name]
+            step()  # untimed: re-warm caches after the previous candidate
+            cpu_start = time.process_time()
+            start = time.perf_counter()
+            for _ in range(iterations):
+                step()
+            wall = time.perf_counter() - start
+            times[name].append(wall / iterations)
+            cpu = time.process_time() - cpu_start
+            cpu_times[name].append(cpu / iterations)
+            shares[name].append(cpu / (wall * cpus))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {times[n][-1] * 1e3:.1f} ms" for n in names), flush=True)
+    return times, cpu_times, shares
+
+
+# ------------------------------------------- diagnostic ablation variants
+def _make_variants():
+    """Diagnostic subclasses; defined lazily so --help needs no TensorFlow."""
+    import tensorflow as tf
+    from keras import ops
+
+    import clars_tf
+    from clars_tf import layerwise
+
+    def l2_loss_norm(tensor):
+        # One fused reduction kernel: no squared temporary, one read pass.
+        return tf.sqrt(2.0 * tf.nn.l2_loss(tf.cast(tensor, tf.float32)))
+
+    class ClarsTrustOne(clars_tf.CLARS):
+        """CLARS with trust fixed to 1: what the trust ratio costs."""
+
+        def update_step(self, gradient, variable, learning_rate):
+            index, _, decay_rate = self._variable_settings(variable)
+            dtype = variable.dtype
+            update = ops.add(ops.cast(gradient, dtype),
+                             ops.multiply(decay_rate, variable))
+            momentum = self.momentums[index]
+            self.assign(momentum, ops.add(
+                ops.multiply(self.momentum, momentum), update))
+            self.assign_sub(variable, ops.multiply(
+                ops.cast(learning_rate, dtype), momentum))
+
+    class ClarsL2Loss(clars_tf.CLARS):
+        """Shipped CLARS, ||w|| via tf.nn.l2_loss."""
+
+        def update_step(self, gradient, variable, learning_rate):
+            index, adapted, decay_rate = self._variable_settings(variable)
+            dtype = variable.dtype
+            update = ops.add(ops.cast(gradient, dtype),
+                             ops.multiply(decay_rate, variable))
+            if adapted:
+                estimate = self.gradient_norm_estimates[index]
+                trust = layerwise.trust_ratio(
+                    l2_loss_norm(variable), estimate,
+                    estimate + self.epsilon, self.trust_coefficient,
+                    clip=self.trust_clip)
+                scaled_rate = ops.cast(learning_rate * trust, dtype)
+            else:
+                scaled_rate = ops.cast(learning_rate, dtype)
+            momentum = self.momentums[index]
+            self.assign(momentum, ops.add(
+                ops.multiply(self.momentum, momentum), update))
+            if self.nesterov:
+                update = ops.add(ops.multiply(self.momentum, momentum), update)
+            else:
+                update = momentum
+            self.assign_sub(variable, ops.multiply(scaled_rate, update))
+
+    class ClarsFused(clars_tf.CLARS):
+        """l2_loss norm + one in-place ResourceApplyMomentum kernel.
+
+        ResourceApplyMomentum does `m = mu * m + grad; w -= lr * m` (Nesterov:
+        `w -= lr * grad + lr * mu * m`), which is CLARS's steps 4-5 with
+        grad = d and lr = gamma * trust. The decay term is skipped when its
+        rate is 0.
+        """
+
+        def update_step(self, gradient, variable, learning_rate):
+            index, adapted, decay_rate = self._variable_settings(variable)
+            dtype = variable.dtype
+            update = tf.cast(gradient, dtype)
+            if decay_rate:
+                update = update + tf.cast(decay_rate, dtype) * variable
+            if adapted:
+                estimate = self.gradient_norm_estimates[index]
+                trust = layerwise.trust_ratio(
+                    l2_loss_norm(variable), estimate,
+                    estimate + self.epsilon, self.trust_coefficient,
+                    clip=self.trust_clip)
+                scaled_rate = tf.cast(learning_rate * trust, dtype)
+            else:
+                scaled_rate = tf.cast(learning_rate, dtype)
+            tf.raw_ops.ResourceApplyMomentum(
+                var=variable.handle, accum=self.momentums[index].handle,
+                lr=scaled_rate, grad=update,
+                momentum=tf.cast(self.momentum, dtype),
+                use_locking=False, use_nesterov=self.nesterov)
+
+    class LarsL2Loss(clars_tf.LARS):
+        """Shipped LARS, ||w|| and ||g|| via tf.nn.l2_loss."""
+
+        def update_step(self, gradient, variable, learning_rate):
+            index, adapted, decay_rate = self._variable_settings(variable)
+            dtype = variable.dtype
+            update = ops.add(ops.cast(gradient, dtype),
+                             ops.multiply(decay_rate, variable))
+            if adapted:
+                weight_norm = l2_loss_norm(variable)
+                gradient_norm = l2_loss_norm(gradient)
+                trust = layerwise.trust_ratio(
+                    weight_norm, gradient_norm,
+                    gradient_norm + decay_rate * weight_norm + self.epsilon,
+                    self.trust_coefficient)
+                scaled_rate = ops.cast(learning_rate * trust, dtype)
+            else:
+                scaled_rate = ops.cast(learning_rate, dtype)
+            step = ops.multiply(scaled_rate, update)
+            velocity = self.momentums[index]
+            self.assign(velocity, ops.add(
+                ops.multiply(self.momentum, velocity), step))
+            if self.nesterov:
+                step = ops.add(ops.multiply(self.momentum, velocity), step)
+            else:
+                step = velocity
+            self.assign_sub(variable, step)
+
+    class LarsFused(clars_tf.LARS):
+        """l2_loss norms + ResourceApplyMomentum(lr=1, grad=gamma*trust*d).
+
+        That kernel does `v = mu * v + gamma * trust * d; w -= v` (Nesterov:
+        `w -= gamma * trust * d + mu * v`), LARS's update exactly.
+        """
+
+        def update_step(self, gradient, variable, learning_rate):
+            index, adapted, decay_rate = self._variable_settings(variable)
+            dtype = variable.dtype
+            gradient = tf.cast(gradient, dtype)
+            update = gradient
+            if decay_rate:
+                update = update + tf.cast(decay_rate, dtype) * variable
+            if adapted:
+                weight_norm = l2_loss_norm(variable)
+                gradient_norm = l2_loss_norm(gradient)
+                trust = layerwise.trust_ratio(
+                    weight_norm, gradient_norm,
+                    gradient_norm + decay_rate * weight_norm + self.epsilon,
+                    self.trust_coefficient)
+                scaled_rate = tf.cast(learning_rate * trust, dtype)
+            else:
+                scaled_rate = tf.cast(learning_rate, dtype)
+            tf.raw_ops.ResourceApplyMomentum(
+                var=variable.handle, accum=self.momentums[index].handle,
+                lr=tf.constant(1.0, dtype), grad=scaled_rate * update,
+                momentum=tf.cast(self.momentum, dtype),
+                use_locking=False, use_nesterov=self.nesterov)
+
+    import keras
+
+    class SgdFused(keras.optimizers.SGD):
+        """Keras SGD through ResourceApplyKerasMomentum: the fused floor."""
+
+        def update_step(self, gradient, variable, learning_rate):
+            m = self.momentums[self._get_variable_index(variable)]
+            tf.raw_ops.ResourceApplyKerasMomentum(
+                var=variable.handle, accum=m.handle,
+                lr=tf.cast(learning_rate, variable.dtype),
+                grad=tf.cast(gradient, variable.dtype),
+                momentum=tf.cast(self.momentum, variable.dtype),
+                use_locking=False, use_nesterov=self.nesterov)
+
+    # name -> (class, shipped class it must match, extra kwargs, what it shows)
+    return {
+        "clars/decay=0": (clars_tf.CLARS, clars_tf.CLARS,
+                          {"weight_decay_rate": 0.0},
+                          "shipped CLARS without decay (0*w is still "
+                          "computed)"),
+        "clars/trust=1": (ClarsTrustOne, None, {},
+                          "no ||w||, no estimate read, no trust math"),
+        "clars/l2_loss": (ClarsL2Loss, clars_tf.CLARS, {},
+                          "||w|| by tf.nn.l2_loss"),
+        "clars/fused": (ClarsFused, clars_tf.CLARS, {},
+                        "l2_loss + ResourceApplyMomentum"),
+        "lars/l2_loss": (LarsL2Loss, clars_tf.LARS, {},
+                         "||w||, ||g|| by tf.nn.l2_loss"),
+        "lars/fused": (LarsFused, clars_tf.LARS, {},
+                       "l2_loss + ResourceApplyMomentum"),
+        "sgd/fused": (SgdFused, keras.optimizers.SGD, {},
+                      "Keras SGD via ResourceApplyKerasMomentum"),
+    }
+
+
+def check_variants(variants, seed):
+    """Max abs difference, variant vs shipped optimizer, after 3 steps."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import clars_tf
+
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 3, 8, 16), (16,), (16,), (32, 10), (10,)]
+    initial = [rng.standard_normal(s).astype("float32") for s in shapes]
+    steps = [[rng.standard_normal(s).astype("float32") for s in shapes]
+             for _ in range(3)]
+    norms = [rng.uniform(0.1, 1.0, len(shapes)).astype("float32")
+             for _ in range(3)]
+    report = {}
+    for name, (cls, reference_cls, extra, _) in variants.items():
+        if reference_cls is None or cls is reference_cls:
+            continue
+        for nesterov in (False, True):
+            results = []
+            for c in (reference_cls, cls):
+                variables = [keras.Variable(v, name=f"v{i}")
+                             for i, v in enumerate(initial)]
+                kwargs = dict(learning_rate=0.1, momentum=0.9,
+                              nesterov=nesterov)
+                if issubclass(c, clars_tf.LARS) or issubclass(
+                        c, clars_tf.CLARS):
+                    kwargs["weight_decay_rate"] = 1e-2
+                    kwargs.update(extra)
+                optimizer = c(**kwargs)
+                optimizer.build(variables)
+                for grads, a in zip(steps, norms):
+                    grads = [tf.constant(g) for g in grads]
+                    if isinstance(optimizer, clars_tf.CLARS):
+                        optimizer.apply(grads, variables,
+                                        gradient_norms=list(a))
+                    else:
+                        optimizer.apply(grads, variables)
+                results.append(
+                    [v.numpy() for v in variables]
+                    + [m.numpy() for m in optimizer.momentums])
+            diff = max(float(np.max(np.abs(a - b)))
+                       for a, b in zip(*results))
+            report[f"{name} (nesterov={nesterov})"] = diff
+    return report
+
+
+# ------------------------------------------------------------------ main
+def main(argv):
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import clars_tf
+    import models
+
+    # One tf.function per candidate wraps the same Python closure, which
+    # TensorFlow reports as "retracing"; it is expected here.
+    tf.get_logger().setLevel("ERROR")
+    env = environment_info()
+    print("Environment:", json.dumps(env), flush=True)
+
+    model = models.build_model(
+        FLAGS.model, (FLAGS.image_size, FLAGS.image_size, 3),
+        FLAGS.num_classes)
+    variables = model.trainable_variables
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    print(f"{FLAGS.model}: {len(variables)} trainable variables, "
+          f"{sum(sizes):,} floats, "
+          f"{sum(len(v.shape) > 1 for v in variables)} of rank > 1",
+          flush=True)
+    rng = np.random.default_rng(FLAGS.seed)
+    grads = [tf.constant(1e-3 * rng.standard_normal(v.shape).astype(
+        "float32")) for v in variables]
+    norms = [tf.constant(x) for x in
+             rng.uniform(0.1, 1.0, len(variables)).astype("float32")]
+
+    lr = FLAGS.learning_rate
+    wd = FLAGS.weight_decay_rate
+    optimizers = {
+        "sgd": keras.optimizers.SGD(lr, momentum=0.9),
+        "lars": clars_tf.LARS(lr, momentum=0.9, weight_decay_rate=wd),
+        "clars": clars_tf.CLARS(lr, momentum=0.9, weight_decay_rate=wd),
+    }
+    descriptions = {
+        "sgd": "keras SGD(momentum=0.9), baseline",
+        "lars": f"clars_tf.LARS(weight_decay_rate={wd})",
+        "clars": f"clars_tf.CLARS(weight_decay_rate={wd})",
+    }
+    equivalence = None
+    if FLAGS.diagnose:
+        variants = _make_variants()
+        equivalence = check_variants(variants, FLAGS.seed)
+        print("Variant vs shipped optimizer, max |difference| after 3 steps:")
+        for name, diff in equivalence.items():
+            print(f"  {name:32s} {diff:.3g}")
+        for name, (cls, _, extra, what) in variants.items():
+            kwargs = dict(momentum=0.9)
+            if name.startswith(("clars", "lars")):
+                kwargs["weight_decay_rate"] = wd
+            kwargs.update(extra)
+            optimizers[name] = cls(lr, **kwargs)
+            descriptions[name] = "diagnostic: " + what
+
+    candidates = {}
+    op_counts = {}
+    for name, optimizer in optimizers.items():
+        optimizer.build(variables)
+        if isinstance(optimizer, clars_tf.CLARS):
+            def step(optimizer=optimizer):
+                optimizer.apply(grads, variables, gradient_norms=norms)
+        else:
+            def step(optimizer=optimizer):
+                optimizer.apply(grads, variables)
+        function = tf.function(step, jit_compile=FLAGS.jit_compile)
+        start = time.perf_counter()
+        function()
+        op_counts[name] = len(
+            function.get_concrete_function().graph.get_operations())
+        for _ in range(FLAGS.warmup):
+            function()
+        print(f"traced and warmed {name} in "
+              f"{time.perf_counter() - start:.1f} s "
+              f"({op_counts[name]} graph ops)", flush=True)
+        candidates[name] = function
+
+    print(f"Timing {FLAGS.rounds} rounds x {FLAGS.iterations} steps...",
+          flush=True)
+    load_before = os.getloadavg()
+    times, cpu_times, shares = interleave(candidates, FLAGS.rounds,
+                                          FLAGS.iterations)
+    load_after = os.getloadavg()
+
+    results = {}
+    for name in candidates:
+        summary = summarize(times[name], times["sgd"], cpu_times[name],
+                            cpu_times["sgd"])
+        summary["description"] = descriptions[name]
+        summary["graph_ops"] = op_counts[name]
+        summary["cpu_share"] = shares[name]
+        summary["median_cpu_share"] = statistics.median(shares[name])
+        summary["target"] = TARGETS.get(name)
+        summary["meets_target"] = (
+            None if summary["target"] is None
+            else summary["median_ratio"] <= summary["target"])
+        results[name] = summary
+
+    print()
+    print(f"One optimizer step over {FLAGS.model}'s variables "
+          f"(median of {FLAGS.rounds} rounds x {FLAGS.iterations} steps; "
+          f"jit_compile={FLAGS.jit_compile}; "
+          f"TF_ENABLE_ONEDNN_OPTS={env['TF_ENABLE_ONEDNN_OPTS']}; "
+          f"{env['cpu_count']} CPUs, TF {env['tensorflow']})")
+    header = (f"{'candidate':16s} {'ms/step':>8s} {'min..max ms':>15s} "
+              f"{'x SGD':>6s} {'min..max':>11s} {'target':>7s} {'met':>4s}"
+              f" {'ops':>5s} {'cpu':>5s} {'cpu-t x':>7s}")
+    print(header)
+    print("-" * len(header))
+    for name, s in results.items():
+        target = "" if s["target"] is None else f"<={s['target']}"
+        met = "" if s["meets_target"] is None else (
+            "yes" if s["meets_target"] else "NO")
+        print(f"{name:16s} {s['median_s'] * 1e3:8.2f} "
+              f"{s['min_s'] * 1e3:7.2f}..{s['max_s'] * 1e3:<7.2f}"
+              f"{s['median_ratio']:6.3f} "
+              f"{s['min_ratio']:5.3f}..{s['max_ratio']:<5.3f}"
+              f"{target:>7s} {met:>4s} {s['graph_ops']:5d} "
+              f"{s['median_cpu_share']:5.2f} "
+              f"{s['median_cpu_time_ratio']:7.3f}")
+    print("x SGD: median of per-round wall-time ratios; cpu: median share "
+          "of all CPUs used; cpu-t x: median ratio of process CPU time per "
+          "step (less sensitive to other processes).")
+    all_shares = [x for name in results for x in results[name]["cpu_share"]]
+    print(f"CPU share used by this process while timing: median "
+          f"{statistics.median(all_shares):.2f}, min {min(all_shares):.2f} "
+          f"(1.00 = all {env['cpu_count']} CPUs); load average "
+          f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.")
+    if FLAGS.diagnose:
+        print()
+        for name, s in results.items():
+            print(f"  {name:16s} {s['description']}")
+
+    if FLAGS.output:
+        payload = {
+            "benchmark": "optimizer_step",
+            "command": " ".join([os.path.basename(sys.executable), "-m",
+                                 "benchmarks.optimizer_step"] + sys.argv[1:]),
+            "environment": env,
+            "settings": {
+                "model": FLAGS.model,
+                "input_shape": [FLAGS.image_size, FLAGS.image_size, 3],
+                "num_classes": FLAGS.num_classes,
+                "trainable_variables": len(variables),
+                "trainable_floats": sum(sizes),
+                "rounds": FLAGS.rounds,
+                "iterations": FLAGS.iterations,
+                "warmup": FLAGS.warmup,
+                "learning_rate": lr,
+                "weight_decay_rate": wd,
+                "jit_compile": FLAGS.jit_compile,
+                "variables": "shared by all candidates; separate momentum "
+                             "buffers per optimizer",
+                "baseline": "sgd",
+            },
+            "load_average_1min": {"before": load_before[0],
+                                  "after": load_after[0]},
+            "variant_equivalence_max_abs_diff": equivalence,
+            "results": results,
+        }
+        with open(FLAGS.output, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+        print(f"\nWrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)
