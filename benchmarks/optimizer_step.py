@@ -44,13 +44,14 @@ Run it from the repository root.
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 from absl import app
 from absl import flags
+
+from benchmarks import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 15, "Interleaved rounds (each times every "
@@ -77,38 +78,6 @@ TARGETS = {"clars": 1.3, "lars": 1.5}
 
 
 # --------------------------------------------------------------- helpers
-def environment_info():
-    """What the numbers were measured on."""
-    import keras
-    import tensorflow as tf
-
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-        onednn_built = bool(_pywrap_util_port.IsMklEnabled())
-    except Exception:  # pylint: disable=broad-except
-        onednn_built = None
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "gpus": len(tf.config.list_physical_devices("GPU")),
-        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-        "onednn_enabled_in_build": onednn_built,
-    }
-
-
 def summarize(times, baseline_times, cpu_times, baseline_cpu_times):
     """Medians and spreads of per-step times and of per-round ratios."""
     ratios = [t / b for t, b in zip(times, baseline_times)]
@@ -128,40 +97,6 @@ def summarize(times, baseline_times, cpu_times, baseline_cpu_times):
         "min_ratio": min(ratios),
         "max_ratio": max(ratios),
     }
-
-
-def interleave(candidates, rounds, iterations):
-    """Per-round per-step seconds of every candidate, rotating the order.
-
-    Also returns the process CPU seconds per step (a cross-check that other
-    processes affect less than wall time, though it counts work rather than
-    time), and per candidate and round the
-    share of the machine's CPUs this process used while timing it (CPU time
-    / (wall time x CPU count)): a low share flags a round slowed by other
-    processes.
-    """
-    names = list(candidates)
-    times = {name: [] for name in names}
-    cpu_times = {name: [] for name in names}
-    shares = {name: [] for name in names}
-    cpus = os.cpu_count() or 1
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            step = candidates[name]
-            step()  # untimed: re-warm caches after the previous candidate
-            cpu_start = time.process_time()
-            start = time.perf_counter()
-            for _ in range(iterations):
-                step()
-            wall = time.perf_counter() - start
-            times[name].append(wall / iterations)
-            cpu = time.process_time() - cpu_start
-            cpu_times[name].append(cpu / iterations)
-            shares[name].append(cpu / (wall * cpus))
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{n} {times[n][-1] * 1e3:.1f} ms" for n in names), flush=True)
-    return times, cpu_times, shares
 
 
 # ------------------------------------------- diagnostic ablation variants
@@ -402,7 +337,7 @@ def main(argv):
     # One tf.function per candidate wraps the same Python closure, which
     # TensorFlow reports as "retracing"; it is expected here.
     tf.get_logger().setLevel("ERROR")
-    env = environment_info()
+    env = common.environment_info()
     print("Environment:", json.dumps(env), flush=True)
 
     model = models.build_model(
@@ -472,8 +407,9 @@ def main(argv):
     print(f"Timing {FLAGS.rounds} rounds x {FLAGS.iterations} steps...",
           flush=True)
     load_before = os.getloadavg()
-    times, cpu_times, shares = interleave(candidates, FLAGS.rounds,
-                                          FLAGS.iterations)
+    times, cpu_times, shares = common.interleave(
+        candidates, FLAGS.rounds, {name: FLAGS.iterations for name in candidates},
+        rewarm=True, format_seconds=lambda s: f"{s * 1e3:.1f} ms")
     load_after = os.getloadavg()
 
     results = {}

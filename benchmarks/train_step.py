@@ -69,7 +69,6 @@ replica).
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -77,6 +76,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from benchmarks import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 1024, "Global batch size B.")
@@ -119,39 +120,6 @@ MEMORY_TAG = "MEMORY_RESULT "
 
 
 # --------------------------------------------------------------- helpers
-def environment_info():
-    """What the numbers were measured on."""
-    import keras
-    import tensorflow as tf
-
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-        onednn_built = bool(_pywrap_util_port.IsMklEnabled())
-    except Exception:  # pylint: disable=broad-except
-        onednn_built = None
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "gpus": len(tf.config.list_physical_devices("GPU")),
-        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-        "onednn_enabled_in_build": onednn_built,
-        "logical_cpu_devices": LOGICAL_DEVICES,
-    }
-
-
 def candidate_specs():
     """name -> dict(optimizer, s, J, replicas, baseline); replicas 0 = none."""
     s, j = FLAGS.micro_batch_size, FLAGS.num_micro_batches
@@ -436,38 +404,6 @@ def measure_memory(specs):
     return results
 
 
-def interleave(steps, rounds, per_round):
-    """Per-round per-step seconds of every candidate, rotating the order.
-
-    Also returns the process CPU seconds per step (a cross-check that other
-    processes affect less than wall time, though it counts work rather than
-    time), and per candidate and round the share of the machine's CPUs this
-    process used (CPU time / (wall time x CPU count)): a low share flags a
-    round slowed by other processes.
-    """
-    names = list(steps)
-    times = {name: [] for name in names}
-    cpu_times = {name: [] for name in names}
-    shares = {name: [] for name in names}
-    cpus = os.cpu_count() or 1
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            cpu_start = time.process_time()
-            start = time.perf_counter()
-            count = per_round[name]
-            for _ in range(count):
-                steps[name]()
-            wall = time.perf_counter() - start
-            times[name].append(wall / count)
-            cpu = time.process_time() - cpu_start
-            cpu_times[name].append(cpu / count)
-            shares[name].append(cpu / (wall * cpus))
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
-    return times, cpu_times, shares
-
-
 def print_table(specs, results, memory):
     B = FLAGS.batch_size
     print()
@@ -549,7 +485,7 @@ def main(argv):
         memory_child(FLAGS.memory_child)
         return
 
-    env = environment_info()
+    env = common.environment_info(logical_cpu_devices=LOGICAL_DEVICES)
     print("Environment:", json.dumps(env), flush=True)
     specs = candidate_specs()
     results = {}
@@ -582,8 +518,8 @@ def main(argv):
         load_before = os.getloadavg()
         per_round = {name: FLAGS.steps * spec.get("refresh_every", 1)
                      for name, spec in runnable.items()}
-        times, cpu_times, shares = interleave(steps, FLAGS.rounds,
-                                              per_round)
+        times, cpu_times, shares = common.interleave(steps, FLAGS.rounds,
+                                                     per_round)
         load_after = os.getloadavg()
         for name, spec in runnable.items():
             base = times[spec["baseline"]]

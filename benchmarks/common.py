@@ -1,0 +1,81 @@
+"""What the benchmark scripts share: the machine record and the timing loop."""
+
+import os
+import platform
+import time
+
+
+def environment_info(**extra):
+    """What the numbers were measured on, plus `extra` fields."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        onednn_built = bool(_pywrap_util_port.IsMklEnabled())
+    except Exception:  # pylint: disable=broad-except
+        onednn_built = None
+    cpu_model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "onednn_enabled_in_build": onednn_built,
+        **extra,
+    }
+
+
+def interleave(steps, rounds, per_round, rewarm=False,
+               format_seconds=lambda s: f"{s:.2f}s"):
+    """Per-round per-step seconds of every candidate, rotating the order.
+
+    Also returns the process CPU seconds per step (a cross-check that other
+    processes affect less than wall time, though it counts work rather than
+    time), and per candidate and round the share of the machine's CPUs this
+    process used (CPU time / (wall time x CPU count)): a low share flags a
+    round slowed by other processes.
+
+    Args:
+        steps: name -> callable running one step.
+        rounds: interleaved rounds.
+        per_round: name -> steps timed per round.
+        rewarm: run one untimed step before timing each candidate, to
+            re-warm caches after the previous one.
+        format_seconds: how the progress line prints a step time.
+    """
+    names = list(steps)
+    times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
+    shares = {name: [] for name in names}
+    cpus = os.cpu_count() or 1
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            if rewarm:
+                steps[name]()
+            cpu_start = time.process_time()
+            start = time.perf_counter()
+            count = per_round[name]
+            for _ in range(count):
+                steps[name]()
+            wall = time.perf_counter() - start
+            times[name].append(wall / count)
+            cpu = time.process_time() - cpu_start
+            cpu_times[name].append(cpu / count)
+            shares[name].append(cpu / (wall * cpus))
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {format_seconds(times[n][-1])}" for n in names), flush=True)
+    return times, cpu_times, shares
