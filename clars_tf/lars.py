@@ -80,9 +80,7 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
     def update_step(self, gradient, variable, learning_rate):
         index, adapted, decay_rate = self._variable_settings(variable)
         dtype = variable.dtype
-        update = ops.add(
-            ops.cast(gradient, dtype), ops.multiply(decay_rate, variable)
-        )
+        update = self._decayed_gradient(gradient, variable, decay_rate)
         if adapted:
             trust = self.layer_trust_ratio(
                 layerwise.float32_norm(variable),

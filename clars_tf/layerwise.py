@@ -198,6 +198,13 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
                 if adapted else ops.ones((), "float32"))
         return ratios
 
+    def _decayed_gradient(self, gradient, variable, decay_rate):
+        """`d = g + decay_rate * w`, skipping the product when the rate is 0."""
+        gradient = ops.cast(gradient, variable.dtype)
+        if not decay_rate:
+            return gradient
+        return ops.add(gradient, ops.multiply(decay_rate, variable))
+
     def _variable_settings(self, variable):
         """(index, adapted, decay_rate) of a variable seen by `update_step`."""
         index = self._get_variable_index(variable)
