@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import sys
 
@@ -31,6 +32,11 @@ DEFAULT_LABELS = {"clars": "CLARS, no warmup", "sgd_warmup": "SGD + warmup",
                   "sgd_nowarmup": "SGD, no warmup"}
 DEFAULT_TARGETS = (0.80, 0.85)
 CHANCE_LEVEL = 0.12  # Fashion-MNIST has 10 balanced classes
+# What a run directory holds that the report reads; copied next to the report
+# so the numbers can be checked against files in git (checkpoints, exports
+# and TensorBoard events stay behind).
+RUN_FILES = ("results.json", "run.json", "diagnostics.jsonl", "train.log")
+ARCHIVE_DIR = "runs"
 COLORS = {"clars": "tab:red", "sgd_warmup": "tab:blue",
           "lars_warmup": "tab:green", "sgd_nowarmup": "tab:gray"}
 
@@ -330,7 +336,7 @@ class Report:
         clars = next((r.config for r in self.runs
                       if r.config.get("optimizer", {}).get("name")
                       == "clars"), None)
-        if clars:
+        if clars and {"clars", "estimator"} <= set(clars):
             c, e = clars["clars"], clars["estimator"]
             lines.append(
                 f"- CLARS: trust_coefficient {c['trust_coefficient']}, "
@@ -340,7 +346,7 @@ class Report:
         lars = next((r.config for r in self.runs
                      if r.config.get("optimizer", {}).get("name")
                      == "lars"), None)
-        if lars:
+        if lars and "lars" in lars:
             c = lars["lars"]
             lines.append(
                 f"- LARS (MLPerf): trust_coefficient "
@@ -752,7 +758,11 @@ class Report:
         out += ["## Runs", "",
                 "Run from the repository root. Wall time is the study's "
                 "measure of the whole subprocess (start-up, training, "
-                "evaluation, export).", ""]
+                "evaluation, export). \"files\" links each run's "
+                f"{', '.join(RUN_FILES)}, copied under `{ARCHIVE_DIR}/` "
+                "next to this page; `python3 -m experiments.report "
+                f"--output_dir {shlex.quote(self.archive_dir())}` "
+                "regenerates the tables from that copy.", ""]
         rows = []
         for run in sorted(self.runs, key=lambda r: self.ids.get(
                 r.run_id, 10 ** 6)):
@@ -764,7 +774,10 @@ class Report:
                 wall += f" ({run.cpu_seconds:.0f} s CPU)"
             status = run.status + (f": {run.error}" if run.error and
                                    run.status != "done" else "")
-            rows.append([f"[{self.ids[run.run_id]}]", f"`{run.dir}`",
+            files = "/".join([ARCHIVE_DIR] + self.relative_dir(run).split(
+                os.sep))
+            rows.append([f"[{self.ids[run.run_id]}]",
+                         f"`{run.dir}` ([files]({files}/))",
                          status.replace("|", "/"), wall,
                          f"`{run.command}`"])
         out += _table(["ref", "run directory", "status",
@@ -782,7 +795,49 @@ class Report:
         path = os.path.join(self.report_dir, "results.md")
         with open(path, "w", encoding="utf-8") as f:
             f.write("\n".join(out) + "\n")
+        self.archive()
         return path
+
+    def archive_dir(self):
+        return os.path.join(self.report_dir, ARCHIVE_DIR)
+
+    def archive(self):
+        """Copies the files the report read to REPORT_DIR/runs/<run>/.
+
+        The copy keeps the study's layout, so `--output_dir REPORT_DIR/runs`
+        regenerates the same tables from it (and skips this step). It is
+        built beside the old copy and swapped in, so it always matches
+        results.md and an interrupted report leaves the old one whole.
+        """
+        final = os.path.realpath(self.archive_dir())
+        if os.path.realpath(self.output_dir) == final:
+            return
+        staging, retired = final + ".new", final + ".old"
+        for leftover in (staging, retired):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for run in self.runs:
+            source = os.path.join(self.output_dir, self.relative_dir(run))
+            target = os.path.join(staging, self.relative_dir(run))
+            os.makedirs(target, exist_ok=True)
+            for name in RUN_FILES:
+                if os.path.exists(os.path.join(source, name)):
+                    shutil.copyfile(os.path.join(source, name),
+                                    os.path.join(target, name))
+        study = os.path.join(self.output_dir, "study.json")
+        os.makedirs(staging, exist_ok=True)
+        if os.path.exists(study):
+            shutil.copyfile(study, os.path.join(staging, "study.json"))
+        if os.path.exists(final):
+            os.rename(final, retired)
+        os.rename(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+
+    def relative_dir(self, run):
+        """The run's directory relative to OUTPUT_DIR."""
+        absolute = run.dir if os.path.isabs(run.dir) else os.path.join(
+            REPO_ROOT, run.dir)
+        return os.path.relpath(os.path.realpath(absolute),
+                               os.path.realpath(self.output_dir))
 
 
 def _table(header, rows):

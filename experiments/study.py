@@ -401,7 +401,6 @@ def _stop(signum, frame):
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop)
     os.chdir(REPO_ROOT)
     plan = load_plan(args)
     output_dir = args.output_dir or (
@@ -419,6 +418,7 @@ def main(argv=None):
                           f"seed {seed}")
         print(f"# {study.total_runs()} runs")
         return
+    signal.signal(signal.SIGTERM, _stop)
     print(f"[study] {study.total_runs()} runs into {output_dir}: batch sizes "
           f"{plan['batch_sizes']}, {plan['epochs']} epoch(s)"
           + (f" cut to {plan['max_steps']} steps" if plan["max_steps"] else "")

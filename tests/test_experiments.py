@@ -1,0 +1,169 @@
+"""The study's plan and report, on run files written here by hand."""
+
+import json
+import os
+
+from experiments import report, study
+
+
+def _write(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        if isinstance(content, str):
+            f.write(content)
+        else:
+            json.dump(content, f)
+
+
+def _results(method, rate, seed, accuracies):
+    name = "lars" if method.startswith("lars") else (
+        "sgd" if method.startswith("sgd") else method)
+    epochs = [{"epoch": e + 1, "step": 14 * (e + 1),
+               "train_loss": 1.0 / (e + 1), "eval_accuracy": accuracy}
+              for e, accuracy in enumerate(accuracies)]
+    return {
+        "config": {
+            "task": {"dataset": "fashion_mnist", "image_size": 32},
+            "model": {"name": "resnet8"},
+            "train": {"global_batch_size": 4096, "seed": seed, "epochs": 2},
+            "optimizer": {"name": name, "base_learning_rate": rate,
+                          "reference_batch_size": 128,
+                          "warmup_epochs": 0.5 if "warmup" in method
+                          and "nowarmup" not in method else 0.0},
+        },
+        "steps_per_epoch": 14,
+        "epochs": epochs,
+        "final": {"eval_accuracy": accuracies[-1], "step": 28},
+    }
+
+
+PLAN = {
+    "batch_sizes": [4096], "epochs": 2, "seeds": [0, 1],
+    "targets": [0.7, 0.8], "warmup_epochs_used": 0.5,
+    "methods": {
+        "clars": {"label": "CLARS", "grid": [0.1, 0.3]},
+        "sgd_warmup": {"label": "SGD + warmup", "grid": [0.1, 0.3]},
+    },
+}
+
+# (method, rate, seed): test accuracy after each of the 2 epochs.
+FINISHED = {
+    ("clars", 0.1, 0): [0.72, 0.81],
+    ("clars", 0.3, 0): [0.70, 0.75],
+    ("clars", 0.1, 1): [0.68, 0.79],
+    ("sgd_warmup", 0.3, 0): [0.50, 0.60],
+    ("sgd_warmup", 0.3, 1): [0.55, 0.65],
+}
+
+
+def _make_study(root):
+    output_dir = os.path.join(root, "study")
+    _write(os.path.join(output_dir, "study.json"),
+           {"command": "python3 -m experiments.study", "plan": PLAN,
+            "finished": "2026-11-29T00:00:00"})
+    for (method, rate, seed), accuracies in FINISHED.items():
+        run_dir = os.path.join(output_dir, "b4096", method,
+                               f"lr{rate:g}_s{seed}")
+        _write(os.path.join(run_dir, "results.json"),
+               _results(method, rate, seed, accuracies))
+        _write(os.path.join(run_dir, "train.log"),
+               "step 1/28 epoch 0.07 loss 2.3 accuracy 0.1 lr 0.5 1.0 "
+               "images/s\n")
+    diverged = os.path.join(output_dir, "b4096", "sgd_warmup", "lr0.1_s0")
+    _write(os.path.join(diverged, "run.json"), {
+        "run_id": "b4096/sgd_warmup/lr0.1_s0", "method": "sgd_warmup",
+        "batch_size": 4096, "base_learning_rate": 0.1, "seed": 0,
+        "status": "diverged", "command": "python3 -m trainers.train ...",
+        "error": "Non-finite gradient at step 3 in conv1/kernel."})
+    _write(os.path.join(output_dir, "b4096", "clars", "lr0.1_s0",
+                        "diagnostics.jsonl"),
+           '{"step": 4, "layers": {"conv/kernel": {"trust_ratio": 0.1, '
+           '"noise_ratio": 3.0}}}\n{"step": 8, "lay')  # cut by a kill
+    return output_dir
+
+
+def _table_rows(text, first_cell):
+    return [line for line in text.splitlines()
+            if line.startswith(f"| {first_cell} |")]
+
+
+def _write_report(output_dir, report_dir):
+    path = report.Report(output_dir, report_dir).write()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_main_table_has_hand_computed_summary(tmp_path):
+    text = _write_report(_make_study(str(tmp_path)), str(tmp_path / "out"))
+    clars_row = _table_rows(text, "CLARS")[0]
+    # Best rate 0.1 (0.81 > 0.75), peak 0.1 * 4096 / 128 = 3.2; seeds 0 and
+    # 1 end at 81 and 79: mean 80, sd sqrt(2) = 1.41. 70 % is first reached
+    # after epochs 1 and 2 (mean 1.5); 80 % only by seed 0, after epoch 2.
+    assert "| 0.1 (3.2) | 80.00 ± 1.41 (79.00–81.00, n=2) |" in clars_row
+    assert "| 1.5 | 2 (1/2 seeds) |" in clars_row
+    sgd_row = _table_rows(text, "SGD + warmup")[0]
+    # 0.1 diverged, so 0.3 is best: 60 and 65, sd 5 / sqrt(2) = 3.54.
+    assert "| 0.3 (9.6) | 62.50 ± 3.54 (60.00–65.00, n=2) |" in sgd_row
+    assert "| not reached | not reached |" in sgd_row
+    # 80 - 62.5 points, outside the larger seed range (65 - 60 = 5).
+    assert ("CLARS is 17.50 points higher than SGD + warmup (outside the "
+            "larger min–max range over seeds, 5.00 points)") in text
+    assert "1 of 2 tuning rates diverged" in text
+    assert "0.1: diverged (step 3)" in text
+
+
+def test_tuning_table_marks_best_rate_and_grid_edge(tmp_path):
+    text = _write_report(_make_study(str(tmp_path)), str(tmp_path / "out"))
+    clars_tuning = _table_rows(text, "CLARS")[1]
+    assert "**0.1: 81.00 [1]**" in clars_tuning
+    assert "0.3: 75.00" in clars_tuning
+    assert "best at the grid's edge" in clars_tuning
+
+
+def test_report_copies_run_files_and_regenerates_from_the_copy(tmp_path):
+    output_dir = _make_study(str(tmp_path))
+    report_dir = str(tmp_path / "out")
+    first = _write_report(output_dir, report_dir)
+    archive = os.path.join(report_dir, report.ARCHIVE_DIR)
+    for name in ("results.json", "diagnostics.jsonl", "train.log"):
+        with open(os.path.join(output_dir, "b4096/clars/lr0.1_s0", name),
+                  "rb") as original, open(os.path.join(
+                      archive, "b4096/clars/lr0.1_s0", name), "rb") as copy:
+            assert copy.read() == original.read()
+    assert os.path.exists(os.path.join(archive, "study.json"))
+    assert "([files](runs/b4096/clars/lr0.1_s0/))" in first
+
+    again = _write_report(archive, report_dir)
+    for cell in ("CLARS", "SGD + warmup"):
+        assert _table_rows(again, cell) == _table_rows(first, cell)
+    assert sorted(os.listdir(os.path.join(archive, "b4096"))) == [
+        "clars", "sgd_warmup"]
+
+
+def test_rewritten_archive_drops_runs_that_are_gone(tmp_path):
+    output_dir = _make_study(str(tmp_path))
+    report_dir = str(tmp_path / "out")
+    _write_report(output_dir, report_dir)
+    gone = os.path.join(output_dir, "b4096", "sgd_warmup", "lr0.3_s1")
+    for name in os.listdir(gone):
+        os.remove(os.path.join(gone, name))
+    os.rmdir(gone)
+    _write_report(output_dir, report_dir)
+    archive = os.path.join(report_dir, report.ARCHIVE_DIR, "b4096",
+                           "sgd_warmup")
+    assert sorted(os.listdir(archive)) == ["lr0.1_s0", "lr0.3_s0"]
+
+
+def test_study_plan_runs_every_grid_point_and_reruns_best_rate(capsys):
+    study.main(["--dry_run"])
+    lines = capsys.readouterr().out.splitlines()
+    commands = [line for line in lines if line.startswith("python3 -m")]
+    # 2 batch sizes x 4 methods x 3 rates, then 1 rerun seed per method.
+    assert len(commands) == 24
+    assert lines[-1] == "# 32 runs"
+    assert all("train.epochs=2" in command for command in commands)
+    warmups = {c.split("--config_file=configs/study/")[1].split(".yaml")[0]:
+               c.split("optimizer.warmup_epochs=")[1].split(",")[0]
+               for c in commands}
+    assert warmups == {"clars": "0.0", "sgd_warmup": "0.5",
+                       "lars_warmup": "0.5", "sgd_nowarmup": "0.0"}
