@@ -288,7 +288,9 @@ class Report:
                  if r.batch_size == batch_size and r.method == method]
         tuning = sorted((r for r in group if r.seed == self.tuning_seed),
                         key=lambda r: r.rate)
-        finished = [r for r in tuning if r.accuracy is not None]
+        grid = self.grid(method)
+        finished = [r for r in tuning if r.accuracy is not None and any(
+            math.isclose(r.rate, rate) for rate in grid)]
         best = max(finished, key=lambda r: r.accuracy).rate if (
             finished) else None
         at_best = sorted((r for r in group if best is not None
