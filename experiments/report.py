@@ -433,13 +433,22 @@ class Report:
                 cells.append(text)
             cells += [""] * (width - len(cells))
             note = ""
+            extra = [r for r in tuning
+                     if not any(math.isclose(r.rate, g) for g in grid)]
             if best is not None and len(grid) > 1 and (
                     math.isclose(best, min(grid))
                     or math.isclose(best, max(grid))):
-                note = ("best at the grid's edge: the optimum may lie "
-                        "outside it")
-            extra = [r for r in tuning
-                     if not any(math.isclose(r.rate, g) for g in grid)]
+                best_run = by_rate[_rate(best)]
+                beyond = [r for r in extra if (r.rate < best) == (
+                    math.isclose(best, min(grid)))]
+                if beyond and all(r.accuracy is None
+                                  or r.accuracy < best_run.accuracy
+                                  for r in beyond):
+                    note = ("best at the grid's edge; the rates also run "
+                            "beyond that edge did worse")
+                else:
+                    note = ("best at the grid's edge: the optimum may lie "
+                            "outside it")
             if extra:
                 note += (" also run: " + ", ".join(
                     f"{_rate(r.rate)}: {r.outcome()} {self.ref([r])}"

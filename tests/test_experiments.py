@@ -129,6 +129,18 @@ def test_runs_off_the_grid_are_listed_but_never_chosen(tmp_path):
     clars_row, clars_tuning = _table_rows(text, "CLARS")[:2]
     assert "| 0.1 (3.2) | 80.00 ± 1.41" in clars_row
     assert "also run: 0.03: 90.00" in clars_tuning
+    assert "the optimum may lie outside it" in clars_tuning
+
+
+def test_edge_note_says_when_rates_beyond_the_edge_did_worse(tmp_path):
+    output_dir = _make_study(str(tmp_path))
+    _write(os.path.join(output_dir, "b4096", "clars", "lr0.03_s0",
+                        "results.json"),
+           _results("clars", 0.03, 0, [0.60, 0.70]))
+    text = _write_report(output_dir, str(tmp_path / "out"))
+    clars_tuning = _table_rows(text, "CLARS")[1]
+    assert ("best at the grid's edge; the rates also run beyond that edge "
+            "did worse") in clars_tuning
 
 
 def test_report_copies_run_files_and_regenerates_from_the_copy(tmp_path):
