@@ -288,7 +288,7 @@ class Report:
                  if r.batch_size == batch_size and r.method == method]
         tuning = sorted((r for r in group if r.seed == self.tuning_seed),
                         key=lambda r: r.rate)
-        grid = self.grid(method)
+        grid = self.grid(method, batch_size)
         finished = [r for r in tuning if r.accuracy is not None and any(
             math.isclose(r.rate, rate) for rate in grid)]
         best = max(finished, key=lambda r: r.accuracy).rate if (
@@ -298,12 +298,22 @@ class Report:
                          key=lambda r: r.seed)
         return tuning, best, at_best
 
-    def grid(self, method):
+    def grid(self, method, batch_size):
+        """The rates the best is chosen from: the plan's grid, plus the rate
+        the study ran beyond an edge of it (study.json)."""
         spec = (self.plan.get("methods") or {}).get(method) or {}
-        grid = spec.get("grid")
-        if grid:
-            return [float(g) for g in grid]
-        return sorted({r.rate for r in self.runs if r.method == method})
+        grid = [float(g) for g in spec.get("grid") or []]
+        if not grid:
+            return sorted({r.rate for r in self.runs if r.method == method
+                           and r.batch_size == batch_size})
+        edge = self.edge_rate(method, batch_size)
+        return sorted(grid + ([edge] if edge is not None else []))
+
+    def edge_rate(self, method, batch_size):
+        tuning = ((self.study.get("tuning") or {}).get(str(batch_size))
+                  or {}).get(method) or {}
+        edge = tuning.get("beyond_edge")
+        return float(edge) if edge is not None else None
 
     # Text ----------------------------------------------------------------
 
@@ -413,14 +423,16 @@ class Report:
 
     def tuning_table(self, batch_size):
         methods = [m for m in self.methods if self.select(batch_size, m)[0]]
-        width = max((len(self.grid(m)) for m in methods), default=0)
+        width = max((len(self.grid(m, batch_size)) for m in methods),
+                    default=0)
         header = ["Method"] + [f"rate {i + 1}" for i in range(width)] + [
             "note"]
         rows = []
         for method in methods:
             tuning, best, _ = self.select(batch_size, method)
             by_rate = {_rate(r.rate): r for r in tuning}
-            grid = self.grid(method)
+            grid = self.grid(method, batch_size)
+            edge = self.edge_rate(method, batch_size)
             cells = []
             for rate in grid:
                 run = by_rate.get(_rate(rate))
@@ -428,6 +440,8 @@ class Report:
                     cells.append(f"{_rate(rate)}: not run")
                     continue
                 text = f"{_rate(rate)}: {run.outcome()} {self.ref([run])}"
+                if edge is not None and math.isclose(rate, edge):
+                    text += " (beyond the edge)"
                 if best is not None and math.isclose(run.rate, best):
                     text = f"**{text}**"
                 cells.append(text)
@@ -757,7 +771,9 @@ class Report:
                     "the target.", ""]
             out += self.main_table(batch_size) + [""]
             out += [f"Tuning grid (seed {self.tuning_seed}; final test "
-                    "accuracy %, best in bold):", ""]
+                    "accuracy %, best in bold; \"beyond the edge\": the one "
+                    "rate the study adds past a grid edge where the best of "
+                    "the stated grid sat):", ""]
             out += self.tuning_table(batch_size) + [""]
             out += ["What the numbers show:", ""]
             out += self.observations(batch_size) + [""]

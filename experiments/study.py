@@ -121,6 +121,7 @@ def load_plan(args):
         for method in plan["methods"].values():
             grid = method["grid"]
             method["grid"] = [grid[len(grid) // 2]]
+            method.pop("beyond_edges", None)
     if args.batch_sizes:
         plan["batch_sizes"] = args.batch_sizes
     if args.epochs:
@@ -330,9 +331,14 @@ class Study:
         _write_json(self.manifest_path, self.manifest)
 
     def total_runs(self):
+        """Runs of the stated grids and seed reruns (edge runs not counted)."""
         per_batch = sum(len(m["grid"]) + len(self.plan["seeds"]) - 1
                         for m in self.plan["methods"].values())
         return per_batch * len(self.plan["batch_sizes"])
+
+    def possible_edge_runs(self):
+        return len(self.plan["batch_sizes"]) * sum(
+            1 for m in self.plan["methods"].values() if m.get("beyond_edges"))
 
     def execute(self, run, index):
         status = run.status()
@@ -346,7 +352,7 @@ class Study:
               f"        {run.command}", flush=True)
         status, seconds = run.execute()
         self.seconds_done.append(seconds)
-        remaining = self.total_runs() - index
+        remaining = max(0, self.total_runs() - index)
         mean = sum(self.seconds_done) / len(self.seconds_done)
         accuracy = run.final_accuracy()
         print(f"[study] {run.run_id}: {status} in {seconds:.0f} s"
@@ -368,15 +374,24 @@ class Study:
                     index += 1
                     self.execute(run, index)
                 self.save_manifest()
-                scored = [(run.final_accuracy(), run) for run in runs
-                          if run.final_accuracy() is not None]
-                best = max(scored, key=lambda pair: pair[0])[1] if (
-                    scored) else None
+                best = best_run(runs)
+                edge_rate = rate_beyond_edge(spec, best)
+                if edge_rate is not None:
+                    edge_run = self.make_run(batch_size, method, edge_rate,
+                                             seeds[0], "edge")
+                    print(f"[study] b{batch_size}/{method}: best rate "
+                          f"{format_rate(best.rate)} is at the grid's edge; "
+                          f"trying {format_rate(edge_rate)} beyond it.",
+                          flush=True)
+                    self.execute(edge_run, f"edge {index}")
+                    runs.append(edge_run)
+                    best = best_run(runs)
                 tuning[method] = {
                     "grid": {format_rate(r.rate): {
                         "status": r.status(), "final_accuracy":
                         r.final_accuracy(), "run_id": r.run_id}
-                        for r in runs},
+                        for r in sorted(runs, key=lambda r: r.rate)},
+                    "beyond_edge": edge_rate,
                     "best_learning_rate": best.rate if best else None,
                 }
                 self.save_manifest()
@@ -392,6 +407,31 @@ class Study:
                 self.save_manifest()
         self.manifest["finished"] = _now()
         self.save_manifest()
+
+
+def best_run(runs):
+    """The run with the highest final test accuracy, or None."""
+    scored = [(run.final_accuracy(), run) for run in runs
+              if run.final_accuracy() is not None]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
+def rate_beyond_edge(spec, best):
+    """The plan's rate beyond the grid edge where `best` landed, or None.
+
+    A best rate at an edge of the grid says only that the optimum may lie
+    outside it; every method gets the same rule: one more rate, a grid step
+    past that edge (`beyond_edges: [below, above]` in the plan).
+    """
+    edges = spec.get("beyond_edges")
+    grid = [float(rate) for rate in spec["grid"]]
+    if not edges or best is None or len(grid) < 2:
+        return None
+    if abs(best.rate - min(grid)) <= 1e-9 * best.rate:
+        return float(edges[0])
+    if abs(best.rate - max(grid)) <= 1e-9 * best.rate:
+        return float(edges[1])
+    return None
 
 
 def _stop(signum, frame):
@@ -413,13 +453,21 @@ def main(argv=None):
                 for rate in spec["grid"]:
                     print(study.make_run(batch_size, method, rate,
                                          plan["seeds"][0], "tuning").command)
+                if spec.get("beyond_edges"):
+                    below, above = spec["beyond_edges"]
+                    print(f"# if the best is at an edge: {method} at "
+                          f"b{batch_size} with rate {format_rate(below)} "
+                          f"or {format_rate(above)}")
                 for seed in plan["seeds"][1:]:
                     print(f"# then {method} at b{batch_size}, best rate, "
                           f"seed {seed}")
-        print(f"# {study.total_runs()} runs")
+        print(f"# {study.total_runs()} runs, and up to "
+              f"{study.possible_edge_runs()} more beyond grid edges")
         return
     signal.signal(signal.SIGTERM, _stop)
-    print(f"[study] {study.total_runs()} runs into {output_dir}: batch sizes "
+    print(f"[study] {study.total_runs()} runs (and up to "
+          f"{study.possible_edge_runs()} beyond grid edges) into "
+          f"{output_dir}: batch sizes "
           f"{plan['batch_sizes']}, {plan['epochs']} epoch(s)"
           + (f" cut to {plan['max_steps']} steps" if plan["max_steps"] else "")
           + f", seeds {plan['seeds']}, methods "

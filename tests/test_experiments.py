@@ -143,6 +143,43 @@ def test_edge_note_says_when_rates_beyond_the_edge_did_worse(tmp_path):
             "did worse") in clars_tuning
 
 
+def test_rate_run_beyond_the_edge_joins_the_grid(tmp_path):
+    output_dir = _make_study(str(tmp_path))
+    _write(os.path.join(output_dir, "b4096", "clars", "lr0.03_s0",
+                        "results.json"),
+           _results("clars", 0.03, 0, [0.60, 0.70]))
+    with open(os.path.join(output_dir, "study.json")) as f:
+        manifest = json.load(f)
+    manifest["tuning"] = {"4096": {"clars": {"beyond_edge": 0.03}}}
+    _write(os.path.join(output_dir, "study.json"), manifest)
+    text = _write_report(output_dir, str(tmp_path / "out"))
+    clars_tuning = _table_rows(text, "CLARS")[1]
+    assert "0.03: 70.00 [" in clars_tuning
+    assert "(beyond the edge)" in clars_tuning
+    assert "edge" not in clars_tuning.split("|")[-2]  # 0.1 is inside now
+
+
+class _FinishedRun:
+    def __init__(self, rate, accuracy):
+        self.rate, self.accuracy = rate, accuracy
+
+    def final_accuracy(self):
+        return self.accuracy
+
+
+def test_study_tries_one_rate_past_the_edge_where_the_best_sits():
+    spec = {"grid": [0.03, 0.1, 0.3], "beyond_edges": [0.01, 1.0]}
+    runs = [_FinishedRun(0.03, 0.5), _FinishedRun(0.1, 0.4),
+            _FinishedRun(0.3, None)]
+    assert study.best_run(runs).rate == 0.03
+    assert study.rate_beyond_edge(spec, study.best_run(runs)) == 0.01
+    assert study.rate_beyond_edge(spec, _FinishedRun(0.3, 0.9)) == 1.0
+    assert study.rate_beyond_edge(spec, _FinishedRun(0.1, 0.9)) is None
+    assert study.rate_beyond_edge({"grid": [0.1, 0.3]},
+                                  _FinishedRun(0.1, 0.9)) is None
+    assert study.best_run([_FinishedRun(0.1, None)]) is None
+
+
 def test_report_copies_run_files_and_regenerates_from_the_copy(tmp_path):
     output_dir = _make_study(str(tmp_path))
     report_dir = str(tmp_path / "out")
@@ -183,7 +220,7 @@ def test_study_plan_runs_every_grid_point_and_reruns_best_rate(capsys):
     commands = [line for line in lines if line.startswith("python3 -m")]
     # 2 batch sizes x 4 methods x 3 rates, then 1 rerun seed per method.
     assert len(commands) == 24
-    assert lines[-1] == "# 32 runs"
+    assert lines[-1] == "# 32 runs, and up to 8 more beyond grid edges"
     assert all("train.epochs=2" in command for command in commands)
     warmups = {c.split("--config_file=configs/study/")[1].split(".yaml")[0]:
                c.split("optimizer.warmup_epochs=")[1].split(",")[0]
