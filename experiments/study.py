@@ -340,15 +340,17 @@ class Study:
         return len(self.plan["batch_sizes"]) * sum(
             1 for m in self.plan["methods"].values() if m.get("beyond_edges"))
 
-    def execute(self, run, index):
+    def execute(self, run, index, label=None):
+        """Runs `run` unless done; `index` counts the stated grid's runs."""
+        label = label or f"{index}/{self.total_runs()}"
         status = run.status()
         skip = ("done",) if self.args.retry_failed else (
             "done", "diverged")
         if status in skip:
-            print(f"[study] {index}/{self.total_runs()} {run.run_id}: "
+            print(f"[study] {label} {run.run_id}: "
                   f"{status}, skipped.", flush=True)
             return
-        print(f"[study] {index}/{self.total_runs()} {run.run_id}: running\n"
+        print(f"[study] {label} {run.run_id}: running\n"
               f"        {run.command}", flush=True)
         status, seconds = run.execute()
         self.seconds_done.append(seconds)
@@ -383,7 +385,7 @@ class Study:
                           f"{format_rate(best.rate)} is at the grid's edge; "
                           f"trying {format_rate(edge_rate)} beyond it.",
                           flush=True)
-                    self.execute(edge_run, f"edge {index}")
+                    self.execute(edge_run, index, label="beyond the edge:")
                     runs.append(edge_run)
                     best = best_run(runs)
                 tuning[method] = {

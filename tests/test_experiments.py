@@ -180,6 +180,43 @@ def test_study_tries_one_rate_past_the_edge_where_the_best_sits():
     assert study.best_run([_FinishedRun(0.1, None)]) is None
 
 
+def test_study_runs_grid_then_edge_then_seed_reruns(tmp_path, monkeypatch):
+    accuracy_by_rate = {0.03: 0.5, 0.1: 0.6, 0.3: 0.4, 1.0: 0.2}
+    executed = []
+
+    def fake_execute(run):
+        executed.append(run.run_id)
+        _write(os.path.join(study.REPO_ROOT, run.results_path),
+               {"config": {"train": {"epochs": 2, "max_steps": 0}},
+                "final": {"eval_accuracy": accuracy_by_rate[run.rate]}})
+        return "done", 1.0
+
+    monkeypatch.setattr(study.Run, "execute", fake_execute)
+    plan = {"batch_sizes": [4096], "epochs": 2, "max_steps": 0,
+            "seeds": [0, 1], "warmup_epochs_used": 0.5,
+            "methods": {"lars_warmup": {
+                "config": "configs/study/lars_warmup.yaml",
+                "grid": [0.1, 0.3, 1.0], "beyond_edges": [0.03, 3.0],
+                "warmup": True}}}
+    args = type("Args", (), {"retry_failed": False, "data_dir": None})()
+    output_dir = str(tmp_path / "study")
+    study.Study(plan, args, output_dir).run()
+    # 0.1 is best of the grid and at its lower edge: 0.03 is tried, loses,
+    # and 0.1 is rerun with seed 1.
+    assert executed == [f"b4096/lars_warmup/lr{rate}_s0"
+                        for rate in ("0.1", "0.3", "1", "0.03")] + [
+                            "b4096/lars_warmup/lr0.1_s1"]
+    with open(os.path.join(output_dir, "study.json")) as f:
+        tuning = json.load(f)["tuning"]["4096"]["lars_warmup"]
+    assert tuning["beyond_edge"] == 0.03
+    assert tuning["best_learning_rate"] == 0.1
+    assert sorted(tuning["grid"]) == ["0.03", "0.1", "0.3", "1"]
+
+    executed.clear()  # a second start finds every run done
+    study.Study(plan, args, output_dir).run()
+    assert executed == []
+
+
 def test_report_copies_run_files_and_regenerates_from_the_copy(tmp_path):
     output_dir = _make_study(str(tmp_path))
     report_dir = str(tmp_path / "out")
