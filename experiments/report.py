@@ -24,6 +24,9 @@ import shutil
 import statistics
 import sys
 
+from experiments.study import format_rate as _rate
+from experiments.study import read_json as _read_json
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REPORT_DIR = os.path.join("experiments", "results")
 METHOD_ORDER = ("clars", "sgd_warmup", "lars_warmup", "sgd_nowarmup")
@@ -39,14 +42,6 @@ RUN_FILES = ("results.json", "run.json", "diagnostics.jsonl", "train.log")
 ARCHIVE_DIR = "runs"
 COLORS = {"clars": "tab:red", "sgd_warmup": "tab:blue",
           "lars_warmup": "tab:green", "sgd_nowarmup": "tab:gray"}
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def _read_jsonl(path):
@@ -87,10 +82,6 @@ def _read_step_log(path):
     except OSError:
         pass
     return steps
-
-
-def _rate(value):
-    return format(float(value), "g")
 
 
 def _method_from_config(config):
@@ -315,6 +306,12 @@ class Report:
         edge = tuning.get("beyond_edge")
         return float(edge) if edge is not None else None
 
+    def config_using(self, optimizer):
+        """The config of the first run with `optimizer`, or None."""
+        return next((r.config for r in self.runs
+                     if r.config.get("optimizer", {}).get("name")
+                     == optimizer), None)
+
     # Text ----------------------------------------------------------------
 
     def setup_lines(self):
@@ -345,9 +342,7 @@ class Report:
                 f"{opt.get('end_learning_rate')} over the whole run; "
                 f"eval on the 10,000 test images every "
                 f"{train.get('eval_every_epochs')} epoch.")
-        clars = next((r.config for r in self.runs
-                      if r.config.get("optimizer", {}).get("name")
-                      == "clars"), None)
+        clars = self.config_using("clars")
         if clars and {"clars", "estimator"} <= set(clars):
             c, e = clars["clars"], clars["estimator"]
             lines.append(
@@ -355,9 +350,7 @@ class Report:
                 f"trust_clip {c['trust_clip']}, epsilon {c['epsilon']}; "
                 f"estimator s = {e['micro_batch_size']} examples × J = "
                 f"{e['num_micro_batches']} micro-batches per step.")
-        lars = next((r.config for r in self.runs
-                     if r.config.get("optimizer", {}).get("name")
-                     == "lars"), None)
+        lars = self.config_using("lars")
         if lars and "lars" in lars:
             c = lars["lars"]
             lines.append(

@@ -82,6 +82,13 @@ def _make_study(root):
     return output_dir
 
 
+def _add_clars_run_off_the_grid(output_dir, accuracies):
+    """A seed-0 CLARS run at 0.03, below the plan's grid (0.1, 0.3)."""
+    _write(os.path.join(output_dir, "b4096", "clars", "lr0.03_s0",
+                        "results.json"),
+           _results("clars", 0.03, 0, accuracies))
+
+
 def _table_rows(text, first_cell):
     return [line for line in text.splitlines()
             if line.startswith(f"| {first_cell} |")]
@@ -122,9 +129,7 @@ def test_tuning_table_marks_best_rate_and_grid_edge(tmp_path):
 
 def test_runs_off_the_grid_are_listed_but_never_chosen(tmp_path):
     output_dir = _make_study(str(tmp_path))
-    _write(os.path.join(output_dir, "b4096", "clars", "lr0.03_s0",
-                        "results.json"),
-           _results("clars", 0.03, 0, [0.85, 0.90]))
+    _add_clars_run_off_the_grid(output_dir, [0.85, 0.90])
     text = _write_report(output_dir, str(tmp_path / "out"))
     clars_row, clars_tuning = _table_rows(text, "CLARS")[:2]
     assert "| 0.1 (3.2) | 80.00 ± 1.41" in clars_row
@@ -134,9 +139,7 @@ def test_runs_off_the_grid_are_listed_but_never_chosen(tmp_path):
 
 def test_edge_note_says_when_rates_beyond_the_edge_did_worse(tmp_path):
     output_dir = _make_study(str(tmp_path))
-    _write(os.path.join(output_dir, "b4096", "clars", "lr0.03_s0",
-                        "results.json"),
-           _results("clars", 0.03, 0, [0.60, 0.70]))
+    _add_clars_run_off_the_grid(output_dir, [0.60, 0.70])
     text = _write_report(output_dir, str(tmp_path / "out"))
     clars_tuning = _table_rows(text, "CLARS")[1]
     assert ("best at the grid's edge; the rates also run beyond that edge "
@@ -145,9 +148,7 @@ def test_edge_note_says_when_rates_beyond_the_edge_did_worse(tmp_path):
 
 def test_rate_run_beyond_the_edge_joins_the_grid(tmp_path):
     output_dir = _make_study(str(tmp_path))
-    _write(os.path.join(output_dir, "b4096", "clars", "lr0.03_s0",
-                        "results.json"),
-           _results("clars", 0.03, 0, [0.60, 0.70]))
+    _add_clars_run_off_the_grid(output_dir, [0.60, 0.70])
     with open(os.path.join(output_dir, "study.json")) as f:
         manifest = json.load(f)
     manifest["tuning"] = {"4096": {"clars": {"beyond_edge": 0.03}}}
