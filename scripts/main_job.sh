@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 model_dir="${MODEL_DIR:-runs/fashion_mnist_resnet8_clars}"
-python3 -m trainers.train \
+"${CLARS_VENV:-.venv}/bin/python" -m trainers.train \
   --config_file=configs/fashion_mnist_resnet8_clars.yaml \
   --model_dir="$model_dir" --mode=train_and_eval "$@"
 cat <<EOF_MSG

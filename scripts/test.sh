@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
-python3 -m pytest -q tests "$@"
+exec "${CLARS_VENV:-.venv}/bin/python" -m pytest -q tests "$@"
