@@ -14,8 +14,10 @@ cat <<EOF_MSG
 
 Done. Everything is under $model_dir:
   checkpoints/   tf.train checkpoints (rerun the same command to resume)
-  train/ eval/   TensorBoard events: tensorboard --logdir $model_dir
+  train/ eval/   TensorBoard events: ${CLARS_VENV:-.venv}/bin/tensorboard --logdir $model_dir
   results.json   config, per-epoch metrics, final test accuracy
   export/        SavedModel: tf.saved_model.load("$model_dir/export")
                  .signatures["serving_default"](images=uint8 [N,28,28,1])
+The environment is ${CLARS_VENV:-.venv}/: run the trainer yourself with
+  ${CLARS_VENV:-.venv}/bin/python -m trainers.train --config_file=... --model_dir=...
 EOF_MSG
