@@ -259,6 +259,31 @@ def test_bad_setups_fail_fast_with_a_clear_message(tmp_path,
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.parametrize("tpu", [
+    "no-such-tpu",  # a TPU name: looked up through the metadata server
+    "grpc://127.0.0.1:{port}",  # nothing listens there
+    "grpc://no-such-tpu.invalid:8470",  # never resolves (RFC 2606)
+])
+def test_unreachable_tpu_is_one_error_line_within_seconds(tmp_path, tpu):
+    port = _free_ports(1)[0]
+    tpu = tpu.format(port=port)
+    start = time.time()
+    # The Cloud TPU client asks the GCE metadata server for the project:
+    # point it at the closed loopback port, never at a real address.
+    result = run_trainer(str(tmp_path / "run"), str(tmp_path), "--strategy=tpu",
+                         f"--tpu={tpu}", timeout=120,
+                         env={"GCE_METADATA_HOST": f"127.0.0.1:{port}"})
+    assert time.time() - start < 60
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(
+        f"error: --strategy=tpu could not reach or initialise TPU '{tpu}' (")
+    assert "Check that the TPU exists and is READY" in errors[0]
+
+
 def test_params_override_as_a_yaml_mapping():
     from trainers import config as config_lib
 
