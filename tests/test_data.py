@@ -93,10 +93,12 @@ def test_eval_sharding_gives_disjoint_halves(data_dir):
         dataset = data.build_dataset(
             "fashion_mnist", "test", data_dir=data_dir,
             global_batch_size=1000, is_training=False, image_size=28, seed=0,
-            input_context=input_context, drop_remainder=False)
+            input_context=input_context)
         return collections.Counter(
             image.tobytes() + bytes([label])
-            for x, y in dataset for image, label in zip(x.numpy(), y.numpy()))
+            for x, y, w in dataset
+            for image, label, weight in zip(x.numpy(), y.numpy(), w.numpy())
+            if weight)
 
     halves = [
         image_keys(tf.distribute.InputContext(
@@ -151,7 +153,7 @@ def test_serving_matches_eval_pipeline(data_dir):
         split="test", as_supervised=True, batch_size=100)))
     for image_size in (28, 36):
         served = data.preprocess_for_serving(raw, "fashion_mnist", image_size)
-        evaluated, _ = next(iter(data.build_dataset(
+        evaluated, _, _ = next(iter(data.build_dataset(
             "fashion_mnist", "test", data_dir=data_dir, global_batch_size=100,
             is_training=False, image_size=image_size, seed=0)))
         assert served.shape == (100, image_size, image_size, 1)
@@ -181,7 +183,8 @@ def test_normalisation_zero_mean_unit_std_on_train_set(data_dir):
         "fashion_mnist", "train", data_dir=data_dir, global_batch_size=2000,
         is_training=False, image_size=28, seed=0)
     total, total_sq, count = 0.0, 0.0, 0
-    for images, _ in dataset:
+    for images, _, weights in dataset:
+        assert np.all(weights.numpy() == 1.0)  # 2000 divides the split
         images = images.numpy().astype(np.float64)
         total += images.sum()
         total_sq += np.square(images).sum()
@@ -222,7 +225,7 @@ def test_build_dataset_rejects_bad_arguments(data_dir):
 
 
 def test_synthetic_labels_are_the_brightest_band():
-    images, labels = next(iter(data.build_dataset(
+    images, labels, _ = next(iter(data.build_dataset(
         "synthetic", "test", data_dir=None, global_batch_size=64,
         is_training=False, image_size=32, seed=0)))
     spec = data.DATASETS["synthetic"]
@@ -245,3 +248,44 @@ def test_synthetic_hosts_split_each_global_batch_contiguously():
         images, labels = batches(context)
         np.testing.assert_array_equal(images, whole[0][host * 8:][:8])
         np.testing.assert_array_equal(labels, whole[1][host * 8:][:8])
+
+
+def test_eval_pads_the_last_batch_to_one_static_shape(data_dir):
+    # 10,000 test examples in batches of 3,000 per step over two hosts of
+    # one replica each: 4 steps of 1,500 per host, 2,000 of them padding.
+    weights, labels = [], []
+    for host in range(2):
+        dataset = data.build_dataset(
+            "fashion_mnist", "test", data_dir=data_dir,
+            global_batch_size=3000, is_training=False, image_size=28, seed=0,
+            input_context=tf.distribute.InputContext(
+                num_input_pipelines=2, input_pipeline_id=host,
+                num_replicas_in_sync=2))
+        assert dataset.element_spec[0].shape == (1500, 28, 28, 1)
+        batches = list(dataset)
+        assert len(batches) == 4
+        weights += [w.numpy() for _, _, w in batches]
+        labels += [y.numpy()[w.numpy() > 0] for _, y, w in batches]
+    weights = np.concatenate(weights)
+    assert set(np.unique(weights)) == {0.0, 1.0}
+    assert weights.sum() == 10_000
+    assert np.bincount(np.concatenate(labels)).tolist() == [1000] * 10
+
+
+def test_training_epochs_resume_mid_epoch_and_differ_by_epoch(data_dir):
+    def batches(epoch, start_step, count):
+        return [(x.numpy(), y.numpy()) for x, y in data.build_dataset(
+            "fashion_mnist", "train[:4096]", data_dir=data_dir,
+            global_batch_size=64, is_training=True, image_size=32, seed=5,
+            epoch=epoch, start_step=start_step).take(count)]
+
+    whole = batches(1, 0, 5)
+    resumed = batches(1, 3, 2)
+    for (x1, y1), (x2, y2) in zip(whole[3:], resumed):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(whole[0][1], batches(2, 0, 1)[0][1])
+    assert len(list(data.build_dataset(
+        "fashion_mnist", "train[:4096]", data_dir=data_dir,
+        global_batch_size=100, is_training=True, image_size=28,
+        seed=5))) == 40  # 4096 // 100: one epoch, last partial batch dropped

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,6 +60,20 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
         "train.max_steps=8,train.checkpoint_every_steps=4,"
         "train.diagnostics_every_steps=4"))
     assert result.returncode == 0, result.stderr[-3000:]
+    # The console: one line per loop of 4 steps, the eval line, the summary;
+    # no TensorFlow, absl or tfds INFO lines.
+    lines = result.stdout.splitlines()
+    assert [line.split(" epoch")[0] for line in lines
+            if line.startswith("step ")] == ["step 4/8", "step 8/8"]
+    assert re.search(r"^step 8/8 epoch 0\.01 loss \d\.\d{4} accuracy "
+                     r"\d\.\d{4} lr [\d.e-]+ \d+ images/s ETA 0s$",
+                     result.stdout, re.M)
+    assert re.search(r"^epoch 1 eval loss \d\.\d{4} accuracy \d\.\d{4}$",
+                     result.stdout, re.M)
+    assert json.loads(result.stdout[result.stdout.index("{"):])["final"]
+    assert not re.search(r"^(I\d{4} |INFO)", result.stderr, re.M), (
+        result.stderr[:3000])
+    assert "fashion_mnist" not in result.stderr
     assert os.path.exists(os.path.join(model_dir, "checkpoints",
                                        "ckpt-8.index"))
     for sub in ("train", "eval"):
@@ -182,9 +197,11 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path,
                                                         fashion_mnist_dir):
     override = "train.max_steps=16,train.checkpoint_every_steps=4"
     reference_dir = str(tmp_path / "uninterrupted")
+    # --verbosity brings the INFO lines back (here tfds's).
     result = run_trainer(reference_dir, fashion_mnist_dir, "--mode=train",
-                         override=override)
+                         "--verbosity=0", override=override)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^I\d{4} .*fashion_mnist", result.stderr, re.M)
 
     model_dir = str(tmp_path / "killed")
     process = subprocess.Popen(
@@ -204,7 +221,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path,
     result = run_trainer(model_dir, fashion_mnist_dir, "--mode=train",
                          override=override)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "steps 0..16" not in result.stderr  # it resumed, not restarted
+    # It resumed, not restarted.
+    assert re.search(r"steps (4|8|12)\.\.16\.", result.stdout), result.stdout
     assert max_difference(checkpoint_values(reference_dir),
                           checkpoint_values(model_dir)) == 0.0
     with open(os.path.join(reference_dir, "results.json")) as f:
@@ -225,6 +243,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path,
     ([], "estimator.num_micro_batches=16", "Lower `num_micro_batches`"),
     ([], "task.dataset=fashion_mnst", "Did you mean 'fashion_mnist'"),
     (["--mode=eval"], "", "No checkpoint"),
+    (["--strategy=mirrored", "--cpu_devices=2"], "train.jit_compile=true",
+     "train.jit_compile=true cannot run --strategy=mirrored over 2 CPU"),
 ])
 def test_bad_setups_fail_fast_with_a_clear_message(tmp_path,
                                                    fashion_mnist_dir, flags,
@@ -239,6 +259,31 @@ def test_bad_setups_fail_fast_with_a_clear_message(tmp_path,
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.parametrize("tpu", [
+    "no-such-tpu",  # a TPU name: looked up through the metadata server
+    "grpc://127.0.0.1:{port}",  # nothing listens there
+    "grpc://no-such-tpu.invalid:8470",  # never resolves (RFC 2606)
+])
+def test_unreachable_tpu_is_one_error_line_within_seconds(tmp_path, tpu):
+    port = _free_ports(1)[0]
+    tpu = tpu.format(port=port)
+    start = time.time()
+    # The Cloud TPU client asks the GCE metadata server for the project:
+    # point it at the closed loopback port, never at a real address.
+    result = run_trainer(str(tmp_path / "run"), str(tmp_path), "--strategy=tpu",
+                         f"--tpu={tpu}", timeout=120,
+                         env={"GCE_METADATA_HOST": f"127.0.0.1:{port}"})
+    assert time.time() - start < 60
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines()
+              if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(
+        f"error: --strategy=tpu could not reach or initialise TPU '{tpu}' (")
+    assert "Check that the TPU exists and is READY" in errors[0]
+
+
 def test_params_override_as_a_yaml_mapping():
     from trainers import config as config_lib
 
@@ -250,3 +295,116 @@ def test_params_override_as_a_yaml_mapping():
                           ("[1, 2]", "must be a YAML mapping")):
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.build_config(CONFIG, text)
+
+
+def _in_process_trainer(tmp_path, data_dir, override, strategy=None):
+    """A Trainer in this process (no op determinism: it is process-wide)."""
+    from trainers import config as config_lib
+    from trainers import train
+
+    config = config_lib.build_config(CONFIG, ",".join(
+        o for o in (SMALL, "train.deterministic=false", override) if o))
+    strategy = strategy or tf.distribute.get_strategy()
+    estimator = config_lib.check_against_strategy(
+        config, strategy.num_replicas_in_sync)
+    return train.Trainer(config, strategy, str(tmp_path), data_dir,
+                         estimator=estimator)
+
+
+def test_resume_reads_one_epoch_and_decodes_none_of_the_past(
+        tmp_path, fashion_mnist_dir, monkeypatch):
+    from trainers import data
+
+    counts = {"read": 0, "decoded": 0}
+
+    def counter(name):
+        def count(x):
+            counts[name] += 1
+            return x
+        def counted(x):
+            y = tf.py_function(count, [x], x.dtype)
+            y.set_shape(x.shape)
+            return y
+        return counted
+
+    read_records, decode_image = data._tfds_records, data._decode_image
+
+    def counted_records(*args):
+        return read_records(*args).map(lambda record: {
+            **record, "label": counter("read")(record["label"])})
+
+    def counted_decode(encoded, spec):
+        return decode_image(counter("decoded")(encoded), spec)
+
+    monkeypatch.setattr(data, "_tfds_records", counted_records)
+    monkeypatch.setattr(data, "_decode_image", counted_decode)
+    trainer = _in_process_trainer(tmp_path, fashion_mnist_dir, "")
+    steps_per_epoch = trainer.steps_per_epoch  # 937 batches of 64
+    resume_step = 2 * steps_per_epoch - 7  # late in the second epoch
+    images, labels = next(trainer._train_iterator(resume_step))
+    # One epoch of encoded records fills the shuffle buffer; only the
+    # first batch and what the prefetching reads ahead are decoded, not the
+    # 930 * 64 examples of the epoch's past steps.
+    assert counts["read"] <= 60_000
+    assert 64 <= counts["decoded"] <= 20 * 64
+    # The resumed run gets the batch an uninterrupted one gets at that step.
+    uninterrupted = trainer._train_iterator(steps_per_epoch)
+    for _ in range(resume_step - steps_per_epoch):
+        next(uninterrupted)
+    expected_images, expected_labels = next(uninterrupted)
+    np.testing.assert_array_equal(images.numpy(), expected_images.numpy())
+    np.testing.assert_array_equal(labels.numpy(), expected_labels.numpy())
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_eval_counts_every_example_once_at_a_batch_that_does_not_divide(
+        tmp_path, fashion_mnist_dir, two_replicas, replicas):
+    import tensorflow_datasets as tfds
+
+    from trainers import data
+
+    # 10,000 test examples in batches of 3,000: 1,000 in the last one.
+    trainer = _in_process_trainer(
+        tmp_path, fashion_mnist_dir, "train.eval_batch_size=3000",
+        two_replicas if replicas == 2 else None)
+    assert trainer.replicas == replicas
+    result = trainer.evaluate()
+    images, labels = tfds.as_numpy(tfds.load(
+        "fashion_mnist", split="test", data_dir=fashion_mnist_dir,
+        as_supervised=True, batch_size=-1, download=False))
+    logits = trainer.model.predict(
+        data.preprocess_for_serving(images, "fashion_mnist", 32),
+        batch_size=500, verbose=0)
+    correct = np.sum(np.argmax(logits, -1) == labels)
+    losses = tf.keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True).numpy()
+    # Batch shapes change the float32 rounding of the logits, which may flip
+    # an argmax tie: allow one example.
+    assert abs(result["eval_accuracy"] * 10_000 - correct) <= 1
+    assert result["eval_loss"] == pytest.approx(losses.mean(), rel=1e-4)
+
+
+def test_jit_compile_matches_the_uncompiled_run(tmp_path, fashion_mnist_dir):
+    override = ("task.dataset=synthetic,train.max_steps=3,"
+                "train.steps_per_loop=3,train.eval_batch_size=300")
+    results, weights = {}, {}
+    initial = None
+    for jit in (False, True):
+        trainer = _in_process_trainer(
+            tmp_path / f"jit{jit}", None,
+            f"{override},train.jit_compile={str(jit).lower()}")
+        if initial is None:
+            initial = trainer.model.get_weights()
+        trainer.model.set_weights(initial)
+        results[jit] = trainer.train()[-1]
+        weights[jit] = trainer.model.get_weights()
+    # XLA fuses and reorders float32 arithmetic: rounding-level differences,
+    # and some there must be, or the steps were not compiled.
+    for plain, compiled in zip(weights[False], weights[True]):
+        np.testing.assert_allclose(compiled, plain, rtol=1e-3, atol=1e-4)
+    assert not all(np.array_equal(plain, compiled)
+                   for plain, compiled in zip(weights[False], weights[True]))
+    assert results[True]["step"] == 3
+    for key in ("train_loss", "eval_loss", "eval_accuracy"):
+        assert results[True][key] == pytest.approx(results[False][key],
+                                                   rel=1e-3, abs=1e-3)

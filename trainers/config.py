@@ -44,6 +44,9 @@ DEFAULTS = {
         "precision": "float32",
         "seed": 0,
         "deterministic": False,
+        # XLA for the train and eval steps on GPU and CPU (TPUs always
+        # compile).
+        "jit_compile": False,
         "diagnostics_every_steps": 0,
         # A non-finite gradient or estimate: 'stop' (the default) or 'skip'
         # the step. float16 loss scaling always skips, as Keras does.

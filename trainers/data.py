@@ -69,7 +69,6 @@ class DatasetSpec:
       mean: per-channel pixel mean of the training set, in [0, 1] units.
       std: per-channel pixel standard deviation, in [0, 1] units.
       shuffle_buffer: examples held by the training shuffle buffer.
-      cacheable: whether the decoded split fits in host memory.
     """
 
     tfds_name: str
@@ -84,7 +83,6 @@ class DatasetSpec:
     mean: tuple
     std: tuple
     shuffle_buffer: int
-    cacheable: bool
 
 
 DATASETS = {
@@ -96,28 +94,28 @@ DATASETS = {
         preprocessing="imagenet", default_image_size=224,
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         # Encoded JPEGs average ~110 KB: 10k of them is ~1 GB of host memory.
-        shuffle_buffer=10_000, cacheable=False),
+        shuffle_buffer=10_000),
     "cifar10": DatasetSpec(
         tfds_name="cifar10", num_classes=10, image_shape=(32, 32, 3),
         train_split="train", eval_split="test",
         num_train_examples=50_000, num_eval_examples=10_000,
         preprocessing="small", default_image_size=32,
         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-        shuffle_buffer=50_000, cacheable=True),
+        shuffle_buffer=50_000),
     "cifar100": DatasetSpec(
         tfds_name="cifar100", num_classes=100, image_shape=(32, 32, 3),
         train_split="train", eval_split="test",
         num_train_examples=50_000, num_eval_examples=10_000,
         preprocessing="small", default_image_size=32,
         mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-        shuffle_buffer=50_000, cacheable=True),
+        shuffle_buffer=50_000),
     "fashion_mnist": DatasetSpec(
         tfds_name="fashion_mnist", num_classes=10, image_shape=(28, 28, 1),
         train_split="train", eval_split="test",
         num_train_examples=60_000, num_eval_examples=10_000,
         preprocessing="small", default_image_size=28,
         mean=(0.2860,), std=(0.3530,),
-        shuffle_buffer=60_000, cacheable=True),
+        shuffle_buffer=60_000),
     # Generated, not read: uniform noise images whose label is the brightest
     # of 10 horizontal bands. For throughput runs and for tests that need
     # data without exact ties (Fashion-MNIST's constant background makes
@@ -128,33 +126,30 @@ DATASETS = {
         num_train_examples=8192, num_eval_examples=1024,
         preprocessing="none", default_image_size=32,
         mean=(0.5, 0.5, 0.5), std=(0.2887, 0.2887, 0.2887),
-        shuffle_buffer=8192, cacheable=True),
+        shuffle_buffer=8192),
 }
 
 _SYNTHETIC_SPLITS = {"train": 0, "test": 1}
 
 
-def _synthetic_examples(split, spec):
-    """(uint8 image, label) pairs generated from the element index."""
+def _synthetic_split_id(split, spec):
     if split not in _SYNTHETIC_SPLITS:
         raise ValueError(
             f"split: {split!r} is not a split of synthetic; it has "
             f"{', '.join(_SYNTHETIC_SPLITS)}.")
-    count = (spec.num_train_examples if split == "train"
-             else spec.num_eval_examples)
-    split_id = _SYNTHETIC_SPLITS[split]
+    return _SYNTHETIC_SPLITS[split]
 
-    def example(index):
-        image = tf.random.stateless_uniform(
-            spec.image_shape, seed=tf.stack([tf.cast(index, tf.int64),
-                                             split_id]),
-            minval=0, maxval=256, dtype=tf.int32)
-        bands = tf.reshape(tf.cast(image[:30], tf.float32),
-                           [spec.num_classes, -1])
-        label = tf.argmax(tf.reduce_mean(bands, axis=1), output_type=tf.int32)
-        return tf.cast(image, tf.uint8), label
 
-    return tf.data.Dataset.range(count).map(example)
+def _synthetic_example(index, split_id, spec):
+    """The (uint8 image, label) generated from element `index` of a split."""
+    image = tf.random.stateless_uniform(
+        spec.image_shape, seed=tf.stack([tf.cast(index, tf.int64),
+                                         split_id]),
+        minval=0, maxval=256, dtype=tf.int32)
+    bands = tf.reshape(tf.cast(image[:30], tf.float32),
+                       [spec.num_classes, -1])
+    label = tf.argmax(tf.reduce_mean(bands, axis=1), output_type=tf.int32)
+    return tf.cast(image, tf.uint8), label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,10 +530,7 @@ def _small_train_image(image, seed, spec, image_size):
     return _resize_if_needed(image, image_size)
 
 
-def _tfds_examples(name, spec, split, data_dir, is_training, seed,
-                   input_context):
-    """(image, label) pairs of a tfds split, this host's slice only."""
-    builder = prepare(name, data_dir)
+def _tfds_split(builder, name, split):
     # tfds split syntax: "train", "train[:10%]", "train+test[:50]".
     split_names = ([part.split("[")[0].strip() for part in split.split("+")]
                    if isinstance(split, str) else [None])
@@ -546,89 +538,159 @@ def _tfds_examples(name, spec, split, data_dir, is_training, seed,
         raise ValueError(
             f"split: {split!r} is not a split of {name}; it has "
             f"{', '.join(sorted(builder.info.splits))}.")
+    return split
+
+
+def _tfds_records(name, split, data_dir, shuffle_seed, input_context):
+    """Undecoded records {'image': encoded bytes, 'label'} of a tfds split.
+
+    Only this host's slice is read. `shuffle_seed` None reads the files in
+    order; an integer shuffles the file order with it, the same way every
+    time the data set is read.
+    """
+    builder = prepare(name, data_dir)
+    split = _tfds_split(builder, name, split)
     if input_context is not None:
         # Slicing the split (rather than Dataset.shard) lets each host read
         # only the tfrecord files of its own slice.
         split = tfds.even_splits(
             split, n=input_context.num_input_pipelines)[
                 input_context.input_pipeline_id]
-    decoders = None
-    if spec.preprocessing == "imagenet":
-        # Training decodes only its crop window; see _imagenet_train_image.
-        decoders = {"image": tfds.decode.SkipDecoding()}
     return builder.as_dataset(
         split=split,
-        as_supervised=True,
-        shuffle_files=is_training,
-        decoders=decoders,
-        read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
+        shuffle_files=shuffle_seed is not None,
+        # Decoding waits until the records a resumed run skips are gone.
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(
+            shuffle_seed=shuffle_seed, shuffle_reshuffle_each_iteration=False,
+            try_autocache=False))
+
+
+def _decode_image(encoded, spec):
+    """uint8 [H, W, C] pixels of an encoded (PNG or JPEG) image."""
+    image = tf.io.decode_image(encoded, channels=spec.image_shape[-1],
+                               expand_animations=False)
+    return tf.ensure_shape(image, spec.image_shape)
+
+
+def num_examples(name, split, data_dir=None):
+    """The number of examples in `split` of data set `name`.
+
+    Args:
+      name: a key of `DATASETS`.
+      split: a split of it, in tfds split syntax ('train[:10%]').
+      data_dir: tfds data directory; None means tfds's default.
+    """
+    spec = _spec(name)
+    if name == "synthetic":
+        return (spec.num_train_examples
+                if _synthetic_split_id(split, spec) == 0
+                else spec.num_eval_examples)
+    builder = prepare(name, data_dir)
+    return builder.info.splits[_tfds_split(builder, name, split)].num_examples
+
+
+def _epoch_seed(seed, epoch):
+    """A 31-bit seed for epoch `epoch` of a run seeded with `seed`."""
+    digest = hashlib.sha256(f"{seed}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1
+
+
+def _check_count(value, argument):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{argument} must be an integer >= 0, got {value!r}.")
 
 
 def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
-                  image_size, seed, input_context=None, drop_remainder=True,
-                  cache=True):
-    """Input pipeline: batches of (normalised float32 images, int32 labels).
+                  image_size, seed, input_context=None, epoch=0,
+                  start_step=0):
+    """Input pipeline: one training epoch, or the whole eval split.
 
-    Training repeats forever over a seeded shuffle; the augmentation of the
-    element at position i of that stream is keyed by (seed, input pipeline,
-    i), so the same arguments give the same batches on every run. Eval reads
-    the split once, in order.
+    Training reads one epoch of the split in an order that depends only on
+    (seed, epoch): the records, still encoded, go through a shuffle seeded
+    by both, and the records of the epoch's first `start_step` steps are
+    dropped before anything is decoded. A run resumed in the middle of an
+    epoch therefore reads at most one epoch of encoded records (to fill the
+    shuffle buffer) and decodes and augments none of the steps it skips. The
+    augmentation of the element at position i of the epoch is keyed by
+    (seed, input pipeline, epoch, i), so the same arguments give the same
+    batches on every run, resumed or not. The epoch yields at least
+    `steps_per_epoch(name, global_batch_size)` batches (a last partial
+    batch is dropped).
+
+    Eval reads the split once, in order, and pads it to whole batches: every
+    batch has the same static shape (as TPU programs need) and every example
+    is in exactly one of them, with weight 1; the padding has weight 0.
 
     Args:
       name: a key of `DATASETS` (prepared with `prepare` when missing).
       split: tfds split, e.g. `DATASETS[name].train_split` or 'train[:10%]'.
       data_dir: tfds data directory; None means tfds's default.
       global_batch_size: examples per step over all replicas.
-      is_training: augment, shuffle and repeat when True.
+      is_training: augment and shuffle one epoch when True.
       image_size: side of the square output images.
       seed: integer seed of the shuffle and the augmentation.
       input_context: optional `tf.distribute.InputContext`; this host then
         reads only its `1 / num_input_pipelines` slice of the split and
         batches by the per-replica batch size.
-      drop_remainder: drop a last partial batch (keep it for exact eval).
-      cache: keep decoded examples in memory after the first pass; ignored
-        for data sets that do not fit (`DatasetSpec.cacheable`).
+      epoch: the training epoch (from 0) to read.
+      start_step: the step within `epoch` to start at.
 
     Returns:
       A `tf.data.Dataset` of (images [B, image_size, image_size, C] float32,
-      labels [B] int32).
+      labels [B] int32) for training; (images, labels, weights [B] float32)
+      for eval.
     """
     spec = _spec(name)
     _check_positive(global_batch_size, "global_batch_size")
     _check_positive(image_size, "image_size")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
+    _check_count(epoch, "epoch")
+    _check_count(start_step, "start_step")
     batch_size = global_batch_size
-    pipeline_id = 0
+    pipelines, pipeline_id = 1, 0
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(
             global_batch_size)
+        pipelines = input_context.num_input_pipelines
         pipeline_id = input_context.input_pipeline_id
+    epoch_seed = _epoch_seed(seed, epoch)
 
-    # Generated data costs nothing to read, so every host generates the
-    # whole stream and keeps its contiguous share of each global batch: the
-    # global batches are then the same for any number of hosts.
-    host_share_of_global_batch = (
-        name == "synthetic" and is_training and input_context is not None)
     if name == "synthetic":
-        dataset = _synthetic_examples(split, spec)
-        if input_context is not None and not is_training:
-            dataset = dataset.shard(input_context.num_input_pipelines,
-                                    pipeline_id)
+        split_id = _synthetic_split_id(split, spec)
+        records = tf.data.Dataset.range(num_examples(name, split))
+        # Generated data costs nothing to read, so in training every host
+        # generates the whole stream and keeps its contiguous share of each
+        # global batch: the global batches are then the same for any number
+        # of hosts.
+        if pipelines > 1 and not is_training:
+            records = records.shard(pipelines, pipeline_id)
+        records_per_step = global_batch_size
+
+        def decode(record):
+            return _synthetic_example(record, split_id, spec)
     else:
-        dataset = _tfds_examples(name, spec, split, data_dir, is_training,
-                                 seed, input_context)
-    if cache and spec.cacheable:
-        dataset = dataset.cache()
+        records = _tfds_records(name, split, data_dir,
+                                epoch_seed if is_training else None,
+                                input_context)
+        records_per_step = global_batch_size // pipelines
+
+        def decode(record):
+            if is_training and spec.preprocessing == "imagenet":
+                return record["image"], record["label"]  # see augment
+            return _decode_image(record["image"], spec), record["label"]
 
     if is_training:
-        base_seed = tf.constant([seed, pipeline_id], tf.int64)
+        base_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, pipeline_id], tf.int64), epoch)
 
-        def augment(index, example):
-            image, label = example
+        def augment(position, record):
+            image, label = decode(record)
             element_seed = tf.random.experimental.stateless_fold_in(
-                base_seed, index)
+                base_seed, position)
             if spec.preprocessing == "imagenet":
+                # Decodes only the crop window of the JPEG.
                 image = _imagenet_train_image(image, element_seed, image_size)
             elif spec.preprocessing == "small":
                 image = _small_train_image(image, element_seed, spec,
@@ -637,29 +699,37 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
                 image = _resize_if_needed(image, image_size)
             return _normalize(image, spec), tf.cast(label, tf.int32)
 
-        dataset = dataset.shuffle(spec.shuffle_buffer, seed=seed,
-                                  reshuffle_each_iteration=True)
-        dataset = dataset.repeat().enumerate()
+        skipped = start_step * records_per_step
+        dataset = records.shuffle(spec.shuffle_buffer, seed=epoch_seed,
+                                  reshuffle_each_iteration=False)
+        dataset = dataset.skip(skipped).enumerate(start=skipped)
         dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
-    else:
-        def evaluate(image, label):
-            if spec.preprocessing == "imagenet":
-                image = tf.io.decode_jpeg(image, channels=3)
-            return (_eval_image(image, spec, image_size),
-                    tf.cast(label, tf.int32))
-
-        dataset = dataset.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
-
-    if host_share_of_global_batch:
-        share = global_batch_size // input_context.num_input_pipelines
-        dataset = dataset.batch(global_batch_size, drop_remainder=True).map(
-            lambda images, labels: (
+        if name == "synthetic" and pipelines > 1:
+            share = global_batch_size // pipelines
+            dataset = dataset.batch(global_batch_size, drop_remainder=True)
+            dataset = dataset.map(lambda images, labels: (
                 images[pipeline_id * share:(pipeline_id + 1) * share],
-                labels[pipeline_id * share:(pipeline_id + 1) * share]),
-        ).unbatch()
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+                labels[pipeline_id * share:(pipeline_id + 1) * share]))
+            dataset = dataset.unbatch()
+    else:
+        shape = (image_size, image_size, spec.image_shape[-1])
+
+        def evaluate(record):
+            image, label = decode(record)
+            image = tf.ensure_shape(_eval_image(image, spec, image_size),
+                                    shape)
+            return image, tf.cast(label, tf.int32), tf.constant(1.0)
+
+        dataset = records.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+        # Every host runs the same number of steps of full batches.
+        steps = -(-num_examples(name, split, data_dir) // global_batch_size)
+        padding = tf.data.Dataset.from_tensors(
+            (tf.zeros(shape), tf.constant(0, tf.int32), tf.constant(0.0)))
+        dataset = dataset.concatenate(padding.repeat()).take(
+            steps * (global_batch_size // pipelines))
+    dataset = dataset.batch(batch_size, drop_remainder=True)
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True

@@ -3,8 +3,12 @@
 import glob
 import json
 import os
+import socket
 
 import tensorflow as tf
+
+# Seconds for each network step of reaching a TPU.
+_TPU_TIMEOUT_S = 10
 
 STRATEGIES = ("tpu", "mirrored", "multi_worker_mirrored", "one_device",
               "default")
@@ -38,6 +42,53 @@ def _tpu_visible(tpu):
                 or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def has_gpus():
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _check_reachable(endpoint):
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host, int(port)),
+                                  timeout=_TPU_TIMEOUT_S):
+        pass
+
+
+def _connect_tpu(tpu):
+    """Resolves, reaches and initialises the TPU; its cluster resolver.
+
+    Every failure on the way (an unknown name, no metadata server or Cloud
+    TPU API, an unreachable worker, a failed initialisation) becomes one
+    StrategyError that names the TPU and what to check, within seconds: each
+    network step has a timeout, and the TPU workers are probed before the
+    runtime, whose own connection attempts retry for minutes.
+    """
+    label = tpu or os.environ.get("TPU_NAME") or "local"
+    previous_timeout = socket.getdefaulttimeout()
+    # The Cloud TPU client's metadata and API requests have no timeout.
+    socket.setdefaulttimeout(_TPU_TIMEOUT_S)
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        for endpoints in resolver.cluster_spec().as_dict().values():
+            for endpoint in endpoints:
+                _check_reachable(endpoint)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+    except Exception as error:  # noqa: BLE001: the resolver raises anything
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise StrategyError(
+            f"--strategy=tpu could not reach or initialise TPU '{label}' "
+            f"({type(error).__name__}: {reason}). Check that the TPU exists "
+            "and is READY (`gcloud compute tpus tpu-vm list`) in this "
+            "project and zone, that this machine can reach it (a TPU VM, or a "
+            "VM in the TPU's network; a name is looked up through the GCE "
+            "metadata server and the Cloud TPU API), or pass "
+            "--tpu=grpc://HOST:8470, or --tpu=local on a TPU VM."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return resolver
+
+
 def create(name, tpu=""):
     """Returns the `tf.distribute.Strategy` called `name`.
 
@@ -57,18 +108,9 @@ def create(name, tpu=""):
                 "--strategy=tpu but no TPU is reachable: no --tpu given, no "
                 "TPU_NAME set and no local TPU device. Pass --tpu=NAME (or "
                 "grpc://HOST:8470), or use --strategy=mirrored/one_device.")
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
-                tpu=tpu)
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-        except (ValueError, RuntimeError, tf.errors.OpError) as error:
-            raise StrategyError(
-                f"--strategy=tpu could not connect to TPU '{tpu}': {error}"
-            ) from None
-        return tf.distribute.TPUStrategy(resolver)
+        return tf.distribute.TPUStrategy(_connect_tpu(tpu))
     if name == "mirrored":
-        if tf.config.list_logical_devices("GPU"):
+        if has_gpus():
             return tf.distribute.MirroredStrategy()
         # Without GPUs, mirror over the logical CPUs of --cpu_devices.
         return tf.distribute.MirroredStrategy(

@@ -13,7 +13,9 @@ gradient-norm estimates from `clars_tf.compute_loss_gradients_and_norms`.
 import fcntl
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -64,6 +66,52 @@ class ModelDirLock:
                 "Wait for it to finish or pick another --model_dir.") from None
         self._file.write(str(os.getpid()))
         self._file.flush()
+
+
+def _console(line):
+    """One line of the trainer's own progress report, on stdout."""
+    print(line, flush=True)
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def _quiet_unless_verbose():
+    """Leaves the console to the trainer's own lines and warnings.
+
+    TensorFlow, absl and tfds INFO lines come back with --verbosity.
+    Must run before TensorFlow is imported (TF_CPP_MIN_LOG_LEVEL).
+    """
+    if FLAGS["verbosity"].present:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.set_verbosity(logging.WARNING)
+    # TensorFlow's C++ start-up notices ignore TF_CPP_MIN_LOG_LEVEL: catch
+    # what the import writes to stderr and pass on all but its INFO lines.
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+            import tensorflow_datasets as tfds
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(saved_stderr)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not (re.match(r"I\d{4} ", line) or line.startswith(
+                        "WARNING: All log messages before absl::")):
+                    print(line, file=sys.stderr)
+
+    tf.get_logger().setLevel("WARNING")
+    tfds.disable_progress_bar()
 
 
 def _write_json_atomically(path, content):
@@ -165,38 +213,32 @@ class Trainer:
 
     # Data ------------------------------------------------------------------
 
-    def _distributed(self, split, is_training, seed, batch_size):
+    def _distributed(self, split, is_training, seed, batch_size,
+                     repeat=False, **position):
         config = self.config
 
         def dataset_fn(input_context):
-            return self._data.build_dataset(
+            dataset = self._data.build_dataset(
                 config["task"]["dataset"], split, data_dir=self.data_dir,
                 global_batch_size=batch_size, is_training=is_training,
                 image_size=config["task"]["image_size"], seed=seed,
-                input_context=input_context, drop_remainder=is_training)
+                input_context=input_context, **position)
+            return dataset.repeat() if repeat else dataset
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
-    def _train_iterator(self, start_step):
-        dataset = self._distributed(self.info.train_split, True,
-                                    self.config["train"]["seed"],
-                                    self.global_batch)
-        iterator = iter(dataset)
-        # Each step takes one per-replica batch per local replica; skipping
-        # them replays the same data order as an uninterrupted run.
-        if start_step:
-            self._skip(iterator, start_step)
-        return iterator
+    def _train_iterator(self, step):
+        """Batches from `step` to the end of its epoch.
 
-    def _skip(self, iterator, steps):
-        tf = self._tf
-
-        @tf.function
-        def skip(iterator, steps):
-            for _ in tf.range(steps):
-                next(iterator)
-
-        skip(iterator, tf.constant(steps))
+        The data order is a function of (seed, epoch), so a resumed run
+        starts a fresh epoch pipeline at its step instead of replaying the
+        steps before it; one rule for every strategy (a distributed tf.data
+        iterator cannot be checkpointed).
+        """
+        epoch, start_step = divmod(step, self.steps_per_epoch)
+        return iter(self._distributed(
+            self.info.train_split, True, self.config["train"]["seed"],
+            self.global_batch, epoch=epoch, start_step=start_step))
 
     # Steps -----------------------------------------------------------------
 
@@ -272,6 +314,7 @@ class Trainer:
         # Loss-scaled steps overflow now and then by design: never stop.
         stop = (self.config["train"]["on_nonfinite"] == "stop"
                 and not self.loss_scaled)
+        replica_step = self._compiled(self._replica_train_step)
 
         @tf.function
         def train_loop(iterator, steps):
@@ -281,7 +324,7 @@ class Trainer:
             bad_code = tf.constant(0)
             skipped = tf.constant(0)
             for step in tf.range(steps):
-                loss, hits, bad = strategy.run(self._replica_train_step,
+                loss, hits, bad = strategy.run(replica_step,
                                                args=next(iterator))
                 # Identical on every replica after the all-reduce.
                 bad = tf.cast(strategy.reduce("MEAN", bad, axis=None),
@@ -300,25 +343,28 @@ class Trainer:
 
         return train_loop
 
+    def _compiled(self, replica_fn):
+        """`replica_fn`, compiled with XLA when train.jit_compile is set.
+
+        TPUStrategy compiles every replica function anyway.
+        """
+        if not self.config["train"]["jit_compile"] or (
+                self.strategy_name == "tpu"):
+            return replica_fn
+        return self._tf.function(replica_fn, jit_compile=True)
+
     def _make_eval_step(self):
         tf, strategy = self._tf, self.strategy
 
-        def sums(images, labels):
+        def replica_eval(images, labels, weights):
+            # Padding examples have weight 0 and count nowhere.
             logits = tf.cast(self.model(images, training=False), "float32")
-            loss = tf.reduce_sum(self.loss_fn(labels, logits))
-            correct = tf.reduce_sum(tf.cast(tf.equal(
-                tf.argmax(logits, -1, output_type="int32"),
-                tf.cast(labels, "int32")), "float32"))
-            return loss, correct
+            loss = tf.reduce_sum(self.loss_fn(labels, logits) * weights)
+            hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type="int32"),
+                                    labels), "float32")
+            return loss, tf.reduce_sum(hits * weights), tf.reduce_sum(weights)
 
-        def replica_eval(images, labels):
-            count = tf.shape(labels)[0]
-            # The last round of a split that does not divide evenly leaves
-            # some replicas an empty batch.
-            loss, correct = tf.cond(
-                count > 0, lambda: sums(images, labels),
-                lambda: (tf.constant(0.0), tf.constant(0.0)))
-            return loss, correct, tf.cast(count, "float32")
+        replica_eval = self._compiled(replica_eval)
 
         @tf.function
         def eval_step(batch):
@@ -327,10 +373,15 @@ class Trainer:
 
         return eval_step
 
-    def evaluate(self):
-        """Loss and accuracy on the whole eval split."""
+    def evaluate(self, split=None):
+        """Loss and accuracy on every example of `split` (the eval split).
+
+        The split is read in batches of one static shape, the last one
+        padded; the padding is masked out of the sums.
+        """
+        split = split or self.info.eval_split
         eval_step = self._make_eval_step()
-        dataset = self._distributed(self.info.eval_split, False, 0,
+        dataset = self._distributed(split, False, 0,
                                     self.config["train"]["eval_batch_size"])
         totals = [0.0, 0.0, 0.0]
         try:
@@ -340,10 +391,12 @@ class Trainer:
         except self._tf.errors.DataLossError as error:
             raise self._corrupt_data(error) from None
         loss, correct, count = totals
-        if count != self.info.num_eval_examples:
+        expected = self._data.num_examples(self.config["task"]["dataset"],
+                                           split, self.data_dir)
+        if count != expected:
             raise TrainerError(
-                f"Evaluated {int(count)} examples but the eval split has "
-                f"{self.info.num_eval_examples}; the data set is incomplete.")
+                f"Evaluated {int(count)} examples but split '{split}' has "
+                f"{expected}; the data set is incomplete.")
         return {"eval_loss": loss / count, "eval_accuracy": correct / count}
 
     def _make_diagnostics(self):
@@ -443,9 +496,9 @@ class Trainer:
         step = self.restore()
         history = self._load_history(step)
         if step >= self.last_step:
-            logging.info("Already trained to step %d.", step)
+            _console(f"Already trained to step {step}.")
             return history
-        iterator = self._train_iterator(step)
+        iterator = None
         train_loop = self._make_train_loop()
         diagnostics = None
         probe = None
@@ -453,14 +506,18 @@ class Trainer:
             diagnostics = self._make_diagnostics()
             probe = iter(self._distributed(self.info.train_split, True,
                                            train["seed"] + 1,
-                                           self.global_batch))
+                                           self.global_batch, repeat=True))
         paths = [v.path for v in self.model.trainable_variables]
-        logging.info("Training %s with %s on %d replica(s), steps %d..%d.",
-                     self.config["model"]["name"],
-                     self.config["optimizer"]["name"], self.replicas, step,
-                     self.last_step)
+        _console(f"Training {self.config['model']['name']} with "
+                 f"{self.config['optimizer']['name']} on {self.replicas} "
+                 f"replica(s), steps {step}..{self.last_step}.")
+        # The first interval after a (re)start includes tracing: the ETA
+        # uses the intervals after it.
+        timed_steps, timed_seconds, first_interval = 0, 0.0, True
         while step < self.last_step:
             epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+            if iterator is None or step % self.steps_per_epoch == 0:
+                iterator = self._train_iterator(step)
             steps = min(train["steps_per_loop"], self.last_step - step,
                         epoch_end - step)
             start = time.time()
@@ -508,12 +565,19 @@ class Trainer:
                         steps):
                     self._log_diagnostics(diagnostics(next(probe)), paths,
                                           step)
-            logging.info(
-                "step %d/%d epoch %.2f loss %.4f accuracy %.4f lr %.4g "
-                "%.1f images/s", step, self.last_step,
-                step / self.steps_per_epoch, loss_sum / max(applied, 1),
-                correct / max(applied * self.global_batch, 1), rate,
-                images_per_second)
+            if not first_interval:
+                timed_steps += steps
+                timed_seconds += seconds
+            first_interval = False
+            seconds_per_step = (timed_seconds / timed_steps if timed_steps
+                                else seconds / steps)
+            _console(
+                f"step {step}/{self.last_step} epoch "
+                f"{step / self.steps_per_epoch:.2f} loss "
+                f"{loss_sum / max(applied, 1):.4f} accuracy "
+                f"{correct / max(applied * self.global_batch, 1):.4f} lr "
+                f"{rate:.4g} {images_per_second:.0f} images/s ETA "
+                f"{_duration((self.last_step - step) * seconds_per_step)}")
             at_epoch_end = step == epoch_end
             if (step % train["checkpoint_every_steps"] < steps
                     or step == self.last_step or at_epoch_end):
@@ -539,8 +603,8 @@ class Trainer:
             with self.eval_writer.as_default(step=step):
                 for key in ("eval_loss", "eval_accuracy"):
                     self._tf.summary.scalar(key.split("_")[1], entry[key])
-            logging.info("epoch %d eval loss %.4f accuracy %.4f", epoch,
-                         entry["eval_loss"], entry["eval_accuracy"])
+            _console(f"epoch {epoch} eval loss {entry['eval_loss']:.4f} "
+                     f"accuracy {entry['eval_accuracy']:.4f}")
         self.epoch_sums.assign([0.0, 0.0, 0.0])
         return history + [entry]
 
@@ -585,6 +649,14 @@ def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
         raise TrainerError(
             f"--model_dir={model_dir} exists and is a file; pass a directory.")
     strategy = distribution.create(strategy_name, tpu)
+    if (config["train"]["jit_compile"] and strategy.num_replicas_in_sync > 1
+            and strategy_name != "tpu" and not distribution.has_gpus()):
+        # Measured: XLA fails to compile the cross-replica train step there.
+        raise TrainerError(
+            f"train.jit_compile=true cannot run --strategy={strategy_name} "
+            f"over {strategy.num_replicas_in_sync} CPU replicas: XLA does not "
+            "compile the cross-replica step on CPU devices. Set "
+            "train.jit_compile=false, or use GPUs or a single CPU device.")
     estimator = config_lib.check_against_strategy(
         config, strategy.num_replicas_in_sync)
     trainer_name = "chief" if distribution.is_chief(strategy) else (
@@ -618,18 +690,20 @@ def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
 
 def main(argv):
     del argv
+    if not FLAGS.model_dir:
+        raise app.UsageError("--model_dir is required.")
+    _quiet_unless_verbose()
     from trainers import config as config_lib
     from trainers import distribution
 
-    if not FLAGS.model_dir:
-        raise app.UsageError("--model_dir is required.")
     try:
         distribution.split_cpu(FLAGS.cpu_devices)
         config = config_lib.build_config(FLAGS.config_file,
                                          FLAGS.params_override)
         results = run(config, FLAGS.mode, FLAGS.model_dir, FLAGS.data_dir,
                       FLAGS.strategy, FLAGS.tpu, FLAGS.export_dir)
-    except (config_lib.ConfigError, TrainerError) as error:
+    except (config_lib.ConfigError, TrainerError,
+            distribution.StrategyError) as error:
         sys.exit(f"error: {error}")
     except USER_ERRORS as error:
         sys.exit(f"error: {type(error).__name__}: {error}")
