@@ -36,7 +36,7 @@ def per_example_loss(num_classes, label_smoothing):
 
 
 def learning_rate(config, steps_per_epoch):
-    """Linear scaling, optional warmup, decay over the whole run."""
+    """Linear scaling, optional warmup to the peak, decay to the end."""
     opt, train = config["optimizer"], config["train"]
     peak = schedules.linear_scaling(opt["base_learning_rate"],
                                     train["global_batch_size"],
