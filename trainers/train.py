@@ -98,14 +98,14 @@ def _replica_mean_of_floats(context, values):
     """
     import tensorflow as tf
 
-    floating = [i for i, v in enumerate(values) if v.dtype.is_floating]
-    if not floating:
-        return values
-    means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
-                               [values[i] for i in floating])
     values = list(values)
-    for i, mean in zip(floating, means):
-        values[i] = mean
+    # One all-reduce per dtype: a batched all-reduce concatenates its inputs.
+    for dtype in {v.dtype for v in values if v.dtype.is_floating}:
+        group = [i for i, v in enumerate(values) if v.dtype == dtype]
+        means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                   [values[i] for i in group])
+        for i, mean in zip(group, means):
+            values[i] = mean
     return values
 
 
