@@ -75,10 +75,12 @@ def main():
             for k in a}
         row = {"step": step}
         # epoch_sums, the running sums of the reported loss, is no state.
+        # The weights are saved once, under the optimizer that tracks them.
         parts = {
-            "weights": lambda k: k.startswith("model/") and "/moving_" not in k,
+            "weights": lambda k: "/_trainable_variables/" in k,
             "statistics": lambda k: "/moving_" in k,
-            "optimizer": lambda k: k.startswith("optimizer/"),
+            "optimizer": lambda k: k.startswith("optimizer/") and (
+                "/_trainable_variables/" not in k),
         }
         for part, belongs in parts.items():
             largest = max(filter(belongs, differences), key=differences.get)
