@@ -128,7 +128,8 @@ def test_replicas_keep_one_set_of_moving_statistics(tmp_path, two_replicas):
 def test_float64_replicas_agree_with_one_device_beyond_float32_rounding(
         tmp_path, two_replicas):
     # train.precision=float64 tells rounding from a bug: in float32 one and
-    # two replicas differ by ~1e-7 after a step, in float64 by ~1e-14.
+    # two replicas differ by ~1e-7 after a step, in float64 by ~1e-14, plus
+    # ~1e-7 of a step where the float32 estimates set the trust ratio.
     override = "optimizer.name=clars,model.use_sync_bn=true,"
     override += "train.precision=float64"
     one, _ = _train(tmp_path / "one", tf.distribute.get_strategy(), override,
@@ -142,7 +143,7 @@ def test_float64_replicas_agree_with_one_device_beyond_float32_rounding(
                      two.model.variables + two.optimizer.variables))
     for a, b in pairs:
         # The estimates stay float32 (norms are taken in float32).
-        atol = 1e-12 if a.dtype == "float64" else 0.0
+        atol = 1e-10 if a.dtype == "float64" else 0.0
         rtol = 0.0 if a.dtype == "float64" else 1e-6
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=rtol,
                                    atol=atol, err_msg=a.path)
