@@ -24,16 +24,18 @@ def float32_afterwards():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def _batches(steps, seed=0):
+def _batches(steps, seed=0, nan_last=False):
     rng = np.random.default_rng(seed)
     images = rng.uniform(-1.7, 1.7, size=(steps * GLOBAL_BATCH, 32, 32, 3))
+    if nan_last:
+        images[-GLOBAL_BATCH:] = np.nan
     labels = rng.integers(0, 10, size=steps * GLOBAL_BATCH)
     return tf.data.Dataset.from_tensor_slices(
         (images.astype("float32"), labels.astype("int32"))).batch(
             GLOBAL_BATCH)
 
 
-def _train(model_dir, strategy, override, steps):
+def _train(model_dir, strategy, override, steps, nan_last=False):
     """A Trainer after `steps` steps, and how many of them were skipped."""
     config = config_lib.build_config(
         CONFIG, f"{SMALL},task.dataset=synthetic,{override}")
@@ -42,7 +44,7 @@ def _train(model_dir, strategy, override, steps):
     trainer = train.Trainer(config, strategy, str(model_dir), None,
                             estimator=estimator)
     iterator = iter(strategy.experimental_distribute_dataset(
-        _batches(steps)))
+        _batches(steps, nan_last=nan_last)))
     outputs = trainer._make_train_loop()(iterator, tf.constant(steps))
     return trainer, int(outputs[4])
 
@@ -65,17 +67,22 @@ def _initial(override):
 ])
 def test_mixed_float16_steps_follow_the_float32_steps(
         tmp_path, optimizer, two_replicas_for_float16, request):
-    steps = 3
+    # Three steps, then one on NaN images: float32 stops there, float16
+    # skips it and halves the loss scale only.
+    steps = 4
     default = tf.distribute.get_strategy()
-    want, skipped = _train(tmp_path / "float32", default, optimizer, steps)
-    assert skipped == 0
+    want, skipped = _train(tmp_path / "float32", default, optimizer, steps,
+                           nan_last=True)
+    assert skipped == 1 and int(want.optimizer.iterations.numpy()) == 4
     strategy = (request.getfixturevalue("two_replicas")
                 if two_replicas_for_float16 else default)
     got, skipped = _train(tmp_path / "float16", strategy,
                           f"{optimizer},train.precision=mixed_float16",
-                          steps)
-    assert skipped == 0
+                          steps, nan_last=True)
+    assert skipped == 1 and int(got.optimizer.iterations.numpy()) == 4
     assert got.loss_scaled and got.model.layers[1].compute_dtype == "float16"
+    assert float(got.optimizer.dynamic_scale.numpy()) == (
+        got.optimizer.initial_scale / 2)
     start = _initial(optimizer)
     moved = max(np.max(np.abs(w - s)) for w, s in zip(_trainable(want),
                                                       start))
