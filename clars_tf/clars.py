@@ -11,9 +11,8 @@ gradient-norm estimate `a` (the mean norm of micro-batch gradients, see
     w     = w - learning_rate * trust * m
 """
 
-import threading
-
 import tensorflow as tf
+from keras import initializers
 from keras import ops
 from keras import saving
 
@@ -44,7 +43,17 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
     what `clars_tf.attach_gradient_norm_estimator` arranges inside
     `model.fit`). The estimates are stored in the optimizer variable
     `gradient_norm_estimates`, averaged across replicas on assignment, so
-    every replica applies the same update. Applying without them is an error.
+    every replica applies the same update, and the step they were set for is
+    stored in `gradient_norms_step`. Applying at a step whose estimates were
+    not set is an error: raised while tracing when none were ever set, and
+    checked in the graph otherwise (so it holds whichever thread applies, as
+    under `LossScaleOptimizer` and `MirroredStrategy`, where Keras applies
+    through `merge_call`).
+
+    A NaN or infinite estimate is not replaced by a finite step: the trust
+    ratio, and so the update, become NaN, as with a NaN gradient in any Keras
+    optimizer, so `keras.callbacks.TerminateOnNaN` and the trainer's
+    non-finite check see it.
 
     Args:
         learning_rate: float >= 0, a `LearningRateSchedule` or a callable.
@@ -97,9 +106,9 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             **kwargs,
         )
         self.trust_clip = float(trust_clip)
-        # Per tracing thread: MirroredStrategy traces each replica in its own
-        # thread, and each must have set its own estimates.
-        self._norms_set_in_this_step = threading.local()
+        # Only a tracing-time hint for the common mistake (fit without the
+        # estimator); the step stamp checked in the graph is what counts.
+        self._norms_ever_set = False
 
     def build(self, variables):
         if self.built:
@@ -112,6 +121,14 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             dtype="float32",
             aggregation="mean",
             name="gradient_norm_estimates",
+        )
+        # The value of `iterations` the estimates were set for; -1: never.
+        self.gradient_norms_step = self.add_variable(
+            shape=(),
+            dtype=self.iterations.dtype,
+            initializer=initializers.Constant(-1),
+            aggregation="only_first_replica",
+            name="gradient_norms_step",
         )
 
     def set_gradient_norms(self, gradient_norms, variables=None):
@@ -149,7 +166,8 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
                 norms,
             )
         self.gradient_norm_estimates.assign(norms)
-        self._norms_set_in_this_step.value = True
+        self.gradient_norms_step.assign(self.iterations)
+        self._norms_ever_set = True
 
     def apply(self, grads, trainable_variables=None, gradient_norms=None):
         """Applies one CLARS step.
@@ -163,10 +181,13 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
         """
         if gradient_norms is not None:
             self.set_gradient_norms(gradient_norms, trainable_variables)
-        elif not getattr(self._norms_set_in_this_step, "value", False):
+        elif not self._norms_ever_set:
             raise ValueError(MISSING_NORMS_MESSAGE)
-        self._norms_set_in_this_step.value = False
-        return super().apply(grads, trainable_variables)
+        set_for_this_step = tf.debugging.assert_equal(
+            self.gradient_norms_step, self.iterations,
+            message=MISSING_NORMS_MESSAGE)
+        with tf.control_dependencies([set_for_this_step]):
+            return super().apply(grads, trainable_variables)
 
     def layer_trust_ratio(self, weight_norm, gradient_norm, decay_rate):
         del decay_rate  # the estimate carries no decay term (spec step 1)

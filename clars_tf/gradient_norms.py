@@ -71,6 +71,11 @@ def _local_batch_norm_statistics(model):
                     layer.synchronized = True
 
 
+def _has_batch_normalization(model):
+    return any(isinstance(layer, keras.layers.BatchNormalization)
+               for layer in model._flatten_layers(include_self=False))
+
+
 def _batch_size(structure):
     first = tf.nest.flatten(structure)[0]
     static = first.shape[0]
@@ -80,17 +85,20 @@ def _batch_size(structure):
 class GradientNormEstimator:
     """Estimates `a_l` for every trainable variable of a model.
 
-    Under a `tf.distribute` strategy each replica takes `J / replicas`
-    micro-batches (at least one) from its own part of the global batch,
-    evenly spaced so that the set of examples used is the same for any
-    replica count that divides J (given the same global batch split into
-    contiguous per-replica parts, as `tf.distribute` does). The estimate
-    returned is this replica's mean; CLARS averages it across replicas when
-    it is assigned.
+    Micro-batch j of a global batch of B examples starts at example
+    `floor(j * B / J)`. Under a `tf.distribute` strategy each replica takes
+    `J / replicas` micro-batches (at least one) from its own part of the
+    global batch; as the global batch is split into contiguous per-replica
+    parts (what `tf.distribute` does), the examples used are the same for
+    any replica count that divides J, whether or not J divides B. The
+    estimate returned is this replica's mean; CLARS averages it across
+    replicas when it is assigned.
 
     Args:
         micro_batch_size: `s`, examples per micro-batch (>= 1). With 1 the
-            per-example gradients are computed with `tf.vectorized_map`.
+            per-example gradients are computed with `tf.vectorized_map`;
+            models with batch normalization need s >= 2 (the statistics of
+            one example normalize it to zero, so the estimate collapses).
         num_micro_batches: `J`, micro-batches per global step (>= 1).
         refresh_every: recompute the estimate every this many steps and
             reuse the stored one in between (>= 1; 1 is the reference).
@@ -131,17 +139,33 @@ class GradientNormEstimator:
                 "global batch size."
             )
 
-    def __call__(self, model, per_example_loss, x, y, sample_weight=None):
+    def __call__(self, model, per_example_loss, x, y, sample_weight=None,
+                 loss_scale=None):
         """Returns one float32 scalar per `model.trainable_variables`.
 
         Args:
             model: a built Keras model.
             per_example_loss: `fn(y_true, y_pred) -> [batch]` losses.
             x, y, sample_weight: this replica's part of the step's batch.
+            loss_scale: the factor the step's main loss is multiplied by
+                (`LossScaleOptimizer.dynamic_scale` under `mixed_float16`),
+                or None. Every estimator `clars_tf.training` calls receives
+                it. Here each micro-batch loss is then weighted per example
+                as the main loss is (`loss_scale / global batch`), so its
+                float16 gradients underflow or overflow only where the main
+                pass's would, and the norms are divided by that weight in
+                float32.
         """
         context = tf.distribute.get_replica_context()
         num_replicas = context.num_replicas_in_sync if context else 1
         count = self.micro_batches_per_replica(num_replicas)
+        if self.micro_batch_size == 1 and _has_batch_normalization(model):
+            raise ValueError(
+                "`micro_batch_size=1` on a model with batch normalization: "
+                "in training mode one example is normalized by its own "
+                "statistics, so its gradients (and the estimate) collapse "
+                "to about zero. Use micro_batch_size >= 2 (the reference "
+                "uses 8).")
         static_batch, batch = _batch_size(x)
         if static_batch is not None:
             self.check_fits(static_batch, num_replicas)
@@ -151,7 +175,15 @@ class GradientNormEstimator:
                 message="The estimator's micro-batches don't fit the "
                         "per-replica batch; lower num_micro_batches or "
                         "micro_batch_size.")
-        stride = batch // count
+        # floor(j * B / J) of the global batch, seen from this replica's
+        # contiguous part: the same examples for any replica count.
+        starts = tf.range(count) * batch // count
+        if loss_scale is None:
+            loss_weight = tf.constant(1.0)
+        else:
+            global_batch = tf.cast(batch * num_replicas, "float32")
+            loss_weight = (tf.cast(loss_scale, "float32")
+                           * self.micro_batch_size / global_batch)
         variables = model.trainable_variables
 
         def norms_of_micro_batch(start):
@@ -167,24 +199,23 @@ class GradientNormEstimator:
                 losses = tf.cast(per_example_loss(ys, predictions), "float32")
                 if sample_weight is not None:
                     losses *= tf.cast(take(sample_weight), "float32")
-                loss = tf.reduce_mean(losses)
+                loss = tf.reduce_mean(losses) * loss_weight
             gradients = tape.gradient(loss, variables)
             return tf.stack([
                 layerwise.float32_norm(g) if g is not None
                 else tf.constant(0.0)
                 for g in gradients
-            ])
+            ]) / loss_weight
 
         with _local_batch_norm_statistics(model):
             if self.micro_batch_size == 1:
-                per_example = tf.vectorized_map(
-                    norms_of_micro_batch, tf.range(count) * stride)
+                per_example = tf.vectorized_map(norms_of_micro_batch, starts)
                 total = tf.reduce_sum(per_example, axis=0)
             else:
                 _, total = tf.while_loop(
                     lambda j, _: j < count,
                     lambda j, acc: (
-                        j + 1, acc + norms_of_micro_batch(j * stride)),
+                        j + 1, acc + norms_of_micro_batch(starts[j])),
                     (tf.constant(0), tf.zeros([len(variables)])),
                 )
         return tf.unstack(total / tf.cast(count, "float32"))

@@ -20,7 +20,9 @@ def trust_ratio(weight_norm, gradient_norm, denominator, trust_coefficient,
 
     The ratio is 1 where `weight_norm` or `gradient_norm` is zero: a freshly
     zero-initialised variable, or one that received no signal, then takes a
-    plain step instead of none at all (or an infinite one).
+    plain step instead of none at all (or an infinite one). A NaN or infinite
+    `gradient_norm` gives a NaN ratio: a broken norm must reach the update,
+    where NaN checks see it, never turn into the fallback's finite step.
 
     Args:
         weight_norm: float32 scalar, `||w||`.
@@ -44,7 +46,7 @@ def trust_ratio(weight_norm, gradient_norm, denominator, trust_coefficient,
     )
     if clip is not None:
         ratio = ops.minimum(ratio, clip)
-    return ratio
+    return ops.where(ops.isfinite(gradient_norm), ratio, float("nan"))
 
 
 def float32_norm(tensor):

@@ -1,9 +1,10 @@
 """Learning-rate schedules for large-batch training, as Keras schedules.
 
-Linear scaling sets the peak rate from the batch size; `LinearWarmup` wraps
-any schedule (the SGD and LARS baselines use it, CLARS does not); the decay
-schedules are Keras's own with the reference defaults (polynomial power 2
-down to 1e-4).
+Linear scaling sets the peak rate from the batch size; `LinearWarmup` puts a
+linear ramp to that peak in front of any schedule, which then runs over the
+remaining steps (the SGD and LARS baselines use it, CLARS does not); the
+decay schedules are Keras's own with the reference defaults (polynomial
+power 2 down to 1e-4).
 """
 
 from keras import ops
@@ -46,11 +47,14 @@ def cosine_decay(initial_learning_rate, decay_steps, alpha=0.0):
 
 @saving.register_keras_serializable(package="clars_tf")
 class LinearWarmup(optimizers.schedules.LearningRateSchedule):
-    """Linear warmup in front of any schedule (Goyal et al., 2017).
+    """Linear warmup to the peak rate, then any schedule (Goyal et al., 2017).
 
     For `step < warmup_steps` the rate rises linearly from
-    `initial_learning_rate` to `schedule(warmup_steps)`; from then on it is
-    `schedule(step)`, so the decay keeps counting from step 0.
+    `initial_learning_rate` to the peak `schedule(0)`, reached at
+    `warmup_steps`; from then on it is `schedule(step - warmup_steps)`: the
+    wrapped schedule starts its own clock when the warmup ends, so a decay
+    over `total_steps - warmup_steps` ends with the run (as MLPerf's LARS and
+    the reference code do).
 
     Args:
         schedule: a `LearningRateSchedule` or a float.
@@ -66,7 +70,7 @@ class LinearWarmup(optimizers.schedules.LearningRateSchedule):
         self.warmup_steps = int(warmup_steps)
         self.initial_learning_rate = float(initial_learning_rate)
 
-    def _after_warmup(self, step):
+    def _schedule_at(self, step):
         if isinstance(self.schedule, optimizers.schedules.LearningRateSchedule):
             return ops.cast(self.schedule(step), "float32")
         return ops.cast(self.schedule, "float32")
@@ -74,14 +78,13 @@ class LinearWarmup(optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         step = ops.cast(step, "float32")
         if self.warmup_steps == 0:
-            return self._after_warmup(step)
+            return self._schedule_at(step)
         warmup_steps = float(self.warmup_steps)
-        target = self._after_warmup(warmup_steps)
-        fraction = ops.minimum(step / warmup_steps, 1.0)
-        warming = self.initial_learning_rate + fraction * (
-            target - self.initial_learning_rate)
-        return ops.where(step < warmup_steps, warming,
-                         self._after_warmup(step))
+        peak = self._schedule_at(0.0)
+        warming = self.initial_learning_rate + step / warmup_steps * (
+            peak - self.initial_learning_rate)
+        after = self._schedule_at(ops.maximum(step - warmup_steps, 0.0))
+        return ops.where(step < warmup_steps, warming, after)
 
     def get_config(self):
         schedule = self.schedule
@@ -104,11 +107,15 @@ class LinearWarmup(optimizers.schedules.LearningRateSchedule):
 
 def build_schedule(peak_learning_rate, total_steps, decay="polynomial",
                    warmup_steps=0, end_learning_rate=1e-4, power=2.0):
-    """Peak rate, optional warmup and a decay over the whole run.
+    """Peak rate, optional linear warmup, then a decay to the end of the run.
+
+    The warmup rises from 0 to `peak_learning_rate` over `warmup_steps`; the
+    decay starts from the peak there and runs over the remaining
+    `total_steps - warmup_steps` steps.
 
     Args:
         peak_learning_rate: rate after linear scaling (> 0).
-        total_steps: steps of the whole run (>= 1), the decay horizon.
+        total_steps: steps of the whole run (>= 1), warmup included.
         decay: 'polynomial', 'cosine' or 'constant'.
         warmup_steps: linear warmup steps (0 for CLARS).
         end_learning_rate: final rate of the polynomial decay.
@@ -120,11 +127,12 @@ def build_schedule(peak_learning_rate, total_steps, decay="polynomial",
         raise ValueError(
             f"`warmup_steps` ({warmup_steps}) must be smaller than "
             f"`total_steps` ({total_steps}).")
+    decay_steps = total_steps - warmup_steps
     if decay == "polynomial":
-        schedule = polynomial_decay(peak_learning_rate, total_steps,
+        schedule = polynomial_decay(peak_learning_rate, decay_steps,
                                     end_learning_rate, power)
     elif decay == "cosine":
-        schedule = cosine_decay(peak_learning_rate, total_steps)
+        schedule = cosine_decay(peak_learning_rate, decay_steps)
     elif decay == "constant":
         schedule = float(peak_learning_rate)
     else:

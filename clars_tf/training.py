@@ -37,24 +37,45 @@ def per_example_loss_of(loss):
     if isinstance(loss, str) or callable(loss):
         loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
-        return loss.call
-    if callable(loss):
-        return loss
-    raise ValueError(
-        f"Cannot derive a per-example loss from {loss!r} (multi-output losses "
-        "need an explicit one): pass `per_example_loss=fn(y_true, y_pred)` "
-        "returning one loss per example."
-    )
+        function, dtype = loss.call, loss.dtype
+    elif callable(loss):
+        function, dtype = loss, "float32"
+    else:
+        raise ValueError(
+            f"Cannot derive a per-example loss from {loss!r} (multi-output "
+            "losses need an explicit one): pass `per_example_loss=fn(y_true, "
+            "y_pred)` returning one loss per example.")
+
+    def per_example(y_true, y_pred):
+        # As compiled Keras losses do: the loss in float32, not in a mixed
+        # precision model's float16.
+        return function(y_true, tf.nest.map_structure(
+            lambda t: tf.cast(t, dtype), y_pred))
+
+    return per_example
+
+
+def loss_scale_of(optimizer):
+    """The factor a `LossScaleOptimizer` multiplies the loss by, else None."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return (optimizer.dynamic_scale if optimizer.built
+                else optimizer.initial_scale)
+    return None
 
 
 def gradient_norms_for_step(optimizer, estimator, model, per_example_loss, x,
                             y, sample_weight=None):
-    """Fresh estimates on refresh steps, the stored ones in between."""
+    """Fresh estimates on refresh steps, the stored ones in between.
+
+    `optimizer` may be wrapped in a `LossScaleOptimizer`; the estimator then
+    gets its scale as `loss_scale` (see `GradientNormEstimator.__call__`).
+    """
+    loss_scale = loss_scale_of(optimizer)
     optimizer = _unwrap(optimizer)
 
     def estimate():
-        return tf.stack(
-            estimator(model, per_example_loss, x, y, sample_weight))
+        return tf.stack(estimator(model, per_example_loss, x, y,
+                                  sample_weight, loss_scale=loss_scale))
 
     if estimator.refresh_every == 1:
         return tf.unstack(estimate())
@@ -131,7 +152,8 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
             gradient_norms_for_step(optimizer, estimator, model,
                                     per_example_loss, x, y, sample_weight)
             if optimizer is not None
-            else estimator(model, per_example_loss, x, y, sample_weight)
+            else estimator(model, per_example_loss, x, y, sample_weight,
+                           loss_scale=None)
         )
     return StepGradients(loss, predictions, gradients, norms, state_updates)
 
@@ -165,8 +187,8 @@ def attach_gradient_norm_estimator(model, estimator=None,
         if not isinstance(optimizer, clars.CLARS):
             return keras_train_step(data)
         loss = per_example_loss or per_example_loss_of(model.loss)
-        norms = gradient_norms_for_step(optimizer, estimator, model, loss, x,
-                                        y, sample_weight)
+        norms = gradient_norms_for_step(model.optimizer, estimator, model,
+                                        loss, x, y, sample_weight)
         optimizer.set_gradient_norms(norms, model.trainable_variables)
         return keras_train_step(data)
 

@@ -11,7 +11,9 @@ One file per model x global batch x method:
   linearly scaled to smaller batches, eta 0.001, momentum 0.9, decay 5e-5
   without decay of excluded variables, label smoothing 0.1, 16 warmup epochs
   at 32K (12 below), poly(2) to 1e-4.
-All run 90 epochs with batch norm synchronized across replicas and bfloat16
+Warmup rises linearly to the scaled peak rate, reached when the warmup ends;
+the decay then runs from the peak over the remaining epochs
+(`clars_tf.schedules.build_schedule`). All run 90 epochs with batch norm synchronized across replicas and bfloat16
 (TPU); on GPUs override train.precision=mixed_float16.
 """
 

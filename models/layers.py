@@ -204,8 +204,9 @@ def depthwise_conv_bn(x, kernel_size, bn, name, strides=1, activation="relu6"):
 def classifier_head(x, num_classes, dropout_rate):
     """Global average pool, optional dropout and a float32 logits layer.
 
-    The Dense layer is forced to float32 so that logits (and hence the loss)
-    stay in full precision under a mixed-precision policy. No softmax is
+    The Dense layer is at least float32 so that logits (and hence the loss)
+    stay in full precision under a mixed-precision policy (float64 under a
+    float64 policy, whose gradients all keep one dtype). No softmax is
     applied: losses are expected to use `from_logits=True`.
 
     Args:
@@ -214,7 +215,7 @@ def classifier_head(x, num_classes, dropout_rate):
         dropout_rate: Dropout rate before the classifier; 0 disables it.
 
     Returns:
-        A `(batch, num_classes)` float32 tensor of logits.
+        A `(batch, num_classes)` float32 (or float64) tensor of logits.
     """
     if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
@@ -223,4 +224,6 @@ def classifier_head(x, num_classes, dropout_rate):
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     if dropout_rate > 0:
         x = keras.layers.Dropout(dropout_rate, name="dropout")(x)
-    return keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    full = "float64" if keras.config.dtype_policy().name == "float64" else (
+        "float32")
+    return keras.layers.Dense(num_classes, dtype=full, name="logits")(x)

@@ -2,11 +2,15 @@ r"""How far one and two replicas drift apart, step by step.
 
 Trains the same config with --strategy=one_device and with
 --strategy=mirrored over 2 logical CPUs (same global batch, synchronized
-batch norm, op determinism), keeps a checkpoint after every step and prints
-the largest absolute difference of any saved variable after each step.
+batch norm, op determinism), keeps a checkpoint after every step and prints,
+after each step, the largest absolute difference among the model's weights,
+among its batch-norm moving statistics and among the optimizer's variables
+(momentum buffers, estimates, step), each with the variable it is in.
+--precision=float64 trains both in float64, to tell rounding from a bug.
 
     python3 scripts/replica_agreement.py --steps=20 --dataset=synthetic
     python3 scripts/replica_agreement.py --steps=20 --dataset=fashion_mnist
+    python3 scripts/replica_agreement.py --steps=5 --precision=float64
 """
 
 import argparse
@@ -28,7 +32,8 @@ def train(model_dir, flags, args):
                 f"train.max_steps={args.steps},train.steps_per_loop=1,"
                 f"train.checkpoint_every_steps=1,"
                 f"train.checkpoints_to_keep={args.steps},"
-                "train.deterministic=true,model.use_sync_bn=true")
+                "train.deterministic=true,model.use_sync_bn=true,"
+                f"train.precision={args.precision}")
     subprocess.run(
         [sys.executable, "-m", "trainers.train",
          "--config_file=configs/fashion_mnist_resnet8_clars.yaml",
@@ -53,6 +58,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--optimizer", default="clars")
+    parser.add_argument("--precision", default="float32",
+                        choices=["float32", "float64"])
     parser.add_argument("--data_dir", default=os.path.expanduser(
         "~/tensorflow_datasets"))
     args = parser.parse_args()
@@ -63,9 +70,23 @@ def main():
     rows = []
     for step in range(1, args.steps + 1):
         a, b = values(one, step), values(two, step)
-        rows.append({"step": step, "max_abs_difference": max(
-            float(np.max(np.abs(a[k].astype(np.float64) - b[k])))
-            for k in a)})
+        differences = {
+            k: float(np.max(np.abs(a[k].astype(np.float64) - b[k])))
+            for k in a}
+        row = {"step": step}
+        # epoch_sums, the running sums of the reported loss, is no state.
+        # The weights are saved once, under the optimizer that tracks them.
+        parts = {
+            "weights": lambda k: "/_trainable_variables/" in k,
+            "statistics": lambda k: "/moving_" in k,
+            "optimizer": lambda k: k.startswith("optimizer/") and (
+                "/_trainable_variables/" not in k),
+        }
+        for part, belongs in parts.items():
+            largest = max(filter(belongs, differences), key=differences.get)
+            row[part] = differences[largest]
+            row[f"{part}_variable"] = largest.split("/.ATTRIBUTES")[0]
+        rows.append(row)
         print(json.dumps(rows[-1]))
 
 

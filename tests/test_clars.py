@@ -113,14 +113,61 @@ def test_norms_follow_the_order_of_the_given_variables():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_low_precision_variables_take_a_float32_trust_ratio(dtype):
     w = keras.Variable(np.full((1, 400), 100.0), dtype=dtype)
-    optimizer = clars_tf.CLARS(1.0, trust_clip=1.0, epsilon=0.0)
-    # ||w|| = 2000 overflows float16 squares if computed in float16.
-    optimizer.apply([np.ones((1, 400))], [w], gradient_norms=[4000.0])
-    # trust = 0.01 * 2000 / 4000 = 0.005.
+    optimizer = clars_tf.CLARS(1000.0, trust_clip=1.0, epsilon=0.0)
+    optimizer.build([w])
+    # ||w|| = 2000: its squares sum to 4e6, past float16's 65504.
+    # trust = 0.01 * 2000 / 4000 = 0.005, not the clip an overflow gives.
+    ratio = float(optimizer.trust_ratios([w], [4000.0])[0])
+    assert ratio == pytest.approx(0.005, rel=1e-3)
+    optimizer.apply([np.full((1, 400), 0.01)], [w], gradient_norms=[4000.0])
+    # A step of 1000 * 0.005 * 0.01 = 0.05, well above the dtype's
+    # resolution at 100 (0.0625 in float16, 0.5 in bfloat16 rounds it off).
     np.testing.assert_allclose(
-        w.numpy().astype("float32"), np.full((1, 400), 100.0 - 0.005),
-        rtol=1e-2)
-    assert np.all(np.isfinite(w.numpy().astype("float32")))
+        w.numpy().astype("float32"),
+        np.full((1, 400), 100.0 - 0.05).astype(dtype).astype("float32"))
+
+
+def test_excluded_variables_are_decayed_by_default():
+    # The reference code decays every variable (MLPerf's LARS does not).
+    bias = keras.Variable(np.array([2.0, -4.0]), dtype="float32")
+    optimizer = clars_tf.CLARS(0.5, weight_decay_rate=0.1)
+    optimizer.apply([np.zeros(2)], [bias], gradient_norms=[1.0])
+    # Trust 1 for a rank-1 variable: w -= 0.5 * 0.1 * w.
+    np.testing.assert_allclose(bias.numpy(), [1.9, -3.8], rtol=1e-6)
+    assert clars_tf.CLARS(0.5).get_config()["decay_excluded_variables"]
+
+
+def test_apply_needs_the_estimates_of_this_very_step():
+    w = keras.Variable(np.ones((2, 2)), dtype="float32")
+    optimizer = clars_tf.CLARS(0.1)
+    optimizer.apply([np.ones((2, 2))], [w], gradient_norms=[1.0])
+    # Estimates of the previous step are not this step's, eager or traced.
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="attach_gradient_norm_estimator"):
+        optimizer.apply([np.ones((2, 2))], [w])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="attach_gradient_norm_estimator"):
+        tf.function(lambda g: optimizer.apply([g], [w]))(tf.ones((2, 2)))
+    step = tf.function(lambda g, a: optimizer.apply([g], [w],
+                                                    gradient_norms=[a]))
+    step(tf.ones((2, 2)), tf.constant(1.0))
+    assert int(optimizer.gradient_norms_step.numpy()) == 1
+    assert int(optimizer.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("estimate", [float("nan"), float("inf")])
+def test_a_nonfinite_estimate_reaches_the_update(estimate):
+    # A custom loop, traced: the estimate never becomes a finite step.
+    w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    optimizer = clars_tf.CLARS(1.0)
+
+    @tf.function
+    def step(gradient, norm):
+        optimizer.apply([gradient], [w], gradient_norms=[norm])
+
+    step(tf.constant([[0.6, 0.8]]), tf.constant(estimate))
+    assert np.isnan(w.numpy()).all()
+    assert np.isnan(float(optimizer.trust_ratios([w], [estimate])[0]))
 
 
 @pytest.mark.parametrize(
@@ -180,7 +227,6 @@ def test_trust_ratios_for_diagnostics():
 @pytest.mark.parametrize("estimate, trust", [
     (1e30, 0.01 * 5 / 1e30),  # huge estimate: a vanishing, finite step
     (1e-30, 0.1),             # tiny estimate: epsilon keeps it finite, clip
-    (float("inf"), 0.0),
 ])
 def test_huge_and_tiny_estimates_give_finite_steps(estimate, trust):
     w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")

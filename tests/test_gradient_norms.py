@@ -7,12 +7,13 @@ import clars_tf
 from clars_tf import gradient_norms
 
 
-def _model(dropout=0.1, seed=0):
+def _model(dropout=0.1, seed=0, batch_norm=True):
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((6,)),
         keras.layers.Dense(8),
-        keras.layers.BatchNormalization(),
+        keras.layers.BatchNormalization() if batch_norm else
+        keras.layers.Identity(),
         keras.layers.ReLU(),
         keras.layers.Dropout(dropout),
         keras.layers.Dense(3),
@@ -54,7 +55,8 @@ def _model_without_dropout():
 
 @pytest.mark.parametrize("size, count", [(4, 4), (1, 8), (8, 1)])
 def test_matches_direct_computation_and_leaves_state_untouched(size, count):
-    model = _model_without_dropout()
+    # Batch norm needs two examples or more (see the test below).
+    model = _model(dropout=0.0, batch_norm=size > 1)
     x, y = _data()
     state = [v.numpy().copy() for v in model.non_trainable_variables]
     estimator = clars_tf.GradientNormEstimator(size, count)
@@ -157,3 +159,57 @@ def test_synchronized_batch_norm_uses_micro_batch_statistics(two_replicas):
         want = _direct_norms(plain, x, y, [8 * replica], 4)
         np.testing.assert_allclose(value.numpy(), want, rtol=1e-5, atol=1e-6)
     assert model.layers[1].synchronized
+
+
+def test_micro_batches_start_at_the_same_examples_for_any_replica_count(
+        two_replicas):
+    # J = 4 does not divide B = 66: micro-batch j starts at floor(j * 66 / 4)
+    # = 0, 16, 33, 49 on one device, and on two replicas of 33 examples.
+    model = _model_without_dropout()
+    x, y = _data(66)
+    estimator = clars_tf.GradientNormEstimator(4, 4)
+    want = _direct_norms(model, x, y, [0, 16, 33, 49], 4)
+    one = tf.function(lambda x, y: estimator(model, _loss, x, y))(x, y)
+    np.testing.assert_allclose([float(n) for n in one], want, rtol=1e-5,
+                               atol=1e-6)
+    per_replica = two_replicas.experimental_distribute_values_from_function(
+        lambda ctx: (x[ctx.replica_id_in_sync_group * 33:][:33],
+                     y[ctx.replica_id_in_sync_group * 33:][:33]))
+    two = two_replicas.run(
+        tf.function(lambda a, b: tf.stack(estimator(model, _loss, a, b))),
+        args=per_replica)
+    mean = np.mean([v.numpy() for v in
+                    two_replicas.experimental_local_results(two)], axis=0)
+    np.testing.assert_allclose(mean, want, rtol=1e-5, atol=1e-6)
+
+
+def test_single_examples_with_batch_norm_are_rejected():
+    x, y = _data()
+    estimator = clars_tf.GradientNormEstimator(1, 8)
+    with pytest.raises(ValueError, match="micro_batch_size=1.*batch "
+                                         "normalization.*>= 2"):
+        estimator(_model_without_dropout(), _loss, x, y)
+
+
+def test_loss_scale_keeps_float16_micro_batch_gradients_from_underflowing():
+    def tiny_loss(y_true, y_pred):
+        # Gradients of about 1e-8 per logit: below float16's smallest
+        # subnormal (6e-8) unless the loss is scaled.
+        return 1e-7 * _loss(y_true, tf.cast(y_pred, "float32"))
+
+    x, y = _data(32)
+    exact = _model(dropout=0.0, batch_norm=False)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        half = _model(dropout=0.0, batch_norm=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    half.set_weights(exact.get_weights())
+    estimator = clars_tf.GradientNormEstimator(4, 4)
+    want = np.array([float(n) for n in estimator(exact, tiny_loss, x, y)])
+    unscaled = np.array([float(n) for n in estimator(half, tiny_loss, x, y)])
+    scaled = np.array([float(n) for n in estimator(
+        half, tiny_loss, x, y, loss_scale=tf.constant(2.0 ** 15))])
+    assert np.all(want > 0)
+    assert np.max(np.abs(unscaled / want - 1)) > 0.5  # the underflow
+    np.testing.assert_allclose(scaled, want, rtol=2e-2)

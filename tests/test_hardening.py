@@ -51,6 +51,8 @@ BAD_OVERRIDES = [
     ("task.image_size=16", "'task.image_size': must be >= 32"),
     ("train.global_batch_size=100000", "larger than the 60000 training"),
     ("train.on_nonfinite=ignore", "'train.on_nonfinite'"),
+    ("estimator.micro_batch_size=1", "'estimator.micro_batch_size': must be "
+                                     ">= 2: every model here uses batch"),
 ]
 
 

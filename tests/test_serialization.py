@@ -37,9 +37,11 @@ def test_keras_file_restores_optimizer_slots(tmp_path):
     restored = keras.models.load_model(path)
     assert isinstance(restored.optimizer, clars_tf.CLARS)
     want, got = _state(model.optimizer), _state(restored.optimizer)
-    assert len(want) == len(got) == 6  # iterations, 4 momentums, estimates
+    # iterations, 4 momentums, the estimates and the step they were set for
+    assert len(want) == len(got) == 7
     assert int(got[0]) == 4
-    assert np.any(got[-1] > 0)
+    assert np.any(got[-2] > 0)
+    assert int(got[-1]) == 3
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
 
@@ -56,6 +58,6 @@ def test_checkpoint_restores_optimizer_slots(tmp_path):
     for a, b in zip(model.get_weights(), fresh.get_weights()):
         np.testing.assert_array_equal(a, b)
     want, got = _state(model.optimizer), _state(optimizer)
-    assert int(got[0]) == 4 and np.any(got[-1] > 0)
+    assert int(got[0]) == 4 and np.any(got[-2] > 0) and int(got[-1]) == 3
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)

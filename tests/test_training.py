@@ -176,3 +176,74 @@ def test_per_example_loss_of_keras_identifiers():
         np.testing.assert_allclose(losses, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="per_example_loss"):
         clars_tf.per_example_loss_of({"a": "mse"})
+
+
+@pytest.fixture
+def float32_afterwards():
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def _fit_weights(strategy, precision, steps=3, batch=32):
+    keras.mixed_precision.set_global_policy(precision)
+    x, y = _learnable_data(batch * steps)
+    with strategy.scope():
+        model = _model("plain")
+        optimizer = clars_tf.CLARS(1.0, trust_clip=1.0)
+        if precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        model.compile(optimizer=optimizer, loss=_loss)
+    clars_tf.attach_gradient_norm_estimator(
+        model, clars_tf.GradientNormEstimator(4, 4))
+    model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_fit_with_loss_scaling_follows_float32(replicas, two_replicas,
+                                               float32_afterwards):
+    strategy = two_replicas if replicas == 2 else tf.distribute.get_strategy()
+    want = _fit_weights(strategy, "float32")
+    got = _fit_weights(strategy, "mixed_float16")
+    assert got.layers[0].compute_dtype == "float16"
+    assert int(got.optimizer.iterations.numpy()) == 3  # no step skipped
+    start = _model("plain").get_weights()
+    moved = max(np.max(np.abs(w - s))
+                for w, s in zip(want.get_weights(), start))
+    apart = max(np.max(np.abs(w - g))
+                for w, g in zip(want.get_weights(), got.get_weights()))
+    assert moved > 1e-2
+    assert apart < 0.02 * moved, (apart, moved)
+
+
+def test_a_nonfinite_estimate_stops_fit_through_terminate_on_nan():
+    x, y = _learnable_data(128)
+    model = _model()
+    model.compile(optimizer=clars_tf.CLARS(0.5), loss=_loss)
+
+    def broken_loss(y_true, y_pred):  # finite main loss, NaN estimates
+        return _loss(y_true, y_pred) * float("nan")
+
+    clars_tf.attach_gradient_norm_estimator(
+        model, clars_tf.GradientNormEstimator(4, 4), broken_loss)
+    history = model.fit(x, y, batch_size=32, epochs=3, verbose=0,
+                        callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert model.stop_training
+    assert len(history.history["loss"]) == 1
+    assert np.isnan(model.layers[0].kernel.numpy()).all()
+
+
+def test_the_loss_is_scaled_for_a_loss_scale_optimizer():
+    x, y = _learnable_data(32)
+    model = _model()
+    plain = clars_tf.compute_loss_gradients_and_norms(
+        model, _loss, x, y, global_batch_size=32)
+    optimizer = keras.optimizers.LossScaleOptimizer(clars_tf.CLARS(0.1),
+                                                    initial_scale=1024.0)
+    optimizer.build(model.trainable_variables)
+    scaled = clars_tf.compute_loss_gradients_and_norms(
+        model, _loss, x, y, global_batch_size=32, optimizer=optimizer)
+    assert float(scaled.loss) == pytest.approx(float(plain.loss))
+    for g, s in zip(plain.gradients, scaled.gradients):
+        np.testing.assert_allclose(s.numpy(), 1024.0 * g.numpy(), rtol=1e-5,
+                                   atol=1e-6)

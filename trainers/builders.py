@@ -23,9 +23,12 @@ def per_example_loss(num_classes, label_smoothing):
     """Cross-entropy from logits, one value per example."""
 
     def loss(labels, logits):
-        logits = tf.cast(logits, "float32")
+        # float32 at least (float16 logits), float64 when the model is.
+        if logits.dtype != tf.float64:
+            logits = tf.cast(logits, "float32")
         if label_smoothing:
-            one_hot = tf.one_hot(tf.cast(labels, "int32"), num_classes)
+            one_hot = tf.one_hot(tf.cast(labels, "int32"), num_classes,
+                                 dtype=logits.dtype)
             return keras.losses.categorical_crossentropy(
                 one_hot, logits, from_logits=True,
                 label_smoothing=label_smoothing)
@@ -36,7 +39,7 @@ def per_example_loss(num_classes, label_smoothing):
 
 
 def learning_rate(config, steps_per_epoch):
-    """Linear scaling, optional warmup, decay over the whole run."""
+    """Linear scaling, optional warmup to the peak, decay to the end."""
     opt, train = config["optimizer"], config["train"]
     peak = schedules.linear_scaling(opt["base_learning_rate"],
                                     train["global_batch_size"],

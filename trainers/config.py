@@ -16,7 +16,9 @@ from models import MODEL_NAMES
 from models import model_options
 
 OPTIMIZERS = ("clars", "lars", "sgd", "lamb")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# float64: for numerics checks (rounding vs a bug), e.g.
+# scripts/replica_agreement.py --precision=float64.
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "float64")
 DECAYS = ("polynomial", "cosine", "constant")
 
 DEFAULTS = {
@@ -286,6 +288,11 @@ def validate(config):
              "optimizer.name=sgd/lars for a warmup baseline).")
     for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):
         _require(est[key] >= 1, f"estimator.{key}", "must be >= 1.")
+    _require(est["micro_batch_size"] >= 2, "estimator.micro_batch_size",
+             "must be >= 2: every model here uses batch normalization, and "
+             "one example normalized by its own statistics has almost no "
+             "gradient, so the estimate would collapse (the reference uses "
+             "8).")
     return config
 
 

@@ -129,11 +129,32 @@ def _nonfinite_flags(gradients, norms):
 
     flags = []
     for index, gradient in enumerate(gradients):
-        finite = tf.reduce_all(tf.math.is_finite(gradient))
+        finite = (tf.constant(True) if gradient is None
+                  else tf.reduce_all(tf.math.is_finite(gradient)))
         if norms:
             finite = tf.logical_and(finite, tf.math.is_finite(norms[index]))
         flags.append(tf.cast(tf.logical_not(finite), "float32"))
     return tf.stack(flags)
+
+
+def _replica_mean_of_floats(context, values):
+    """Float values averaged across replicas; others (seed states) as is.
+
+    Each replica computes batch-norm moving statistics from its own examples;
+    averaging them keeps one set, the moving means a single device computes
+    from the whole global batch (equal per-replica batches).
+    """
+    import tensorflow as tf
+
+    values = list(values)
+    # One all-reduce per dtype: a batched all-reduce concatenates its inputs.
+    for dtype in {v.dtype for v in values if v.dtype.is_floating}:
+        group = [i for i, v in enumerate(values) if v.dtype == dtype]
+        means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                   [values[i] for i in group])
+        for i, mean in zip(group, means):
+            values[i] = mean
+    return values
 
 
 def _first_flag_code(flags):
@@ -177,8 +198,8 @@ class Trainer:
         if train["deterministic"]:
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(train["seed"])
-        if train["precision"] != "float32":
-            keras.mixed_precision.set_global_policy(train["precision"])
+        # Always set: a previous Trainer in this process may have changed it.
+        keras.mixed_precision.set_global_policy(train["precision"])
         with strategy.scope():
             self.model = builders.model(config)
             self.optimizer = builders.optimizer(config, self.steps_per_epoch)
@@ -258,30 +279,24 @@ class Trainer:
             estimator=self.estimator, defer_state_updates=True)
         gradients = out.gradients
         if self.sgd_decay_rate:
-            # Each replica adds its share: the gradients are summed next.
-            share = self.sgd_decay_rate / self.replicas
-            gradients = [g + share * tf.cast(v, g.dtype)
-                         for g, v in zip(gradients, variables)]
+            gradients = self._add_sgd_decay(gradients, variables)
         norms = out.gradient_norms or []
         flags = _nonfinite_flags(gradients, norms)
-        context = tf.distribute.get_replica_context()
-        # Every replica must take the same branch below: agree on the flags.
-        if context and context.num_replicas_in_sync > 1:
-            flags = context.all_reduce("SUM", flags)
-        bad = _first_flag_code(flags)
         state_variables = [v for v, _ in out.state_updates]
         state_values = [value for _, value in out.state_updates]
+        context = tf.distribute.get_replica_context()
+        if context and context.num_replicas_in_sync > 1:
+            # Every replica must take the same branch below: agree on the
+            # flags.
+            flags = context.all_reduce("SUM", flags)
+            state_values = _replica_mean_of_floats(context, state_values)
+        bad = _first_flag_code(flags)
 
         def update(gradients, norms, state_values):
             self._clars_tf.apply_state_updates(
                 zip(state_variables, state_values))
             if norms:
                 self.update_optimizer.set_gradient_norms(norms, variables)
-            self.optimizer.apply(gradients, variables)
-
-        def lower_loss_scale(gradients):
-            # The LossScaleOptimizer sees the overflow, halves its scale and
-            # applies nothing.
             self.optimizer.apply(gradients, variables)
 
         def decide(distribution, gradients, norms, state_values, bad):
@@ -291,8 +306,12 @@ class Trainer:
 
             def skip():
                 if self.loss_scaled:
-                    distribution.extended.call_for_each_replica(
-                        lower_loss_scale, args=(gradients,))
+                    # What LossScaleOptimizer does with non-finite gradients:
+                    # halve the scale, restart its growth count, apply
+                    # nothing (its `apply` would also trace the update).
+                    scaler = self.optimizer
+                    scaler.step_counter.assign(0)
+                    scaler.dynamic_scale.assign(scaler.dynamic_scale * 0.5)
                 # Keep the step count in line with the data consumed, so a
                 # resumed run replays the same batches.
                 self.update_optimizer.iterations.assign_add(1)
@@ -308,6 +327,23 @@ class Trainer:
             tf.equal(tf.argmax(out.predictions, -1, output_type="int32"),
                      tf.cast(labels, "int32")), "float32"))
         return out.loss, correct, tf.cast(bad, "float32")
+
+    def _add_sgd_decay(self, gradients, variables):
+        """SGD's coupled L2 term, `g + decay_rate * w`, for this replica.
+
+        Each replica adds its share, as the gradients are summed next, in
+        the units of the gradients: multiplied by the loss scale under
+        `mixed_float16`, which the LossScaleOptimizer then divides out. A
+        variable without a gradient still decays.
+        """
+        tf = self._tf
+        share = self.sgd_decay_rate / self.replicas
+        if self.loss_scaled:
+            share *= self.optimizer.dynamic_scale
+        decays = [tf.cast(share * tf.convert_to_tensor(v), v.dtype)
+                  for v in variables]
+        return [d if g is None else g + tf.cast(d, g.dtype)
+                for g, d in zip(gradients, decays)]
 
     def _make_train_loop(self):
         tf, strategy = self._tf, self.strategy
