@@ -131,6 +131,11 @@ class GradientNormEstimator:
                 "global batch size."
             )
 
+    def micro_batch_starts(self, batch, num_replicas):
+        """First example of each of this replica's micro-batches, `[count]`."""
+        count = self.micro_batches_per_replica(num_replicas)
+        return tf.range(count) * (batch // count)
+
     def __call__(self, model, per_example_loss, x, y, sample_weight=None):
         """Returns one float32 scalar per `model.trainable_variables`.
 
@@ -151,7 +156,7 @@ class GradientNormEstimator:
                 message="The estimator's micro-batches don't fit the "
                         "per-replica batch; lower num_micro_batches or "
                         "micro_batch_size.")
-        stride = batch // count
+        starts = self.micro_batch_starts(batch, num_replicas)
         variables = model.trainable_variables
 
         def norms_of_micro_batch(start):
@@ -177,14 +182,13 @@ class GradientNormEstimator:
 
         with _local_batch_norm_statistics(model):
             if self.micro_batch_size == 1:
-                per_example = tf.vectorized_map(
-                    norms_of_micro_batch, tf.range(count) * stride)
+                per_example = tf.vectorized_map(norms_of_micro_batch, starts)
                 total = tf.reduce_sum(per_example, axis=0)
             else:
                 _, total = tf.while_loop(
                     lambda j, _: j < count,
                     lambda j, acc: (
-                        j + 1, acc + norms_of_micro_batch(j * stride)),
+                        j + 1, acc + norms_of_micro_batch(starts[j])),
                     (tf.constant(0), tf.zeros([len(variables)])),
                 )
         return tf.unstack(total / tf.cast(count, "float32"))
