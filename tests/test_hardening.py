@@ -51,6 +51,9 @@ BAD_OVERRIDES = [
     ("task.image_size=16", "'task.image_size': must be >= 32"),
     ("train.global_batch_size=100000", "larger than the 60000 training"),
     ("train.on_nonfinite=ignore", "'train.on_nonfinite'"),
+    ("estimator.method=ghost", "'estimator.method': unknown method"),
+    ("estimator.method=one_pass,estimator.refresh_every=2",
+     "applies to the loop estimator only"),
 ]
 
 

@@ -18,6 +18,7 @@ from models import model_options
 OPTIMIZERS = ("clars", "lars", "sgd", "lamb")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 DECAYS = ("polynomial", "cosine", "constant")
+ESTIMATOR_METHODS = ("loop", "one_pass")
 
 DEFAULTS = {
     "task": {
@@ -76,6 +77,10 @@ DEFAULTS = {
         "decay_excluded_variables": False,
     },
     "estimator": {
+        # 'loop' (the reference: J extra passes over micro-batches) or
+        # 'one_pass' (norms read off the main step's own pass; see
+        # clars_tf/one_pass_norms.py for how it differs with batch norm).
+        "method": "loop",
         "micro_batch_size": 8,
         "num_micro_batches": 64,
         "refresh_every": 1,
@@ -283,6 +288,13 @@ def validate(config):
              "optimizer.name=sgd/lars for a warmup baseline).")
     for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):
         _require(est[key] >= 1, f"estimator.{key}", "must be >= 1.")
+    _require(est["method"] in ESTIMATOR_METHODS, "estimator.method",
+             f"unknown method '{est['method']}'. Choose one of "
+             f"{', '.join(ESTIMATOR_METHODS)}.")
+    _require(est["method"] == "loop" or est["refresh_every"] == 1,
+             "estimator.refresh_every",
+             "applies to the loop estimator only (the one-pass estimate "
+             "costs no extra pass); set it to 1 or estimator.method=loop.")
     return config
 
 
@@ -295,9 +307,13 @@ def check_against_strategy(config, num_replicas):
              f"multiple of {num_replicas}.")
     if config["optimizer"]["name"] == "clars":
         import clars_tf
-        estimator = clars_tf.GradientNormEstimator(
-            est["micro_batch_size"], est["num_micro_batches"],
-            est["refresh_every"])
+        if est["method"] == "one_pass":
+            estimator = clars_tf.OnePassGradientNormEstimator(
+                est["micro_batch_size"], est["num_micro_batches"])
+        else:
+            estimator = clars_tf.GradientNormEstimator(
+                est["micro_batch_size"], est["num_micro_batches"],
+                est["refresh_every"])
         try:
             estimator.check_fits(batch // num_replicas, num_replicas)
         except ValueError as error:
