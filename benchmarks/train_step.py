@@ -17,6 +17,10 @@ Candidates (timed side by side in one process):
   * `clars_s8_j64`: CLARS with the reference estimator (s=8, J=64);
   * `clars_s1_j64`: CLARS with per-example norms (s=1, J=64);
   * `clars_s8_j{8,16,32}`: the J sweep at s=8 (J=64 is the reference);
+  * `one_pass_s8_j64`, `one_pass_s8_j128`: CLARS with the one-pass
+    estimator (`OnePassGradientNormEstimator`) at the reference J and with
+    every example in a micro-batch (J * s = B), against the issue's bounds
+    1.15 and 1.3 (`1 + 0.3 * J * s / B`);
   * `clars_s8_j64_every2`: the reference estimator refreshed every 2nd step
     (`GradientNormEstimator(refresh_every=2)`; timed over 2 steps a round);
   * `mirrored{1,2}/sgd`, `mirrored{1,2}/clars_s8_j64`: the same steps under
@@ -465,7 +469,9 @@ def print_table(specs, results, memory):
         print("peak MiB: the process's peak RSS (VmHWM); step MiB: that peak "
               "minus the RSS once TensorFlow, model, optimizer and data are "
               "set up, i.e. what tracing and the steps add.")
-    print("bound = 1 + 1.1*J*s/B (the reference bound also for _every<k>); "
+    print("bound = 1 + 1.1*J*s/B for the loop (the reference bound also "
+          "for _every<k>), 1 + 0.3*J*s/B for one_pass (1.15 at J*s = B/2, "
+          "1.3 at J*s = B); "
           "est/ex = estimator cost per example it processes / main step "
           "cost per example = (ratio - 1) * B * k / (J * s), at most 1.1 "
           "to meet the bound. cpu-t x: median ratio of process CPU time per "

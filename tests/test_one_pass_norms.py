@@ -103,8 +103,10 @@ def test_standalone_call_equals_the_loop_estimator():
         clars_tf.GradientNormEstimator(4, 8)(model, _loss, x, y), rtol=1e-5)
 
 
-def test_under_xla():
-    model = _model("all")
+@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise"])
+def test_under_xla(kind):
+    """XLA takes the einsum-over-patches path for convolutions."""
+    model = _model(kind)
     x, y = _images()
     estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
     step = tf.function(lambda x, y: clars_tf.compute_loss_gradients_and_norms(
