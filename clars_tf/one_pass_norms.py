@@ -194,7 +194,12 @@ def _squared_norms_of_products(inputs, output_gradients):
 
 
 def _patches(layer, inputs):
-    """`[batch, out_h, out_w, kh * kw * channels]`, in the kernel's order."""
+    """`[groups * s, out_h, out_w, kh * kw * channels]`, in kernel order.
+
+    Args:
+        inputs: `[groups, s, h, w, channels]`.
+    """
+    inputs = tf.reshape(inputs, [-1, *inputs.shape[2:]])
     kh, kw = layer.kernel_size
     if (kh, kw) == (1, 1) and tuple(layer.strides) == (1, 1):
         return inputs
@@ -257,7 +262,6 @@ def _kernel_and_bias_squares(kind, layer, inputs, output_gradients):
     flat = [-1 if groups is None else groups]
     kernel_shape = layer.kernel.shape
     outputs = output_gradients.shape[-1]
-    merged_inputs = tf.reshape(inputs, [-1, *inputs.shape[2:]])
     # Library filter-gradient kernels beat the einsums (twice as fast on a
     # CPU), except under XLA on a CPU, which lowers grouped filter
     # gradients very slowly; they need static shapes.
@@ -270,7 +274,7 @@ def _kernel_and_bias_squares(kind, layer, inputs, output_gradients):
         dz = tf.reshape(output_gradients, flat + [-1, outputs])
         kernel = _squared_norms_of_products(patches, dz)
     elif kind == "depthwise":
-        patches = _patches(layer, merged_inputs)
+        patches = _patches(layer, inputs)
         channels, multiplier = kernel_shape[2], kernel_shape[3]
         patches = tf.reshape(patches, flat + [-1, kernel_shape[0]
                                               * kernel_shape[1], channels])
@@ -278,7 +282,7 @@ def _kernel_and_bias_squares(kind, layer, inputs, output_gradients):
         kernel = tf.reduce_sum(tf.square(
             tf.einsum("gnpc,gncm->gpcm", patches, dz)), axis=[1, 2, 3])
     else:
-        patches = _patches(layer, merged_inputs)
+        patches = _patches(layer, inputs)
         patches = tf.reshape(patches, flat + [-1, patches.shape[-1]])
         dz = tf.reshape(output_gradients, flat + [-1, outputs])
         kernel = _squared_norms_of_products(patches, dz)
