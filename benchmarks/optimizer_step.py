@@ -28,16 +28,10 @@ noise of this shared machine shows instead of hiding in a single number.
 
 Targets (from the issue): CLARS <= 1.3x SGD, LARS <= 1.5x SGD.
 
-`--diagnose` adds ablation variants (subclasses defined in this file, NOT
-part of clars_tf) that locate the overhead: a trust ratio fixed to 1, the
-weight norm via `tf.nn.l2_loss`, and a fused in-place momentum kernel
-(`tf.raw_ops.ResourceApplyMomentum`). It first checks, on small variables,
-that every variant computes the same update as the shipped optimizer.
-
-Command (2-core CPU: about 2 minutes with --diagnose, 1 minute without):
+Command (2-core CPU: about 1 minute):
 
     TF_ENABLE_ONEDNN_OPTS=1 python3 -m benchmarks.optimizer_step \\
-        --diagnose --output=/tmp/optimizer_step.json
+        --output=/tmp/optimizer_step.json
 
 Run it from the repository root.
 """
@@ -67,8 +61,6 @@ flags.DEFINE_float("learning_rate", 0.01, "Learning rate of every optimizer.")
 flags.DEFINE_float("weight_decay_rate", 2e-4,
                    "Coupled L2 decay of LARS and CLARS (the spec's ImageNet "
                    "value); SGD has none, as Keras's default.")
-flags.DEFINE_bool("diagnose", False,
-                  "Add ablation variants that locate the overhead.")
 flags.DEFINE_bool("jit_compile", False,
                   "Wrap every candidate in tf.function(jit_compile=True).")
 flags.DEFINE_integer("seed", 0, "Seed of the random gradients and norms.")
@@ -97,230 +89,6 @@ def summarize(times, baseline_times, cpu_times, baseline_cpu_times):
         "min_ratio": min(ratios),
         "max_ratio": max(ratios),
     }
-
-
-# ------------------------------------------- diagnostic ablation variants
-def _make_variants():
-    """Diagnostic subclasses; defined lazily so --help needs no TensorFlow."""
-    import tensorflow as tf
-    from keras import ops
-
-    import clars_tf
-    from clars_tf import layerwise
-
-    def l2_loss_norm(tensor):
-        # One fused reduction kernel: no squared temporary, one read pass.
-        return tf.sqrt(2.0 * tf.nn.l2_loss(tf.cast(tensor, tf.float32)))
-
-    class ClarsTrustOne(clars_tf.CLARS):
-        """CLARS with trust fixed to 1: what the trust ratio costs."""
-
-        def update_step(self, gradient, variable, learning_rate):
-            index, _, decay_rate = self._variable_settings(variable)
-            dtype = variable.dtype
-            update = ops.add(ops.cast(gradient, dtype),
-                             ops.multiply(decay_rate, variable))
-            momentum = self.momentums[index]
-            self.assign(momentum, ops.add(
-                ops.multiply(self.momentum, momentum), update))
-            self.assign_sub(variable, ops.multiply(
-                ops.cast(learning_rate, dtype), momentum))
-
-    class ClarsL2Loss(clars_tf.CLARS):
-        """Shipped CLARS, ||w|| via tf.nn.l2_loss."""
-
-        def update_step(self, gradient, variable, learning_rate):
-            index, adapted, decay_rate = self._variable_settings(variable)
-            dtype = variable.dtype
-            update = ops.add(ops.cast(gradient, dtype),
-                             ops.multiply(decay_rate, variable))
-            if adapted:
-                estimate = self.gradient_norm_estimates[index]
-                trust = layerwise.trust_ratio(
-                    l2_loss_norm(variable), estimate,
-                    estimate + self.epsilon, self.trust_coefficient,
-                    clip=self.trust_clip)
-                scaled_rate = ops.cast(learning_rate * trust, dtype)
-            else:
-                scaled_rate = ops.cast(learning_rate, dtype)
-            momentum = self.momentums[index]
-            self.assign(momentum, ops.add(
-                ops.multiply(self.momentum, momentum), update))
-            if self.nesterov:
-                update = ops.add(ops.multiply(self.momentum, momentum), update)
-            else:
-                update = momentum
-            self.assign_sub(variable, ops.multiply(scaled_rate, update))
-
-    class ClarsFused(clars_tf.CLARS):
-        """l2_loss norm + one in-place ResourceApplyMomentum kernel.
-
-        ResourceApplyMomentum does `m = mu * m + grad; w -= lr * m` (Nesterov:
-        `w -= lr * grad + lr * mu * m`), which is CLARS's steps 4-5 with
-        grad = d and lr = gamma * trust. The decay term is skipped when its
-        rate is 0.
-        """
-
-        def update_step(self, gradient, variable, learning_rate):
-            index, adapted, decay_rate = self._variable_settings(variable)
-            dtype = variable.dtype
-            update = tf.cast(gradient, dtype)
-            if decay_rate:
-                update = update + tf.cast(decay_rate, dtype) * variable
-            if adapted:
-                estimate = self.gradient_norm_estimates[index]
-                trust = layerwise.trust_ratio(
-                    l2_loss_norm(variable), estimate,
-                    estimate + self.epsilon, self.trust_coefficient,
-                    clip=self.trust_clip)
-                scaled_rate = tf.cast(learning_rate * trust, dtype)
-            else:
-                scaled_rate = tf.cast(learning_rate, dtype)
-            tf.raw_ops.ResourceApplyMomentum(
-                var=variable.handle, accum=self.momentums[index].handle,
-                lr=scaled_rate, grad=update,
-                momentum=tf.cast(self.momentum, dtype),
-                use_locking=False, use_nesterov=self.nesterov)
-
-    class LarsL2Loss(clars_tf.LARS):
-        """Shipped LARS, ||w|| and ||g|| via tf.nn.l2_loss."""
-
-        def update_step(self, gradient, variable, learning_rate):
-            index, adapted, decay_rate = self._variable_settings(variable)
-            dtype = variable.dtype
-            update = ops.add(ops.cast(gradient, dtype),
-                             ops.multiply(decay_rate, variable))
-            if adapted:
-                weight_norm = l2_loss_norm(variable)
-                gradient_norm = l2_loss_norm(gradient)
-                trust = layerwise.trust_ratio(
-                    weight_norm, gradient_norm,
-                    gradient_norm + decay_rate * weight_norm + self.epsilon,
-                    self.trust_coefficient)
-                scaled_rate = ops.cast(learning_rate * trust, dtype)
-            else:
-                scaled_rate = ops.cast(learning_rate, dtype)
-            step = ops.multiply(scaled_rate, update)
-            velocity = self.momentums[index]
-            self.assign(velocity, ops.add(
-                ops.multiply(self.momentum, velocity), step))
-            if self.nesterov:
-                step = ops.add(ops.multiply(self.momentum, velocity), step)
-            else:
-                step = velocity
-            self.assign_sub(variable, step)
-
-    class LarsFused(clars_tf.LARS):
-        """l2_loss norms + ResourceApplyMomentum(lr=1, grad=gamma*trust*d).
-
-        That kernel does `v = mu * v + gamma * trust * d; w -= v` (Nesterov:
-        `w -= gamma * trust * d + mu * v`), LARS's update exactly.
-        """
-
-        def update_step(self, gradient, variable, learning_rate):
-            index, adapted, decay_rate = self._variable_settings(variable)
-            dtype = variable.dtype
-            gradient = tf.cast(gradient, dtype)
-            update = gradient
-            if decay_rate:
-                update = update + tf.cast(decay_rate, dtype) * variable
-            if adapted:
-                weight_norm = l2_loss_norm(variable)
-                gradient_norm = l2_loss_norm(gradient)
-                trust = layerwise.trust_ratio(
-                    weight_norm, gradient_norm,
-                    gradient_norm + decay_rate * weight_norm + self.epsilon,
-                    self.trust_coefficient)
-                scaled_rate = tf.cast(learning_rate * trust, dtype)
-            else:
-                scaled_rate = tf.cast(learning_rate, dtype)
-            tf.raw_ops.ResourceApplyMomentum(
-                var=variable.handle, accum=self.momentums[index].handle,
-                lr=tf.constant(1.0, dtype), grad=scaled_rate * update,
-                momentum=tf.cast(self.momentum, dtype),
-                use_locking=False, use_nesterov=self.nesterov)
-
-    import keras
-
-    class SgdFused(keras.optimizers.SGD):
-        """Keras SGD through ResourceApplyKerasMomentum: the fused floor."""
-
-        def update_step(self, gradient, variable, learning_rate):
-            m = self.momentums[self._get_variable_index(variable)]
-            tf.raw_ops.ResourceApplyKerasMomentum(
-                var=variable.handle, accum=m.handle,
-                lr=tf.cast(learning_rate, variable.dtype),
-                grad=tf.cast(gradient, variable.dtype),
-                momentum=tf.cast(self.momentum, variable.dtype),
-                use_locking=False, use_nesterov=self.nesterov)
-
-    # name -> (class, shipped class it must match, extra kwargs, what it shows)
-    return {
-        "clars/decay=0": (clars_tf.CLARS, clars_tf.CLARS,
-                          {"weight_decay_rate": 0.0},
-                          "shipped CLARS without decay (0*w is still "
-                          "computed)"),
-        "clars/trust=1": (ClarsTrustOne, None, {},
-                          "no ||w||, no estimate read, no trust math"),
-        "clars/l2_loss": (ClarsL2Loss, clars_tf.CLARS, {},
-                          "||w|| by tf.nn.l2_loss"),
-        "clars/fused": (ClarsFused, clars_tf.CLARS, {},
-                        "l2_loss + ResourceApplyMomentum"),
-        "lars/l2_loss": (LarsL2Loss, clars_tf.LARS, {},
-                         "||w||, ||g|| by tf.nn.l2_loss"),
-        "lars/fused": (LarsFused, clars_tf.LARS, {},
-                       "l2_loss + ResourceApplyMomentum"),
-        "sgd/fused": (SgdFused, keras.optimizers.SGD, {},
-                      "Keras SGD via ResourceApplyKerasMomentum"),
-    }
-
-
-def check_variants(variants, seed):
-    """Max abs difference, variant vs shipped optimizer, after 3 steps."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
-
-    import clars_tf
-
-    rng = np.random.default_rng(seed)
-    shapes = [(3, 3, 8, 16), (16,), (16,), (32, 10), (10,)]
-    initial = [rng.standard_normal(s).astype("float32") for s in shapes]
-    steps = [[rng.standard_normal(s).astype("float32") for s in shapes]
-             for _ in range(3)]
-    norms = [rng.uniform(0.1, 1.0, len(shapes)).astype("float32")
-             for _ in range(3)]
-    report = {}
-    for name, (cls, reference_cls, extra, _) in variants.items():
-        if reference_cls is None or cls is reference_cls:
-            continue
-        for nesterov in (False, True):
-            results = []
-            for c in (reference_cls, cls):
-                variables = [keras.Variable(v, name=f"v{i}")
-                             for i, v in enumerate(initial)]
-                kwargs = dict(learning_rate=0.1, momentum=0.9,
-                              nesterov=nesterov)
-                if issubclass(c, clars_tf.LARS) or issubclass(
-                        c, clars_tf.CLARS):
-                    kwargs["weight_decay_rate"] = 1e-2
-                    kwargs.update(extra)
-                optimizer = c(**kwargs)
-                optimizer.build(variables)
-                for grads, a in zip(steps, norms):
-                    grads = [tf.constant(g) for g in grads]
-                    if isinstance(optimizer, clars_tf.CLARS):
-                        optimizer.apply(grads, variables,
-                                        gradient_norms=list(a))
-                    else:
-                        optimizer.apply(grads, variables)
-                results.append(
-                    [v.numpy() for v in variables]
-                    + [m.numpy() for m in optimizer.momentums])
-            diff = max(float(np.max(np.abs(a - b)))
-                       for a, b in zip(*results))
-            report[f"{name} (nesterov={nesterov})"] = diff
-    return report
 
 
 # ------------------------------------------------------------------ main
@@ -367,21 +135,6 @@ def main(argv):
         "lars": f"clars_tf.LARS(weight_decay_rate={wd})",
         "clars": f"clars_tf.CLARS(weight_decay_rate={wd})",
     }
-    equivalence = None
-    if FLAGS.diagnose:
-        variants = _make_variants()
-        equivalence = check_variants(variants, FLAGS.seed)
-        print("Variant vs shipped optimizer, max |difference| after 3 steps:")
-        for name, diff in equivalence.items():
-            print(f"  {name:32s} {diff:.3g}")
-        for name, (cls, _, extra, what) in variants.items():
-            kwargs = dict(momentum=0.9)
-            if name.startswith(("clars", "lars")):
-                kwargs["weight_decay_rate"] = wd
-            kwargs.update(extra)
-            optimizers[name] = cls(lr, **kwargs)
-            descriptions[name] = "diagnostic: " + what
-
     candidates = {}
     op_counts = {}
     for name, optimizer in optimizers.items():
@@ -456,10 +209,6 @@ def main(argv):
           f"{statistics.median(all_shares):.2f}, min {min(all_shares):.2f} "
           f"(1.00 = all {env['cpu_count']} CPUs); load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after.")
-    if FLAGS.diagnose:
-        print()
-        for name, s in results.items():
-            print(f"  {name:16s} {s['description']}")
 
     if FLAGS.output:
         payload = {
@@ -485,7 +234,6 @@ def main(argv):
             },
             "load_average_1min": {"before": load_before[0],
                                   "after": load_after[0]},
-            "variant_equivalence_max_abs_diff": equivalence,
             "results": results,
         }
         with open(FLAGS.output, "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@ from clars_tf.clars import CLARS
 from clars_tf.gradient_norms import GradientNormEstimator
 from clars_tf.lars import LARS
 from clars_tf.layerwise import trust_ratio
+from clars_tf.one_pass_norms import OnePassGradientNormEstimator
 from clars_tf.training import StepGradients
 from clars_tf.training import apply_state_updates
 from clars_tf.training import attach_gradient_norm_estimator

@@ -139,6 +139,16 @@ class GradientNormEstimator:
                 "global batch size."
             )
 
+    def micro_batch_starts(self, batch, num_replicas):
+        """First example of each of this replica's micro-batches, `[count]`.
+
+        `floor(j * B / J)` of the global batch, seen from this replica's
+        contiguous part: the same examples for any replica count that
+        divides J.
+        """
+        count = self.micro_batches_per_replica(num_replicas)
+        return tf.range(count) * batch // count
+
     def __call__(self, model, per_example_loss, x, y, sample_weight=None,
                  loss_scale=None):
         """Returns one float32 scalar per `model.trainable_variables`.
@@ -175,9 +185,7 @@ class GradientNormEstimator:
                 message="The estimator's micro-batches don't fit the "
                         "per-replica batch; lower num_micro_batches or "
                         "micro_batch_size.")
-        # floor(j * B / J) of the global batch, seen from this replica's
-        # contiguous part: the same examples for any replica count.
-        starts = tf.range(count) * batch // count
+        starts = self.micro_batch_starts(batch, num_replicas)
         if loss_scale is None:
             loss_weight = tf.constant(1.0)
         else:

@@ -106,8 +106,9 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
         global_batch_size: examples per step over all replicas.
         optimizer: needed with an estimator that refreshes less than every
             step (its stored estimates are reused).
-        estimator: a `GradientNormEstimator`, or None when the optimizer
-            needs no norms.
+        estimator: a `GradientNormEstimator` (the loop), a
+            `OnePassGradientNormEstimator` (norms read off this pass), or
+            None when the optimizer needs no norms.
         defer_state_updates: if True, the forward pass's state writes
             (batch-norm moving statistics, seed generators) are not applied
             but returned in `state_updates`, for the caller to apply with
@@ -122,9 +123,12 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     context = tf.distribute.get_replica_context()
     num_replicas = context.num_replicas_in_sync if context else 1
     variables = model.trainable_variables
+    one_pass = getattr(estimator, "records_main_pass", False)
     with tf.GradientTape() as tape:
         with (keras.StatelessScope(collect_losses=True) if defer_state_updates
-              else contextlib.nullcontext()) as scope:
+              else contextlib.nullcontext()) as scope, (
+                estimator.recording(model) if one_pass
+                else contextlib.nullcontext()) as recording:
             predictions = model(x, training=True)
         regularization = scope.losses if defer_state_updates else model.losses
         losses = tf.cast(per_example_loss(y, predictions), "float32")
@@ -134,7 +138,12 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
         if regularization:
             loss += tf.add_n(regularization) / num_replicas
         scaled_loss = optimizer.scale_loss(loss) if optimizer else loss
-    gradients = tape.gradient(scaled_loss, variables)
+    # The one-pass estimator reads its norms off the recorded layers'
+    # output gradients, computed by the same backward pass.
+    recorded = recording.outputs if one_pass else []
+    gradients = tape.gradient(scaled_loss, variables + recorded)
+    gradients, output_gradients = (gradients[:len(variables)],
+                                   gradients[len(variables):])
     state_updates = None
     if defer_state_updates:
         state_updates = [
@@ -143,7 +152,12 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
             if scope.get_current_value(variable) is not None
         ]
     norms = None
-    if estimator is not None:
+    if one_pass:
+        norms = estimator.norms_from_pass(
+            model, recording, output_gradients, global_batch_size,
+            loss_scale_of(optimizer),
+            per_example_loss, x, y, sample_weight)
+    elif estimator is not None:
         if estimator.refresh_every > 1 and optimizer is None:
             raise ValueError(
                 "`optimizer` is required when the estimator refreshes less "

@@ -20,6 +20,7 @@ OPTIMIZERS = ("clars", "lars", "sgd", "lamb")
 # scripts/replica_agreement.py --precision=float64.
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "float64")
 DECAYS = ("polynomial", "cosine", "constant")
+ESTIMATOR_METHODS = ("loop", "one_pass")
 
 DEFAULTS = {
     "task": {
@@ -81,6 +82,10 @@ DEFAULTS = {
         "decay_excluded_variables": False,
     },
     "estimator": {
+        # 'loop' (the reference: J extra passes over micro-batches) or
+        # 'one_pass' (norms read off the main step's own pass; see
+        # clars_tf/one_pass_norms.py for how it differs with batch norm).
+        "method": "loop",
         "micro_batch_size": 8,
         "num_micro_batches": 64,
         "refresh_every": 1,
@@ -293,6 +298,13 @@ def validate(config):
              "one example normalized by its own statistics has almost no "
              "gradient, so the estimate would collapse (the reference uses "
              "8).")
+    _require(est["method"] in ESTIMATOR_METHODS, "estimator.method",
+             f"unknown method '{est['method']}'. Choose one of "
+             f"{', '.join(ESTIMATOR_METHODS)}.")
+    _require(est["method"] == "loop" or est["refresh_every"] == 1,
+             "estimator.refresh_every",
+             "applies to the loop estimator only (the one-pass estimate "
+             "costs no extra pass); set it to 1 or estimator.method=loop.")
     return config
 
 
@@ -305,9 +317,13 @@ def check_against_strategy(config, num_replicas):
              f"multiple of {num_replicas}.")
     if config["optimizer"]["name"] == "clars":
         import clars_tf
-        estimator = clars_tf.GradientNormEstimator(
-            est["micro_batch_size"], est["num_micro_batches"],
-            est["refresh_every"])
+        if est["method"] == "one_pass":
+            estimator = clars_tf.OnePassGradientNormEstimator(
+                est["micro_batch_size"], est["num_micro_batches"])
+        else:
+            estimator = clars_tf.GradientNormEstimator(
+                est["micro_batch_size"], est["num_micro_batches"],
+                est["refresh_every"])
         try:
             estimator.check_fits(batch // num_replicas, num_replicas)
         except ValueError as error:

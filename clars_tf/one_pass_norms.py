@@ -1,0 +1,463 @@
+"""The gradient-norm estimate taken from the training step's own pass.
+
+The loop estimator (`clars_tf.gradient_norms`) runs J extra forward and
+backward passes over micro-batches of s examples. This one reads the same
+quantities off the main step: for a layer `z = op(x, W) + b`, the step's
+weight gradient is a sum over examples of terms built from the layer's input
+`x_i` and output gradient `dz_i`, so the gradient of a group of s examples is
+the same sum restricted to the group. Per group, one batched op gives
+
+    kernel:  sum_{i in group} patches(x_i)^T dz_i: for convolutions one
+             grouped filter-gradient op with the groups stacked along the
+             channels (under XLA, image patches treated as Dense inputs);
+             for Dense an einsum, or the squared norm without forming the gradient, from
+             the Gram matrices of inputs and output gradients ("ghost norm",
+             Goodfellow 2015; used for per-example norms in differentially
+             private training), whichever costs fewer multiplications;
+    bias:    sum_{i in group} dz_i;
+    batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i.
+
+The main loss is `sum(losses) / global_batch * loss_scale`, so multiplying a
+group's term by `global_batch / (s * loss_scale)` gives the gradient of the
+group's mean loss: the quantity the reference averages.
+
+Exact for models without batch norm (the same micro-batches as the loop
+estimator give the same `a_l` up to rounding). With batch norm it differs by
+design: the main pass normalizes with the statistics of the whole replica
+batch (of the global batch with synchronized batch norm), the loop estimator
+and the reference with each micro-batch's, so a group's gradient here also
+carries the batch-statistics coupling to the rest of the batch. On ResNet-8
+and ResNet-20 with s = 8 it is about 2-3x the loop's estimate
+(`scripts/one_pass_batch_norm.py`), so it is not a drop-in replacement for
+a `trust_coefficient` tuned with the loop.
+
+Supported: `Conv2D`, `DepthwiseConv2D` (channels_last, no activation
+inside the layer, one group), `Dense` (no activation inside the layer), and
+`BatchNormalization` (no renorm, no mask, channels last), each called once
+per forward pass. The variables of any other layer get their estimate from
+the loop estimator (said once in the log); a model without any such
+variable runs no extra forward or backward pass.
+"""
+
+import contextlib
+import logging
+import threading
+
+import keras
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+from clars_tf import gradient_norms
+
+_LOG = logging.getLogger(__name__)
+_THREAD = threading.local()
+_HOOKS_LOCK = threading.Lock()
+# id(layer) -> [number of active recordings, attributes replaced].
+_INSTALLED = {}
+
+
+def _has_no_activation(layer):
+    return layer.activation in (None, keras.activations.linear)
+
+
+def _plain(layer):
+    return (not getattr(layer, "lora_enabled", False)
+            and getattr(layer, "quantization_mode", None) is None)
+
+
+def _kind(layer):
+    """The handler for `layer`, or None when it needs the loop estimator."""
+    kind = type(layer)
+    if kind in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
+        if (layer.data_format == "channels_last" and _plain(layer)
+                and getattr(layer, "groups", 1) == 1
+                and _has_no_activation(layer)):
+            return "depthwise" if kind is keras.layers.DepthwiseConv2D else (
+                "conv")
+    elif kind is keras.layers.Dense:
+        if _plain(layer) and _has_no_activation(layer):
+            return "dense"
+    elif kind is keras.layers.BatchNormalization:
+        if not layer.renorm:
+            return "batch_norm"
+    return None
+
+
+class _Recording:
+    """One forward pass's layer inputs and outputs, kept per tracing thread."""
+
+    def __init__(self):
+        self.calls = {}  # id(layer) -> list of (inputs, outputs, moments)
+        self.moments = {}  # id(layer) -> (mean, variance) of the last call
+
+    def add(self, layer, inputs, outputs, usable=True):
+        moments = self.moments.pop(id(layer), None) if usable else None
+        self.calls.setdefault(id(layer), []).append(
+            (inputs, outputs, moments))
+
+    @property
+    def outputs(self):
+        """The tensors whose gradients the estimate needs, in a fixed order."""
+        return [outputs for calls in self.calls.values()
+                for _, outputs, _ in calls]
+
+
+def _recording_call(layer, call):
+    def recorded(inputs, *args, **kwargs):
+        outputs = call(inputs, *args, **kwargs)
+        recording = getattr(_THREAD, "recording", None)
+        if recording is not None:
+            # A masked batch norm is not read (it falls back to the loop).
+            recording.add(layer, inputs, outputs,
+                          usable=kwargs.get("mask") is None)
+        return outputs
+
+    return recorded
+
+
+def _recording_moments(layer, moments):
+    def recorded(inputs, mask):
+        mean, variance = moments(inputs, mask)
+        recording = getattr(_THREAD, "recording", None)
+        if recording is not None:
+            recording.moments[id(layer)] = (mean, variance)
+        return mean, variance
+
+    return recorded
+
+
+def _install(layer):
+    replaced = {"call": _recording_call(layer, layer.call)}
+    if _kind(layer) == "batch_norm":
+        replaced["_moments"] = _recording_moments(layer, layer._moments)
+    previous = {name: layer.__dict__.get(name) for name in replaced}
+    for name, value in replaced.items():
+        object.__setattr__(layer, name, value)
+    return previous
+
+
+def _uninstall(layer, previous):
+    for name, value in previous.items():
+        if value is None:
+            object.__delattr__(layer, name)
+        else:
+            object.__setattr__(layer, name, value)
+
+
+@contextlib.contextmanager
+def recording_layers(model):
+    """Records the inputs and outputs of the model's supported layers.
+
+    The hooks are instance attributes shared by every thread (replica threads
+    of MirroredStrategy trace the same layers concurrently); what they record
+    goes to the calling thread's recording only.
+    """
+    layers = [layer for layer in model._flatten_layers(include_self=False)
+              if _kind(layer)]
+    with _HOOKS_LOCK:
+        for layer in layers:
+            entry = _INSTALLED.setdefault(id(layer), [0, None])
+            if not entry[0]:
+                entry[1] = _install(layer)
+            entry[0] += 1
+    recording = _Recording()
+    outer = getattr(_THREAD, "recording", None)
+    _THREAD.recording = recording
+    try:
+        yield recording
+    finally:
+        _THREAD.recording = outer
+        with _HOOKS_LOCK:
+            for layer in layers:
+                entry = _INSTALLED[id(layer)]
+                entry[0] -= 1
+                if not entry[0]:
+                    _uninstall(layer, entry[1])
+                    del _INSTALLED[id(layer)]
+
+
+def _squared_norms_of_products(inputs, output_gradients):
+    """`||sum_n inputs[g, n] (x) output_gradients[g, n]||^2` for each group g.
+
+    Args:
+        inputs: `[groups, n, p]` float32.
+        output_gradients: `[groups, n, k]` float32.
+    """
+    n, p = inputs.shape[1], inputs.shape[2]
+    k = output_gradients.shape[2]
+    # Per group: forming the p x k gradient costs n*p*k multiplications, the
+    # two n x n Gram matrices n*n*(p+k).
+    if None not in (n, p, k) and n * (p + k) < p * k:
+        input_gram = tf.einsum("gnp,gmp->gnm", inputs, inputs)
+        gradient_gram = tf.einsum("gnk,gmk->gnm", output_gradients,
+                                  output_gradients)
+        return tf.reduce_sum(input_gram * gradient_gram, axis=[1, 2])
+    gradients = tf.einsum("gnp,gnk->gpk", inputs, output_gradients)
+    return tf.reduce_sum(tf.square(gradients), axis=[1, 2])
+
+
+def _patches(layer, inputs):
+    """`[groups * s, out_h, out_w, kh * kw * channels]`, in kernel order.
+
+    Args:
+        inputs: `[groups, s, h, w, channels]`.
+    """
+    inputs = tf.reshape(inputs, [-1, *inputs.shape[2:]])
+    kh, kw = layer.kernel_size
+    if (kh, kw) == (1, 1) and tuple(layer.strides) == (1, 1):
+        return inputs
+    return tf.image.extract_patches(
+        inputs, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
+        rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
+
+
+def _in_xla_context():
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph())
+
+
+def _groups_as_channels(tensor):
+    """`[groups, s, h, w, c]` -> `[s, h, w, groups * c]`, group-major."""
+    groups, size, height, width, channels = tensor.shape
+    return tf.reshape(tf.transpose(tensor, [1, 2, 3, 0, 4]),
+                      [size, height, width, groups * channels])
+
+
+def _grouped_kernel_squares(kind, layer, inputs, output_gradients):
+    """Per-group kernel gradients as one grouped filter-gradient op.
+
+    With the groups stacked along the channels, a grouped convolution's
+    filter gradient (a depthwise one for DepthwiseConv2D) is exactly the
+    per-group kernel gradients side by side, computed by the same library
+    kernels as the main step's.
+    """
+    groups = inputs.shape[0]
+    kh, kw, channels, outputs = layer.kernel.shape
+    options = dict(strides=[1, *layer.strides, 1],
+                   padding=layer.padding.upper(),
+                   dilations=[1, *layer.dilation_rate, 1])
+    stacked_inputs = _groups_as_channels(inputs)
+    stacked_gradients = _groups_as_channels(output_gradients)
+    if kind == "depthwise":
+        gradients = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
+            input=stacked_inputs,
+            filter_sizes=[kh, kw, groups * channels, outputs],
+            out_backprop=stacked_gradients, **options)
+        gradients = tf.reshape(gradients, [kh * kw, groups, -1])
+    else:
+        gradients = tf.raw_ops.Conv2DBackpropFilter(
+            input=stacked_inputs,
+            filter_sizes=[kh, kw, channels, groups * outputs],
+            out_backprop=stacked_gradients, **options)
+        gradients = tf.reshape(gradients, [kh * kw * channels, groups, -1])
+    return tf.reduce_sum(tf.square(gradients), axis=[0, 2])
+
+
+def _kernel_and_bias_squares(kind, layer, inputs, output_gradients):
+    """Squared per-group norms of the kernel and bias gradients.
+
+    Args:
+        inputs: `[groups, s, ...]` float32 layer inputs.
+        output_gradients: `[groups, s, ...]` float32 output gradients,
+            already scaled to the micro-batches' mean losses.
+    """
+    groups = inputs.shape[0]
+    flat = [-1 if groups is None else groups]
+    kernel_shape = layer.kernel.shape
+    outputs = output_gradients.shape[-1]
+    # Library filter-gradient kernels beat the einsums (twice as fast on a
+    # CPU), except under XLA on a CPU, which lowers grouped filter
+    # gradients very slowly; they need static shapes.
+    if (kind != "dense" and None not in inputs.shape
+            and not _in_xla_context()):
+        kernel = _grouped_kernel_squares(kind, layer, inputs,
+                                         output_gradients)
+    elif kind == "dense":
+        patches = tf.reshape(inputs, flat + [-1, inputs.shape[-1]])
+        dz = tf.reshape(output_gradients, flat + [-1, outputs])
+        kernel = _squared_norms_of_products(patches, dz)
+    elif kind == "depthwise":
+        patches = _patches(layer, inputs)
+        channels, multiplier = kernel_shape[2], kernel_shape[3]
+        patches = tf.reshape(patches, flat + [-1, kernel_shape[0]
+                                              * kernel_shape[1], channels])
+        dz = tf.reshape(output_gradients, flat + [-1, channels, multiplier])
+        kernel = tf.reduce_sum(tf.square(
+            tf.einsum("gnpc,gncm->gpcm", patches, dz)), axis=[1, 2, 3])
+    else:
+        patches = _patches(layer, inputs)
+        patches = tf.reshape(patches, flat + [-1, patches.shape[-1]])
+        dz = tf.reshape(output_gradients, flat + [-1, outputs])
+        kernel = _squared_norms_of_products(patches, dz)
+    bias = None
+    if layer.bias is not None:
+        dz = tf.reshape(output_gradients, flat + [-1, outputs])
+        bias = tf.reduce_sum(tf.square(tf.reduce_sum(dz, axis=1)), axis=1)
+    return {"kernel": kernel, "bias": bias}
+
+
+def _batch_norm_squares(layer, inputs, output_gradients, moments):
+    """Squared per-group norms of the gamma and beta gradients."""
+    mean, variance = moments
+    normalized = (inputs - mean) * tf.math.rsqrt(variance + layer.epsilon)
+    channels = inputs.shape[-1]
+    groups = inputs.shape[0]
+    flat = [-1 if groups is None else groups, -1, channels]
+    dy = tf.reshape(output_gradients, flat)
+    result = {}
+    if layer.scale:
+        gamma = tf.reduce_sum(dy * tf.reshape(normalized, flat), axis=1)
+        result["gamma"] = tf.reduce_sum(tf.square(gamma), axis=1)
+    if layer.center:
+        result["beta"] = tf.reduce_sum(
+            tf.square(tf.reduce_sum(dy, axis=1)), axis=1)
+    return result
+
+
+class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
+    """`a_l` from the inputs and output gradients of the step's own pass.
+
+    Same micro-batches and meaning as `GradientNormEstimator` (the loop
+    estimator, which stays the reference): J groups of s examples, evenly
+    spaced in each replica's batch, `a_l` the mean norm of the groups'
+    mean-loss gradients. Used through
+    `clars_tf.compute_loss_gradients_and_norms`, which records the layers
+    during the main forward pass and differentiates the loss with respect to
+    their outputs along with the variables. Called directly (as `model.fit`
+    with `attach_gradient_norm_estimator` does), it runs one extra forward
+    and backward pass over the replica's batch.
+
+    Without batch norm the result equals the loop estimator's up to
+    rounding. With batch norm the groups are normalized with the main
+    pass's batch statistics instead of their own; see the module docstring.
+
+    Args:
+        micro_batch_size: `s`, examples per group (>= 1).
+        num_micro_batches: `J`, groups per global step (>= 1).
+    """
+
+    records_main_pass = True
+
+    def __init__(self, micro_batch_size=8, num_micro_batches=64):
+        super().__init__(micro_batch_size, num_micro_batches)
+        self._reported_fallback = False
+
+    @staticmethod
+    def recording(model):
+        """Context manager recording the model's layers in a forward pass."""
+        return recording_layers(model)
+
+    # Plain Python over the layers, no tensor-dependent control flow:
+    # autograph has nothing to convert, and converting the helpers from
+    # concurrently tracing replica threads has failed (MirroredStrategy).
+    @tf.autograph.experimental.do_not_convert
+    def __call__(self, model, per_example_loss, x, y, sample_weight=None,
+                 loss_scale=None):
+        """Estimates from a separate forward and backward pass (no update).
+
+        `loss_scale` as in `GradientNormEstimator.__call__`: the pass's loss
+        is multiplied by it, so float16 output gradients underflow only where
+        the main pass's would, and the norms are unscaled in float32.
+        """
+        _, batch = gradient_norms._batch_size(x)
+        with tf.GradientTape() as tape:
+            with recording_layers(model) as recording:
+                with keras.StatelessScope():
+                    predictions = model(x, training=True)
+            losses = tf.cast(per_example_loss(y, predictions), "float32")
+            if sample_weight is not None:
+                losses *= tf.cast(sample_weight, "float32")
+            loss = tf.reduce_mean(losses)
+            if loss_scale is not None:
+                loss *= tf.cast(loss_scale, "float32")
+        outputs = recording.outputs
+        output_gradients = tape.gradient(loss, outputs)
+        return self.norms_from_pass(
+            model, recording, output_gradients, batch, loss_scale,
+            per_example_loss, x, y, sample_weight)
+
+    @tf.autograph.experimental.do_not_convert
+    def norms_from_pass(self, model, recording, output_gradients,
+                        global_batch_size, loss_scale, per_example_loss, x,
+                        y, sample_weight=None):
+        """One float32 scalar per `model.trainable_variables`.
+
+        Args:
+            model: the model whose forward pass was recorded.
+            recording: what `recording(model)` recorded.
+            output_gradients: gradients of the pass's loss with respect to
+                `recording.outputs`, in that order.
+            global_batch_size: the loss was `sum(losses) / global_batch_size`.
+            loss_scale: the factor the loss was multiplied by before
+                differentiating (float16 loss scaling), or None.
+            per_example_loss, x, y, sample_weight: for the loop estimator,
+                if some variables need it.
+        """
+        context = tf.distribute.get_replica_context()
+        num_replicas = context.num_replicas_in_sync if context else 1
+        count = self.micro_batches_per_replica(num_replicas)
+        static_batch, batch = gradient_norms._batch_size(x)
+        if static_batch is not None:
+            self.check_fits(static_batch, num_replicas)
+        starts = self.micro_batch_starts(batch, num_replicas)
+        indices = starts[:, None] + tf.range(self.micro_batch_size)
+        # d(group mean loss) = d(main loss) * global_batch / (s * scale).
+        factor = tf.cast(global_batch_size, "float32") / float(
+            self.micro_batch_size)
+        if loss_scale is not None:
+            factor /= tf.cast(loss_scale, "float32")
+
+        gradients_of = dict(zip(map(id, recording.outputs), output_gradients))
+        squares = {}  # id(variable) -> [groups] squared norms
+        for layer in model._flatten_layers(include_self=False):
+            calls = recording.calls.get(id(layer), [])
+            kind = _kind(layer)
+            if kind is None or len(calls) != 1:
+                continue
+            inputs, outputs, moments = calls[0]
+            if kind == "batch_norm" and (
+                    moments is None or layer.axis not in (
+                        -1, len(inputs.shape) - 1)):
+                continue
+            dz = gradients_of[id(outputs)]
+            if dz is None:
+                dz = tf.zeros_like(outputs)
+
+            def groups_of(tensor):
+                return tf.gather(tf.cast(tensor, "float32"), indices)
+
+            inputs, dz = groups_of(inputs), groups_of(dz) * factor
+            if kind == "batch_norm":
+                per_name = _batch_norm_squares(layer, inputs, dz, moments)
+            else:
+                per_name = _kernel_and_bias_squares(kind, layer, inputs, dz)
+            for name, value in per_name.items():
+                variable = getattr(layer, name)
+                if value is not None and variable.trainable:
+                    squares[id(variable)] = value
+
+        variables = model.trainable_variables
+        missing = [i for i, v in enumerate(variables) if id(v) not in squares]
+        looped = None
+        if missing:
+            self._report_fallback([variables[i] for i in missing])
+            looped = super().__call__(model, per_example_loss, x, y,
+                                      sample_weight, loss_scale=loss_scale)
+        norms = []
+        for index, variable in enumerate(variables):
+            if id(variable) in squares:
+                norms.append(tf.reduce_mean(tf.sqrt(squares[id(variable)])))
+            else:
+                norms.append(looped[index])
+        return norms
+
+    def _report_fallback(self, variables):
+        if self._reported_fallback:
+            return
+        self._reported_fallback = True
+        _LOG.warning(
+            "One-pass gradient-norm estimator: %d variable(s) of layers it "
+            "cannot read (unsupported type, an activation inside the layer, "
+            "or called more than once) take their estimate from the loop "
+            "estimator: %s", len(variables),
+            ", ".join(getattr(v, "path", v.name) for v in variables))

@@ -1,0 +1,229 @@
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import clars_tf
+from clars_tf import one_pass_norms
+
+
+def _loss(y_true, y_pred):
+    return keras.losses.sparse_categorical_crossentropy(
+        y_true, y_pred, from_logits=True)
+
+
+def _images(n=32, size=9, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, size, size, 3)).astype("float32"),
+            rng.integers(0, 3, size=n).astype("int32"))
+
+
+def _model(kind, seed=0):
+    keras.utils.set_random_seed(seed)
+    layers = {
+        "conv": [keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+                 keras.layers.ReLU(),
+                 keras.layers.Conv2D(5, 1, use_bias=False)],
+        "conv_valid_dilated": [
+            keras.layers.Conv2D(4, 3, padding="valid", dilation_rate=2),
+            keras.layers.Conv2D(3, (2, 3), strides=(1, 2), padding="same")],
+        "depthwise": [
+            keras.layers.DepthwiseConv2D(3, strides=2, padding="valid",
+                                         depth_multiplier=2),
+            keras.layers.ReLU(),
+            keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)],
+        # Dense on [batch, positions, features]: the kernel sees 9*9 rows
+        # per example (the per-group product is formed), the logits layer
+        # one (its norm comes from the Gram matrices).
+        "dense": [keras.layers.Reshape((81, 3)), keras.layers.Dense(6),
+                  keras.layers.ReLU(), keras.layers.Flatten(),
+                  keras.layers.Dense(40), keras.layers.ReLU()],
+        "all": [keras.layers.Conv2D(4, 3, padding="same"),
+                keras.layers.ReLU(),
+                keras.layers.DepthwiseConv2D(3, strides=2, use_bias=True),
+                keras.layers.Conv2D(8, 1),
+                keras.layers.ReLU(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(40)],
+    }[kind]
+    return keras.Sequential([keras.Input((9, 9, 3)), *layers,
+                             keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+def _one_pass(model, x, y, estimator, global_batch_size=None, **kwargs):
+    out = clars_tf.compute_loss_gradients_and_norms(
+        model, _loss, x, y, global_batch_size=global_batch_size or len(x),
+        estimator=estimator, **kwargs)
+    return out, np.array(out.gradient_norms)
+
+
+@pytest.mark.parametrize(
+    "kind", ["conv", "conv_valid_dilated", "depthwise", "dense", "all"])
+def test_equals_the_loop_estimator_without_batch_norm(kind):
+    model = _model(kind)
+    x, y = _images()
+    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
+    expected = np.array(clars_tf.GradientNormEstimator(4, 4)(
+        model, _loss, x, y, weights))
+    out, norms = _one_pass(model, x, y,
+                           clars_tf.OnePassGradientNormEstimator(4, 4),
+                           sample_weight=weights)
+    assert np.all(expected > 0)
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
+    # The main step's gradients are the ones of the plain step.
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(_loss(y, model(x, training=True)) * weights)
+    for a, b in zip(out.gradients, tape.gradient(
+            loss, model.trainable_variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The hooks are gone once the step is traced.
+    assert not any("call" in vars(layer) for layer in model.layers)
+
+
+@pytest.mark.parametrize("rows", [1, 50])
+def test_gram_and_product_norms_match_numpy(rows):
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(size=(3, rows, 20)).astype("float32")
+    gradients = rng.normal(size=(3, rows, 30)).astype("float32")
+    expected = [np.sum((a.astype(np.float64).T @ b) ** 2)
+                for a, b in zip(inputs, gradients)]
+    np.testing.assert_allclose(
+        one_pass_norms._squared_norms_of_products(
+            tf.constant(inputs), tf.constant(gradients)), expected,
+        rtol=1e-5)
+
+
+def test_standalone_call_equals_the_loop_estimator():
+    model = _model("all")
+    x, y = _images()
+    np.testing.assert_allclose(
+        clars_tf.OnePassGradientNormEstimator(4, 8)(model, _loss, x, y),
+        clars_tf.GradientNormEstimator(4, 8)(model, _loss, x, y), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise"])
+def test_under_xla(kind):
+    """XLA takes the einsum-over-patches path for convolutions."""
+    model = _model(kind)
+    x, y = _images()
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
+    step = tf.function(lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+        model, _loss, x, y, global_batch_size=len(x),
+        estimator=estimator).gradient_norms, jit_compile=True)
+    np.testing.assert_allclose(
+        step(x, y), clars_tf.GradientNormEstimator(4, 4)(model, _loss, x, y),
+        rtol=1e-5)
+
+
+def test_two_replicas_average_into_the_one_device_estimate(two_replicas):
+    """Per-replica groups, averaged by CLARS's mean-aggregated variable."""
+    x, y = _images()
+    expected = clars_tf.GradientNormEstimator(4, 4)(_model("all"), _loss, x,
+                                                    y)
+    with two_replicas.scope():
+        model = _model("all")
+        optimizer = clars_tf.CLARS(0.0)
+        optimizer.build(model.trainable_variables)
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
+
+    def replica_step(x, y):
+        out = clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, global_batch_size=len(x) * 2,
+            optimizer=optimizer, estimator=estimator)
+        optimizer.apply(out.gradients, model.trainable_variables,
+                        gradient_norms=out.gradient_norms)
+
+    half = len(x) // 2
+    batch = two_replicas.experimental_distribute_values_from_function(
+        lambda ctx: (x[ctx.replica_id_in_sync_group * half:][:half],
+                     y[ctx.replica_id_in_sync_group * half:][:half]))
+    tf.function(lambda b: two_replicas.run(replica_step, b))(batch)
+    np.testing.assert_allclose(optimizer.gradient_norm_estimates.numpy(),
+                               expected, rtol=1e-5)
+
+
+def test_unreadable_layers_fall_back_to_the_loop_said_once(caplog):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((9, 9, 3))
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="relu_conv")(inputs)
+    h = keras.layers.LayerNormalization(name="layer_norm")(h)
+    h = keras.layers.Flatten()(h)
+    shared = keras.layers.Dense(8, name="shared")
+    h = shared(shared(keras.layers.Dense(8, name="readable")(h)))
+    model = keras.Model(inputs, keras.layers.Dense(3)(h))
+    x, y = _images()
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
+    with caplog.at_level(logging.WARNING, logger=one_pass_norms.__name__):
+        _, norms = _one_pass(model, x, y, estimator)
+        _one_pass(model, x, y, estimator)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    for name in ("relu_conv", "layer_norm", "shared"):
+        assert name in warnings[0]
+    assert "readable" not in warnings[0]
+    np.testing.assert_allclose(
+        norms, clars_tf.GradientNormEstimator(4, 4)(model, _loss, x, y),
+        rtol=1e-5)
+
+
+def _batch_norm_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((9, 9, 3)), keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Flatten(), keras.layers.Dense(3)])
+
+
+def test_batch_norm_with_one_group_per_batch_equals_the_loop():
+    """One group covering the batch has the main pass's statistics."""
+    model = _batch_norm_model()
+    x, y = _images(n=8)
+    _, norms = _one_pass(model, x, y,
+                         clars_tf.OnePassGradientNormEstimator(8, 1))
+    np.testing.assert_allclose(
+        norms, clars_tf.GradientNormEstimator(8, 1)(model, _loss, x, y),
+        rtol=1e-5)
+
+
+def test_float16_loss_scaling_is_undone():
+    x, y = _images()
+    expected = clars_tf.GradientNormEstimator(4, 4)(_model("all"), _loss, x,
+                                                    y)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model("all")
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            clars_tf.CLARS(0.1), initial_scale=2.0 ** 12)
+        optimizer.build(model.trainable_variables)
+        out, norms = _one_pass(model, x, y,
+                               clars_tf.OnePassGradientNormEstimator(4, 4),
+                               optimizer=optimizer)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert out.gradients[0].dtype == tf.float32
+    # float16 activations: agreement to float16 rounding, not 1e-5.
+    np.testing.assert_allclose(norms, expected, rtol=1e-2)
+
+
+def test_trainer_runs_one_pass_on_two_replicas(tmp_path, fashion_mnist_dir):
+    """estimator.method=one_pass end to end: mirrored, synchronized BN."""
+    import json
+
+    from test_trainer import run_trainer
+
+    model_dir = tmp_path / "run"
+    result = run_trainer(
+        str(model_dir), fashion_mnist_dir, "--mode=train",
+        "--strategy=mirrored", "--cpu_devices=2",
+        override="task.dataset=synthetic,train.max_steps=4,train.epochs=1,"
+                 "train.checkpoint_every_steps=4,model.use_sync_bn=true,"
+                 "estimator.method=one_pass")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loop estimator" not in result.stderr  # every variable read
+    with open(model_dir / "results.json") as f:
+        results = json.load(f)
+    assert results["num_replicas"] == 2
+    assert results["config"]["estimator"]["method"] == "one_pass"
+    assert np.isfinite(results["epochs"][-1]["train_loss"])
