@@ -62,6 +62,7 @@ def _initial(override):
 
 @pytest.mark.parametrize("optimizer, two_replicas_for_float16", [
     ("optimizer.name=clars", True),
+    ("optimizer.name=clars,estimator.method=one_pass", False),
     # A large coupled decay, so that losing it would show.
     ("optimizer.name=sgd,optimizer.weight_decay_rate=0.5", False),
 ])
