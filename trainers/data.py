@@ -35,6 +35,7 @@ import urllib.request
 import zlib
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
@@ -42,6 +43,10 @@ from tensorflow_datasets.core.download import download_manager
 from tensorflow_datasets.core.download import extractor
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+# The validation examples are the same for every run, seed and number of
+# replicas: a permutation drawn once from this fixed seed.
+VALIDATION_SEED = 20210202
 
 _EVAL_CROP_FRACTION = 0.875
 _SMALL_PAD = 4
@@ -404,23 +409,72 @@ def _check_hosts_reachable(builder, name, manual_dir, fix):
                 f"reachable ({err}). {fix}") from err
 
 
-def steps_per_epoch(name, global_batch_size):
+def validation_indices(name, count):
+    """Positions in the train split of the examples held out for validation.
+
+    The held-out examples are the first `count` of one permutation of the
+    train split drawn from `VALIDATION_SEED`: the same examples for every
+    run, training seed and number of replicas or hosts, and a larger
+    `count` holds out a superset of a smaller one. Training then uses the
+    other examples (`training_indices`).
+
+    Args:
+      name: a key of `DATASETS`.
+      count: examples to hold out, 0 <= count < the train split's size.
+
+    Returns:
+      Sorted int64 numpy array of `count` positions in the train split's
+      stored order.
+    """
+    spec = _spec(name)
+    total = spec.num_train_examples
+    if isinstance(count, bool) or not isinstance(count, int) or not (
+            0 <= count < total):
+        raise ValueError(
+            f"validation examples must be an integer in [0, {total}) for "
+            f"{name} (its train split has {total} examples), got {count!r}; "
+            "e.g. 5000.")
+    permutation = np.random.default_rng(VALIDATION_SEED).permutation(total)
+    return np.sort(permutation[:count]).astype(np.int64)
+
+
+def training_indices(name, validation_examples):
+    """Positions of the train split's examples not held out for validation.
+
+    Args:
+      name: a key of `DATASETS`.
+      validation_examples: examples held out (see `validation_indices`).
+
+    Returns:
+      Sorted int64 numpy array, the complement of `validation_indices`.
+    """
+    held_out = validation_indices(name, validation_examples)
+    keep = np.ones(_spec(name).num_train_examples, bool)
+    keep[held_out] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def steps_per_epoch(name, global_batch_size, validation_examples=0):
     """Training steps in one pass over the train split (last batch dropped).
 
     Args:
       name: a key of `DATASETS`.
       global_batch_size: examples per step over all replicas.
+      validation_examples: examples of the train split held out for
+        validation (see `validation_indices`), not trained on.
 
     Returns:
-      The number of full global batches in the train split.
+      The number of full global batches in the trained part of the split.
     """
     spec = _spec(name)
     _check_positive(global_batch_size, "global_batch_size")
-    if global_batch_size > spec.num_train_examples:
+    trained = spec.num_train_examples - validation_examples
+    if global_batch_size > trained:
         raise ValueError(
-            f"global_batch_size {global_batch_size} exceeds the "
-            f"{spec.num_train_examples} training examples of {name}.")
-    return spec.num_train_examples // global_batch_size
+            f"global_batch_size {global_batch_size} exceeds the {trained} "
+            f"training examples of {name} (of {spec.num_train_examples}, "
+            f"{validation_examples} held out for validation).")
+    return trained // global_batch_size
 
 
 def preprocess_for_serving(images_uint8, name, image_size):
@@ -564,9 +618,37 @@ def _tfds_examples(name, spec, split, data_dir, is_training, seed,
         read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False))
 
 
+def _selected_examples(name, spec, split, data_dir, indices):
+    """The examples of `split` at `indices`, positions in stored order."""
+    if name == "synthetic":
+        examples = _synthetic_examples(split, spec)
+    else:
+        # In stored order and unsliced, so that a position names the same
+        # example on every host.
+        examples = _tfds_examples(name, spec, split, data_dir,
+                                  is_training=False, seed=0,
+                                  input_context=None)
+    indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1 or indices.size == 0 or indices.min() < 0:
+        raise ValueError("indices must be a non-empty 1-D array of positions "
+                         f">= 0, got shape {indices.shape}.")
+    selected = np.zeros(int(indices.max()) + 1, bool)
+    selected[indices] = True
+    selected = tf.constant(selected)
+    last = selected.shape[0] - 1
+
+    def keep(position, example):
+        del example
+        return tf.logical_and(
+            position <= last, tf.gather(selected, tf.minimum(position, last)))
+
+    return examples.enumerate().filter(keep).map(
+        lambda position, example: example)
+
+
 def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
                   image_size, seed, input_context=None, drop_remainder=True,
-                  cache=True):
+                  cache=True, indices=None):
     """Input pipeline: batches of (normalised float32 images, int32 labels).
 
     Training repeats forever over a seeded shuffle; the augmentation of the
@@ -588,6 +670,10 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
       drop_remainder: drop a last partial batch (keep it for exact eval).
       cache: keep decoded examples in memory after the first pass; ignored
         for data sets that do not fit (`DatasetSpec.cacheable`).
+      indices: optional positions (in stored order) of the only examples of
+        `split` to use, e.g. `training_indices` or `validation_indices`.
+        Every host then reads the whole split and, except for synthetic
+        training data, keeps its `1 / num_input_pipelines` shard.
 
     Returns:
       A `tf.data.Dataset` of (images [B, image_size, image_size, C] float32,
@@ -610,7 +696,12 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
     # global batches are then the same for any number of hosts.
     host_share_of_global_batch = (
         name == "synthetic" and is_training and input_context is not None)
-    if name == "synthetic":
+    if indices is not None:
+        dataset = _selected_examples(name, spec, split, data_dir, indices)
+        if input_context is not None and not host_share_of_global_batch:
+            dataset = dataset.shard(input_context.num_input_pipelines,
+                                    pipeline_id)
+    elif name == "synthetic":
         dataset = _synthetic_examples(split, spec)
         if input_context is not None and not is_training:
             dataset = dataset.shard(input_context.num_input_pipelines,
