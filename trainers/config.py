@@ -318,10 +318,6 @@ def validate(config):
              "must be >= 0.")
     _require(opt["warmup_epochs"] < train["epochs"], "optimizer.warmup_epochs",
              f"must be shorter than train.epochs ({train['epochs']}).")
-    _require(not (opt["name"] == "clars" and opt["warmup_epochs"] > 0),
-             "optimizer.warmup_epochs",
-             "CLARS is meant to run without warmup; set it to 0 (or use "
-             "optimizer.name=sgd/lars for a warmup baseline).")
     for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):
         _require(est[key] >= 1, f"estimator.{key}", "must be >= 1.")
     return config
