@@ -77,6 +77,11 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
     assert all(v["noise_ratio"] >= 1.0 - 1e-3  # a_l >= ||g_l|| (triangle)
                for v in diagnostics[0]["layers"].values()
                if v["noise_ratio"] > 0)
+    for v in diagnostics[0]["layers"].values():
+        assert v["weight_norm"] >= 0 and v["gradient_norm"] > 0
+        np.testing.assert_allclose(v["noise_ratio"],
+                                   v["estimate"] / v["gradient_norm"],
+                                   rtol=1e-4)
 
     # The SavedModel, loaded with TensorFlow alone, predicts what the
     # checkpointed model predicts on raw test images.

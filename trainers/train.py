@@ -514,7 +514,9 @@ class Trainer:
                 trust = [tf.ones(())] * len(variables)
             noise = [a / tf.maximum(n, 1e-12)
                      for a, n in zip(estimates, norms)]
-            return trust, noise
+            weight_norms = [self._clars_tf.layerwise.float32_norm(v)
+                            for v in variables]
+            return trust, noise, weight_norms, estimates, norms
 
         return diagnostics
 
@@ -684,12 +686,14 @@ class Trainer:
 
     def _log_diagnostics(self, outputs, paths, step):
         tf = self._tf
-        trust, noise = outputs
         records = {}
-        for path, t, n in zip(paths, trust, noise):
+        for path, t, n, w, a, g in zip(paths, *outputs):
             tf.summary.scalar(f"trust_ratio/{path}", t)
             tf.summary.scalar(f"noise_ratio/{path}", n)
-            records[path] = {"trust_ratio": float(t), "noise_ratio": float(n)}
+            # The norms let a reader form unclipped ratios (eta ||w|| / a_l).
+            records[path] = {"trust_ratio": float(t), "noise_ratio": float(n),
+                             "weight_norm": float(w), "estimate": float(a),
+                             "gradient_norm": float(g)}
         if self.is_chief:
             with open(os.path.join(self.model_dir, "diagnostics.jsonl"), "a",
                       encoding="utf-8") as f:
