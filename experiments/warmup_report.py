@@ -40,6 +40,17 @@ def _spread(values, show=_percent):
             f"({show(min(values))}-{show(max(values))}, n={len(values)})")
 
 
+def _rate(outcome):
+    return runs_lib.format_rate(outcome.record["base_learning_rate"])
+
+
+def _steps_cell(steps):
+    """'k/n reached, median m' for the steps to a target of n runs."""
+    reached = [s for s in steps if s is not None]
+    return f"{len(reached)}/{len(steps)} reached" + (
+        f", median {statistics.median(reached):g}" if reached else "")
+
+
 def _result(outcome):
     """One cell: validation accuracy, or the status of a run without one."""
     if outcome is None:
@@ -139,10 +150,10 @@ def pilot_section(plan, outcomes):
             verdicts.append((model, gap, shows))
             lines += [
                 f"- Best with warmup: {_percent(best_warm.validation_accuracy)}"
-                f" % at {runs_lib.format_rate(best_warm.record['base_learning_rate'])}"
+                f" % at {_rate(best_warm)}"
                 f" [{best_warm.run_id}]; best without: "
                 f"{_percent(best_cold.validation_accuracy)} % at "
-                f"{runs_lib.format_rate(best_cold.record['base_learning_rate'])}"
+                f"{_rate(best_cold)}"
                 f" [{best_cold.run_id}]: gap {gap:+.1f} points "
                 f"(threshold {pilot['gap_points']:g}).",
                 f"- Rates of the shared grid that diverged or ended at chance "
@@ -213,7 +224,8 @@ def comparison_section(plan, outcomes):
                          f"{'-' if width is None else f'x{width:g}'} |")
         variants = [o for o in runs if o.record["method"] == "sgd_warmup"
                     and o.record["seed"] == plan["tuning_seed"]
-                    and o.record["warmup_epochs"] in compare["warmup_variants"]]
+                    and o.record["warmup_epochs"]
+                    in compare["warmup_variants"]]
         if variants:
             lines += ["", "SGD + warmup at its best rate, other warmup "
                       "lengths: " + ", ".join(
@@ -232,19 +244,16 @@ def comparison_section(plan, outcomes):
                 seeds_by_method.setdefault(outcome.record["method"],
                                            []).append(outcome)
         for method, group in seeds_by_method.items():
-            steps = [[o.steps_to(t) for o in group] for t in compare["targets"]]
+            steps = [[o.steps_to(t) for o in group]
+                     for t in compare["targets"]]
             lines.append(
                 f"| {labels.get(method, method)} | "
-                f"{runs_lib.format_rate(group[0].record['base_learning_rate'])}"
+                f"{_rate(group[0])}"
                 f" | {_spread([o.validation_accuracy for o in group])} | "
                 f"{_spread([o.test_accuracy for o in group])} | "
                 f"{_spread([o.early_loss() for o in group], _number)} | "
                 f"{_spread([o.train_loss for o in group], _number)} | "
-                + " | ".join(
-                    f"{sum(s is not None for s in col)}/{len(col)} reached"
-                    + (f", median {statistics.median([s for s in col if s is not None]):g}"
-                       if any(s is not None for s in col) else "")
-                    for col in steps) + " |")
+                + " | ".join(_steps_cell(col) for col in steps) + " |")
         for method, group in seeds_by_method.items():
             if method not in ("clars", "clars_warmup"):
                 continue  # the ablations' eta is not CLARS's
@@ -280,12 +289,79 @@ def _verdict(batch_size, seeds_by_method, labels):
             continue
         difference = 100 * (statistics.mean(mine) - statistics.mean(theirs))
         separated = min(mine) > max(theirs) or max(mine) < min(theirs)
+        overlap = ("do not overlap" if separated
+                   else "overlap (no evidence either way)")
         out.append(
             f"- Batch {batch_size}: CLARS without warmup minus "
             f"{labels.get(other, other)}: {difference:+.1f} points of test "
             f"accuracy; the seed ranges "
-            f"{'do not overlap' if separated else 'overlap (no evidence either way)'}.")
+            f"{overlap}.")
     return out
+
+
+def plot(path, title, curves, xlabel, ylabel, log_x=False):
+    """One figure of named (x, y) curves; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(6, 4))
+    for label, (xs, ys) in curves.items():
+        axis.plot(xs, ys, marker="o", markersize=3, label=label)
+    if log_x:
+        axis.set_xscale("log", base=2)
+    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return os.path.basename(path)
+
+
+def figures(outcomes, results_dir):
+    """Rate sensitivity and early training loss, per stage and batch size."""
+    groups = {}
+    for outcome in outcomes.values():
+        record = outcome.record
+        key = (record["stage"], record.get("model"), record["batch_size"])
+        groups.setdefault(key, []).append(outcome)
+    lines = []
+    for (stage, model, batch_size), group in sorted(groups.items()):
+        name = f"{stage}_{model}_b{batch_size}"
+        by_method = {}
+        for outcome in group:
+            by_method.setdefault(outcome.record["method"], []).append(outcome)
+        sensitivity, early = {}, {}
+        for method, members in sorted(by_method.items()):
+            tuning_seed = min(o.record["seed"] for o in members)
+            tuning = sorted(
+                (o.record["base_learning_rate"], o.validation_accuracy)
+                for o in members if o.validation_accuracy is not None
+                and o.record["seed"] == tuning_seed)
+            if len(tuning) > 1:
+                sensitivity[method] = ([r for r, _ in tuning],
+                                       [100 * a for _, a in tuning])
+            top = best(members)
+            if top is not None and top.step_losses():
+                losses = sorted(top.step_losses().items())
+                cut = max(1, round(0.2 * (top.total_steps() or len(losses))))
+                early[f"{method} at "
+                      f"{_rate(top)}"
+                      ] = ([s for s, _ in losses if s <= cut],
+                           [l for s, l in losses if s <= cut])
+        if sensitivity:
+            lines.append("![]({})".format(plot(
+                os.path.join(results_dir, f"{name}_rates.png"),
+                f"{name}: final validation accuracy by rate", sensitivity,
+                "base rate (per 128 examples)", "validation accuracy (%)",
+                log_x=True)))
+        if early:
+            lines.append("![]({})".format(plot(
+                os.path.join(results_dir, f"{name}_early_loss.png"),
+                f"{name}: training loss, first 20 % of steps (best run)",
+                early, "step", "training loss")))
+    return lines
 
 
 def main(argv=None):
@@ -322,6 +398,7 @@ def main(argv=None):
             "training examples before each evaluation); test accuracy only "
             "for fresh seeds.", ""] + summary + [""] + pilot_lines \
         + compare_lines
+    text += ["## Figures", ""] + figures(outcomes, args.results_dir) + [""]
     if unfinished:
         text += ["## Unfinished runs", ""] + [f"- {r}" for r in
                                                sorted(unfinished)]

@@ -130,7 +130,7 @@ class Study:
             raise OutOfTime()
 
     def tune(self, make_spec, grid):
-        """Tries `grid`, extends it past an edge holding the best; best Outcome.
+        """Tries `grid`, extended past an edge holding the best; the best.
 
         A dry run follows the archived results as far as they go and lists
         the runs they call for.

@@ -148,3 +148,7 @@ def test_report_from_archive_hand_computed(tmp_path):
     # The rate range within 1 point of CLARS's best (0.2 at 85.0): 0.1-0.4.
     assert "| x4 |" in next(line for line in text.splitlines()
                            if line.startswith("| CLARS | 0.1:"))
+    for name in ("pilot_small_cnn_b4096_rates.png",
+                 "compare_small_cnn_b4096_early_loss.png"):
+        assert f"![]({name})" in text
+        assert (tmp_path / "results" / name).stat().st_size > 1000
