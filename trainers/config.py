@@ -80,6 +80,8 @@ DEFAULTS = {
         "trust_clip": 0.1,
         "epsilon": 1e-6,
         "decay_excluded_variables": True,
+        # False: biases and batch-norm variables get trust ratios too.
+        "exclude_rank_one_variables": True,
     },
     # Used when optimizer.name is lars (defaults: MLPerf).
     "lars": {
