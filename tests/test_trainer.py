@@ -257,14 +257,14 @@ def test_params_override_as_a_yaml_mapping():
             config_lib.build_config(CONFIG, text)
 
 
-def _in_process_trainer(tmp_path, override):
+def _in_process_trainer(tmp_path, override, strategy=None):
     from trainers import config as config_lib
     from trainers import train as train_lib
 
     config = config_lib.build_config(CONFIG, (
         "task.dataset=synthetic,train.global_batch_size=64,"
         "optimizer.name=sgd,train.epochs=1," + override))
-    return train_lib.Trainer(config, tf.distribute.get_strategy(),
+    return train_lib.Trainer(config, strategy or tf.distribute.get_strategy(),
                              str(tmp_path / "run"), None, "default")
 
 
@@ -365,3 +365,16 @@ def test_recompute_and_validation_end_to_end_leave_checkpoints_alone(
     # recomputing them changes what evaluation measures.
     assert runs["plain"][0]["final"]["eval_loss"] != runs["recomputed"][0][
         "final"]["eval_loss"]
+
+
+def test_recomputed_means_do_not_depend_on_replicas(tmp_path, two_replicas):
+    """Each replica's batch moments, averaged: the global batch mean."""
+    override = "task.validation_examples=192,model.use_sync_bn=true"
+    means = []
+    for name, strategy in (("one", None), ("two", two_replicas)):
+        trainer = _in_process_trainer(tmp_path / name, override, strategy)
+        trainer.recompute_batch_norm_statistics(128)
+        # The first batch norm sees the same initial weights in both (same
+        # seed), so its input, and the mean of it, are the same.
+        means.append(trainer._batch_norm_statistics()[0][1].numpy())
+    np.testing.assert_allclose(means[0], means[1], rtol=1e-4, atol=1e-5)

@@ -672,8 +672,11 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
         for data sets that do not fit (`DatasetSpec.cacheable`).
       indices: optional positions (in stored order) of the only examples of
         `split` to use, e.g. `training_indices` or `validation_indices`.
-        Every host then reads the whole split and, except for synthetic
-        training data, keeps its `1 / num_input_pipelines` shard.
+        Every host then reads the whole split in stored order (no file
+        shuffling) and, except for synthetic training data, keeps its
+        `1 / num_input_pipelines` shard; training order then comes from the
+        shuffle buffer alone, a full shuffle only where the buffer holds the
+        split (not ImageNet).
 
     Returns:
       A `tf.data.Dataset` of (images [B, image_size, image_size, C] float32,
