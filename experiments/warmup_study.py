@@ -108,7 +108,8 @@ class Study:
         settled = ("done",) if self.args.retry_failed else ("done",
                                                             "diverged")
         if self.dry_run:
-            if run.status() not in settled:
+            if run.status() not in settled and run.command not in (
+                    self.planned):
                 self.planned.append(run.command)
         elif run.status() not in settled:
             self._check_time()
