@@ -4,9 +4,10 @@ Shared by `experiments.warmup_study` (which starts runs) and
 `experiments.warmup_report` (which only reads their archived files); it
 imports neither.
 
-A run lives in `WORK_DIR/<run_id>/` (checkpoints and all, out of git) and
-its small files (`COPIED_FILES`, and the study's `run.json`) are kept after every attempt to
-`ARCHIVE_DIR/<run_id>/`, which is committed: the report rebuilds from there.
+A run lives in `WORK_DIR/<run_id>/` (checkpoints and all, out of git); after
+every attempt its small files (`COPIED_FILES`) and the study's `run.json`
+go to `ARCHIVE_DIR/<run_id>/`, which is committed: the report rebuilds
+from there.
 """
 
 import json
@@ -156,6 +157,50 @@ class Run:
             wall_seconds=round(sum(a["seconds"] for a in attempts), 1),
             cpu_seconds=round(sum(a.get("cpu_seconds", 0)
                                   for a in attempts), 1)))
+
+
+CHANCE = 0.15  # validation accuracy at or below this: no learning (10 classes)
+
+
+def failed_or_chance(outcome):
+    return outcome.status == "diverged" or (
+        outcome.validation_accuracy is not None
+        and outcome.validation_accuracy <= CHANCE)
+
+
+def best(outcomes):
+    """Highest validation accuracy (then lowest training loss), or None."""
+    scored = [o for o in outcomes if o.score() is not None]
+    return max(scored, key=lambda o: o.score()) if scored else None
+
+
+def pilot_verdict(warm, cold, gap_points):
+    """Is SGD without warmup (`cold`) clearly worse than with (`warm`)?
+
+    Yes when the best warmup run beats the best no-warmup run by more than
+    `gap_points` of validation accuracy, or when no-warmup diverges or ends
+    at chance at more of the shared rates while its best is not better
+    than warmup's best by more than `gap_points` (a no-warmup best well
+    above warmup's means a lower rate does what warmup does).
+
+    Returns:
+        dict with best_warm, best_cold, gap (points), shared (rates),
+        bad_warm, bad_cold and shows; None without a finished run of each.
+    """
+    best_warm, best_cold = best(warm), best(cold)
+    if best_warm is None or best_cold is None:
+        return None
+    warm_by = {o.record["base_learning_rate"]: o for o in warm}
+    cold_by = {o.record["base_learning_rate"]: o for o in cold}
+    shared = sorted(set(warm_by) & set(cold_by))
+    bad_warm = sum(failed_or_chance(warm_by[r]) for r in shared)
+    bad_cold = sum(failed_or_chance(cold_by[r]) for r in shared)
+    gap = 100 * (best_warm.validation_accuracy
+                 - best_cold.validation_accuracy)
+    shows = gap > gap_points or (bad_cold > bad_warm and gap > -gap_points)
+    return {"best_warm": best_warm, "best_cold": best_cold, "gap": gap,
+            "shared": shared, "bad_warm": bad_warm, "bad_cold": bad_cold,
+            "shows": shows}
 
 
 def load_archived(archive_dir):

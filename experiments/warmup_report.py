@@ -19,7 +19,6 @@ from experiments import runs as runs_lib
 
 PLAN = "configs/warmup_study/plan.yaml"
 RESULTS_DIR = "experiments/warmup_results"
-CHANCE = 0.15  # validation accuracy at or below this: no learning (10 classes)
 
 
 def _percent(value):
@@ -69,15 +68,7 @@ def _by_rate(outcomes):
     return {o.record["base_learning_rate"]: o for o in outcomes}
 
 
-def failed_or_chance(outcome):
-    return outcome.status == "diverged" or (
-        outcome.validation_accuracy is not None
-        and outcome.validation_accuracy <= CHANCE)
-
-
-def best(outcomes):
-    scored = [o for o in outcomes if o.score() is not None]
-    return max(scored, key=lambda o: o.score()) if scored else None
+best = runs_lib.best
 
 
 def rate_range_width(outcomes, points=1.0):
@@ -136,38 +127,32 @@ def pilot_section(plan, outcomes):
                           _number(outcome.early_loss()) if outcome else "-"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        shared = sorted(set(warm_by) & set(cold_by))
-        bad_warm = sum(failed_or_chance(warm_by[r]) for r in shared)
-        bad_cold = sum(failed_or_chance(cold_by[r]) for r in shared)
         for name, group in (("warmup", warm), ("no warmup", cold)):
             if at_edge(group):
                 lines.append(f"- Note: the best {name} rate is at an edge of "
                              "its grid; the optimum may lie beyond it.")
-        if best_warm and best_cold:
-            gap = 100 * (best_warm.validation_accuracy
-                         - best_cold.validation_accuracy)
-            shows = gap > pilot["gap_points"] or bad_cold > bad_warm
+        verdict = runs_lib.pilot_verdict(warm, cold, pilot["gap_points"])
+        if verdict:
+            gap, shows = verdict["gap"], verdict["shows"]
+            shared = len(verdict["shared"])
+            bad_warm, bad_cold = verdict["bad_warm"], verdict["bad_cold"]
             verdicts.append((model, gap, shows))
             lines += [
-                f"- Best with warmup: {_percent(best_warm.validation_accuracy)}"
-                f" % at {_rate(best_warm)}"
+                "- Best with warmup: "
+                f"{_percent(best_warm.validation_accuracy)} % at "
+                f"{_rate(best_warm)}"
                 f" [{best_warm.run_id}]; best without: "
                 f"{_percent(best_cold.validation_accuracy)} % at "
                 f"{_rate(best_cold)}"
                 f" [{best_cold.run_id}]: gap {gap:+.1f} points "
                 f"(threshold {pilot['gap_points']:g}).",
                 f"- Rates of the shared grid that diverged or ended at chance "
-                f"(<= {100 * CHANCE:.0f} %): {bad_warm} of {len(shared)} with "
-                f"warmup, {bad_cold} of {len(shared)} without.",
+                f"(<= {100 * runs_lib.CHANCE:.0f} %): {bad_warm} of {shared} "
+                f"with warmup, {bad_cold} of {shared} without.",
                 f"- **Warmup gap in this setting: {'yes' if shows else 'no'}"
                 "** (one seed; the gap is a pilot finding, not a result).",
                 ""]
     return lines, verdicts
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return statistics.mean(values) if values else None
 
 
 def diagnostics_summary(outcome, eta, fraction=0.2):

@@ -63,11 +63,6 @@ def rate_beyond_edge(rates, best_rate):
     return None
 
 
-def best_of(outcomes):
-    scored = [(o.score(), o) for o in outcomes if o.score() is not None]
-    return max(scored, key=lambda pair: pair[0])[1] if scored else None
-
-
 class Study:
     """Runs the plan's stages; every decision reads archived run files."""
 
@@ -139,7 +134,7 @@ class Study:
         rates = sorted(float(r) for r in grid)
         for _ in range(self.plan["max_extensions"] + 1):
             outcomes = [self.outcome(make_spec(rate)) for rate in rates]
-            best = best_of(outcomes)
+            best = runs_lib.best(outcomes)
             if best is None:
                 return best
             extra = rate_beyond_edge(rates, best.record["base_learning_rate"])
@@ -169,11 +164,15 @@ class Study:
             for rate in pilot["grid"]:
                 for method, warmup in methods:
                     self.outcome(make_spec(rate, method, warmup))
-            findings[model] = {
-                method: self.tune(lambda rate, method=method, warmup=warmup:
-                                  make_spec(rate, method, warmup),
-                                  pilot["grid"])
-                for method, warmup in methods}
+            for method, warmup in methods:
+                self.tune(lambda rate, method=method, warmup=warmup:
+                          make_spec(rate, method, warmup), pilot["grid"])
+            archived = runs_lib.load_archived(os.path.join(
+                self.args.archive_dir, "pilot", model))
+            findings[model] = runs_lib.pilot_verdict(
+                *[[o for o in archived.values()
+                   if o.record["method"] == method]
+                  for method, _ in methods], pilot["gap_points"])
         return findings
 
     def compare(self):
@@ -219,19 +218,6 @@ class Study:
                             if diagnostics else [])))
 
 
-def pilot_gap(plan, findings):
-    """{model: (gap in points or None, shows_gap)} from the pilot's bests."""
-    verdicts = {}
-    for model, best in findings.items():
-        warm, cold = best.get("sgd_warmup"), best.get("sgd_nowarmup")
-        if warm is None or cold is None:
-            verdicts[model] = (None, False)
-            continue
-        gap = 100 * (warm.validation_accuracy - cold.validation_accuracy)
-        verdicts[model] = (gap, gap > plan["pilot"]["gap_points"])
-    return verdicts
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -273,9 +259,9 @@ def main(argv=None):
             # The pilot's findings from the archive alone.
             reader = Study(plan, argparse.Namespace(**dict(vars(args),
                                                            dry_run=True)))
-            verdicts = pilot_gap(plan, reader.pilot())
+            verdicts = reader.pilot()
             if not (args.force or args.dry_run or any(
-                    shows for _, shows in verdicts.values())):
+                    v and v["shows"] for v in verdicts.values())):
                 sys.exit("[study] the pilot shows no warmup gap (see "
                          "experiments/warmup_results/results.md); the "
                          "comparison could not test the claim. --force "
@@ -296,11 +282,14 @@ def main(argv=None):
               "follow from results).")
         return 0
     if args.stage == "pilot":
-        for model, (gap, shows) in pilot_gap(plan, findings).items():
-            print(f"[study] pilot {model}: best SGD + warmup minus best SGD "
-                  f"without warmup = "
-                  f"{'n/a' if gap is None else f'{gap:.1f}'} points of "
-                  f"validation accuracy; gap shown: {shows}.", flush=True)
+        for model, verdict in findings.items():
+            print(f"[study] pilot {model}: " + (
+                "no finished runs of both methods." if verdict is None else
+                f"best SGD + warmup minus best SGD without warmup = "
+                f"{verdict['gap']:+.1f} points of validation accuracy; "
+                f"diverged or at chance: {verdict['bad_warm']} vs "
+                f"{verdict['bad_cold']} of {len(verdict['shared'])} rates; "
+                f"warmup gap shown: {verdict['shows']}."), flush=True)
     print("[study] stage finished; python3 -m experiments.warmup_report "
           "writes the report.", flush=True)
     return 0

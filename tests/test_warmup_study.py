@@ -152,3 +152,37 @@ def test_report_from_archive_hand_computed(tmp_path):
                  "compare_small_cnn_b4096_early_loss.png"):
         assert f"![]({name})" in text
         assert (tmp_path / "results" / name).stat().st_size > 1000
+
+
+class _Scored:
+    """An archived run reduced to what pilot_verdict reads."""
+
+    def __init__(self, rate, accuracy, status="done"):
+        self.record = {"base_learning_rate": rate}
+        self.status, self.validation_accuracy = status, accuracy
+
+    def score(self):
+        return None if self.validation_accuracy is None else (
+            self.validation_accuracy, 0.0)
+
+
+def _verdict(warm, cold):
+    return runs_lib.pilot_verdict(
+        [_Scored(r, a, *s) for r, a, *s in warm],
+        [_Scored(r, a, *s) for r, a, *s in cold], gap_points=2.0)
+
+
+def test_pilot_verdict_rules():
+    # More failures without warmup, but its best is 8.2 points higher: no.
+    verdict = _verdict([(0.1, 0.628), (0.2, 0.630), (0.4, 0.397)],
+                       [(0.1, 0.712), (0.2, 0.463), (0.4, 0.132)])
+    assert round(verdict["gap"], 1) == -8.2
+    assert (verdict["bad_warm"], verdict["bad_cold"]) == (0, 1)
+    assert not verdict["shows"]
+    # Same best within 2 points, but no-warmup diverges at more rates: yes.
+    assert _verdict([(0.1, 0.70), (0.2, 0.71), (0.4, 0.69)],
+                    [(0.1, 0.715), (0.2, None, "diverged"),
+                     (0.4, None, "diverged")])["shows"]
+    # Warmup's best more than 2 points higher: yes.
+    assert _verdict([(0.1, 0.75)], [(0.1, 0.72)])["shows"]
+    assert _verdict([(0.1, 0.75)], [(0.1, None, "failed")]) is None
