@@ -174,33 +174,46 @@ def best(outcomes):
     return max(scored, key=lambda o: o.score()) if scored else None
 
 
-def pilot_verdict(warm, cold, gap_points):
+def pilot_verdict(warm, cold, gap_points, tuning_seed=0):
     """Is SGD without warmup (`cold`) clearly worse than with (`warm`)?
 
-    Yes when the best warmup run beats the best no-warmup run by more than
-    `gap_points` of validation accuracy, or when no-warmup diverges or ends
-    at chance at more of the shared rates while its best is not better
-    than warmup's best by more than `gap_points` (a no-warmup best well
-    above warmup's means a lower rate does what warmup does).
+    Rates are chosen on the `tuning_seed` runs; the gap is the difference
+    of the mean validation accuracy over every seed run at the two chosen
+    rates. Yes when the gap is more than `gap_points`, or when no-warmup
+    diverges or ends at chance at more of the shared tuning rates while its
+    mean is not above warmup's by more than `gap_points` (a no-warmup best
+    well above warmup's means a lower rate does what warmup does).
 
     Returns:
-        dict with best_warm, best_cold, gap (points), shared (rates),
-        bad_warm, bad_cold and shows; None without a finished run of each.
+        dict with best_warm, best_cold (tuning runs), gap (points), seeds
+        (runs averaged per method), shared (rates), bad_warm, bad_cold and
+        shows; None without a finished tuning run of each.
     """
-    best_warm, best_cold = best(warm), best(cold)
+    warm_tuning = [o for o in warm if o.record["seed"] == tuning_seed]
+    cold_tuning = [o for o in cold if o.record["seed"] == tuning_seed]
+    best_warm, best_cold = best(warm_tuning), best(cold_tuning)
     if best_warm is None or best_cold is None:
         return None
-    warm_by = {o.record["base_learning_rate"]: o for o in warm}
-    cold_by = {o.record["base_learning_rate"]: o for o in cold}
+
+    def mean_at_best(group, chosen):
+        rate = chosen.record["base_learning_rate"]
+        values = [o.validation_accuracy for o in group
+                  if o.record["base_learning_rate"] == rate
+                  and o.validation_accuracy is not None]
+        return sum(values) / len(values), len(values)
+
+    warm_by = {o.record["base_learning_rate"]: o for o in warm_tuning}
+    cold_by = {o.record["base_learning_rate"]: o for o in cold_tuning}
     shared = sorted(set(warm_by) & set(cold_by))
     bad_warm = sum(failed_or_chance(warm_by[r]) for r in shared)
     bad_cold = sum(failed_or_chance(cold_by[r]) for r in shared)
-    gap = 100 * (best_warm.validation_accuracy
-                 - best_cold.validation_accuracy)
+    (warm_mean, warm_n), (cold_mean, cold_n) = (
+        mean_at_best(warm, best_warm), mean_at_best(cold, best_cold))
+    gap = 100 * (warm_mean - cold_mean)
     shows = gap > gap_points or (bad_cold > bad_warm and gap > -gap_points)
     return {"best_warm": best_warm, "best_cold": best_cold, "gap": gap,
-            "shared": shared, "bad_warm": bad_warm, "bad_cold": bad_cold,
-            "shows": shows}
+            "seeds": (warm_n, cold_n), "shared": shared,
+            "bad_warm": bad_warm, "bad_cold": bad_cold, "shows": shows}
 
 
 def load_archived(archive_dir):

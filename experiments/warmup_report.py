@@ -104,10 +104,13 @@ def pilot_section(plan, outcomes):
              "of steps (from train.log).", ""]
     verdicts = []
     for model in pilot["models"]:
-        warm = _group(outcomes, stage="pilot", model=model,
-                      method="sgd_warmup")
-        cold = _group(outcomes, stage="pilot", model=model,
-                      method="sgd_nowarmup")
+        warm_all = _group(outcomes, stage="pilot", model=model,
+                          method="sgd_warmup")
+        cold_all = _group(outcomes, stage="pilot", model=model,
+                          method="sgd_nowarmup")
+        tuning_seed = plan["tuning_seed"]
+        warm = [o for o in warm_all if o.record["seed"] == tuning_seed]
+        cold = [o for o in cold_all if o.record["seed"] == tuning_seed]
         if not warm and not cold:
             lines += [f"{model}: no runs yet.", ""]
             continue
@@ -131,7 +134,8 @@ def pilot_section(plan, outcomes):
             if at_edge(group):
                 lines.append(f"- Note: the best {name} rate is at an edge of "
                              "its grid; the optimum may lie beyond it.")
-        verdict = runs_lib.pilot_verdict(warm, cold, pilot["gap_points"])
+        verdict = runs_lib.pilot_verdict(warm_all, cold_all,
+                                         pilot["gap_points"], tuning_seed)
         if verdict:
             gap, shows = verdict["gap"], verdict["shows"]
             shared = len(verdict["shared"])
@@ -144,13 +148,18 @@ def pilot_section(plan, outcomes):
                 f" [{best_warm.run_id}]; best without: "
                 f"{_percent(best_cold.validation_accuracy)} % at "
                 f"{_rate(best_cold)}"
-                f" [{best_cold.run_id}]: gap {gap:+.1f} points "
-                f"(threshold {pilot['gap_points']:g}).",
+                f" [{best_cold.run_id}] (seed {tuning_seed}).",
+                f"- At these rates, mean over {verdict['seeds'][0]} and "
+                f"{verdict['seeds'][1]} seed(s): gap {gap:+.1f} points "
+                f"(threshold {pilot['gap_points']:g})" + "".join(
+                    f"; {o.run_id}: {_percent(o.validation_accuracy)} %"
+                    for o in warm_all + cold_all
+                    if o.record["seed"] != tuning_seed) + ".",
                 f"- Rates of the shared grid that diverged or ended at chance "
                 f"(<= {100 * runs_lib.CHANCE:.0f} %): {bad_warm} of {shared} "
                 f"with warmup, {bad_cold} of {shared} without.",
                 f"- **Warmup gap in this setting: {'yes' if shows else 'no'}"
-                "** (one seed; the gap is a pilot finding, not a result).",
+                "** (a pilot finding, not a result).",
                 ""]
     return lines, verdicts
 
@@ -373,13 +382,13 @@ def main(argv=None):
         elif gap < 2 * threshold:
             finding = ("worse than SGD with warmup by the pilot's rule, but "
                        f"only marginally (under twice the {threshold:g}-point"
-                       " threshold, one seed): confirm with more seeds before"
-                       " the comparison")
+                       " threshold): confirm with more seeds before the "
+                       "comparison")
         else:
             finding = "clearly worse than SGD with warmup"
         summary.append(
             f"- Pilot, {model}: SGD without warmup is {finding} (best-rate "
-            f"gap {gap:+.1f} points of validation accuracy, one seed).")
+            f"gap {gap:+.1f} points of validation accuracy).")
     summary += verdict or ["- Comparison: not run yet."]
     unfinished = [o.run_id for o in outcomes.values()
                   if o.status not in ("done", "diverged")]

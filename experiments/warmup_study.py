@@ -167,13 +167,29 @@ class Study:
             for method, warmup in methods:
                 self.tune(lambda rate, method=method, warmup=warmup:
                           make_spec(rate, method, warmup), pilot["grid"])
-            archived = runs_lib.load_archived(os.path.join(
-                self.args.archive_dir, "pilot", model))
-            findings[model] = runs_lib.pilot_verdict(
-                *[[o for o in archived.values()
-                   if o.record["method"] == method]
-                  for method, _ in methods], pilot["gap_points"])
+            findings[model] = self._pilot_verdict(model, methods)
+            # More seeds at the two chosen rates, so that the gap is not one
+            # seed's luck (seeds apart from the comparison's fresh ones).
+            if findings[model]:
+                for (method, warmup), chosen in zip(methods, (
+                        findings[model]["best_warm"],
+                        findings[model]["best_cold"])):
+                    for seed in pilot.get("confirm_seeds", []):
+                        self.outcome(self.spec(
+                            "pilot", model, pilot["batch_size"], method,
+                            "configs/warmup_study/sgd.yaml",
+                            chosen.record["base_learning_rate"], warmup,
+                            seed, pilot["epochs"]))
+                findings[model] = self._pilot_verdict(model, methods)
         return findings
+
+    def _pilot_verdict(self, model, methods):
+        archived = runs_lib.load_archived(os.path.join(
+            self.args.archive_dir, "pilot", model))
+        return runs_lib.pilot_verdict(
+            *[[o for o in archived.values() if o.record["method"] == method]
+              for method, _ in methods], self.plan["pilot"]["gap_points"],
+            self.plan["tuning_seed"])
 
     def compare(self):
         plan = self.plan["comparison"]

@@ -12,7 +12,7 @@ PLAN = {
     "validation_examples": 5000, "tuning_seed": 0, "max_extensions": 3,
     "pilot": {"models": ["small_cnn"], "batch_size": 4096, "epochs": 2,
               "warmup_epochs": 1.0, "grid": [0.1, 0.2, 0.4, 0.8],
-              "gap_points": 2.0},
+              "gap_points": 2.0, "confirm_seeds": [10]},
     "comparison": {
         "model": "small_cnn", "batch_sizes": [4096], "epochs": 2,
         "warmup_epochs": 1.0, "warmup_variants": [0.5], "seeds": [1, 2],
@@ -60,8 +60,10 @@ def test_max_hours_stops_before_a_run_and_rerun_continues(tmp_path):
     assert _study(tmp_path, "--stage=pilot") == 0
     outcomes = _archived(tmp_path)
     # Warmup peaks at 0.4 (interior); no warmup at 0.2, also interior.
-    assert _rates(outcomes, "sgd_warmup") == [0.1, 0.2, 0.4, 0.8]
-    assert _rates(outcomes, "sgd_nowarmup") == [0.1, 0.2, 0.4, 0.8]
+    # Seed 10 confirms the chosen rates (0.4 with warmup, 0.2 without).
+    assert _rates(outcomes, "sgd_warmup") == [0.1, 0.2, 0.4, 0.4, 0.8]
+    assert _rates(outcomes, "sgd_nowarmup") == [0.1, 0.2, 0.2, 0.4, 0.8]
+    assert "pilot/small_cnn/b4096/sgd_warmup/lr0.4_w1_e2_s10" in outcomes
     run = next(iter(outcomes.values()))
     assert run.record["attempts"][0]["returncode"] == 0
     assert "--mode=train" in run.record["command"]
@@ -82,8 +84,9 @@ def test_grid_extends_past_the_edge_until_the_best_is_interior(tmp_path):
     outcomes = _archived(tmp_path)
     # Best at the lower edge each time: 0.4, then 0.2 (warmup's peak at 0.4
     # is then interior); without warmup down to 0.1.
-    assert _rates(outcomes, "sgd_warmup") == [0.2, 0.4, 0.8, 1.6]
-    assert _rates(outcomes, "sgd_nowarmup") == [0.1, 0.2, 0.4, 0.8, 1.6]
+    assert _rates(outcomes, "sgd_warmup") == [0.2, 0.4, 0.4, 0.8, 1.6]
+    assert _rates(outcomes, "sgd_nowarmup") == [0.1, 0.2, 0.2, 0.4, 0.8,
+                                                1.6]
 
 
 def test_comparison_needs_a_pilot_gap_then_tunes_varies_and_reseeds(
@@ -131,8 +134,10 @@ def test_report_from_archive_hand_computed(tmp_path):
     warmup_report.main([f"--plan={plan_path}",
                         f"--results_dir={tmp_path / 'results'}"])
     text = (tmp_path / "results" / "results.md").read_text()
-    # Pilot: best warmup 0.9 at 0.4, best without 0.85 at 0.2: +5.0 points.
-    assert "gap +5.0 points" in text
+    # Pilot: warmup 0.9 at 0.4, without 0.85 at 0.2 (seed 0); seed 10 adds
+    # 0.01 to each: the means differ by 5.0 points.
+    assert "mean over 2 and 2 seed(s): gap +5.0 points" in text
+    assert "lr0.4_w1_e2_s10: 91.0 %" in text
     assert "**Warmup gap in this setting: yes**" in text
     # Early loss over the first 20 % of 8 steps (steps 1 and 2) at rate 0.4:
     # mean(2/1 + 0.4, 2/2 + 0.4) = 1.9.
@@ -158,7 +163,7 @@ class _Scored:
     """An archived run reduced to what pilot_verdict reads."""
 
     def __init__(self, rate, accuracy, status="done"):
-        self.record = {"base_learning_rate": rate}
+        self.record = {"base_learning_rate": rate, "seed": 0}
         self.status, self.validation_accuracy = status, accuracy
 
     def score(self):
