@@ -93,11 +93,13 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
         trust_coefficient: `eta` > 0.
         epsilon: >= 0, added to the trust-ratio denominator.
         exclude_from_layer_adaptation: optional list of regexes; variables
-            whose path matches any of them get trust ratio 1. Variables of
-            rank <= 1 (biases, batch-norm scale and offset) are always
-            excluded.
+            whose path matches any of them get trust ratio 1.
         decay_excluded_variables: whether variables excluded from layer
             adaptation still get the coupled `weight_decay_rate` term.
+        exclude_rank_one_variables: whether variables of rank <= 1
+            (biases, batch-norm scale and offset) are excluded from layer
+            adaptation, as the reference code and MLPerf do (the default);
+            False adapts them too (an ablation).
         **kwargs: Keras's base optimizer arguments.
     """
 
@@ -111,6 +113,7 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
         epsilon,
         exclude_from_layer_adaptation,
         decay_excluded_variables,
+        exclude_rank_one_variables=True,
         **kwargs,
     ):
         if isinstance(learning_rate, (int, float)) and not isinstance(
@@ -148,10 +151,11 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
         self.epsilon = float(epsilon)
         self.exclude_from_layer_adaptation = patterns
         self.decay_excluded_variables = bool(decay_excluded_variables)
+        self.exclude_rank_one_variables = bool(exclude_rank_one_variables)
 
     def is_adapted(self, variable):
         """Whether `variable` gets a trust ratio (decided from rank and path)."""
-        if len(variable.shape) <= 1:
+        if self.exclude_rank_one_variables and len(variable.shape) <= 1:
             return False
         path = getattr(variable, "path", None) or variable.name
         return not any(
@@ -225,6 +229,7 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
                     self.exclude_from_layer_adaptation
                 ),
                 "decay_excluded_variables": self.decay_excluded_variables,
+                "exclude_rank_one_variables": self.exclude_rank_one_variables,
             }
         )
         return config

@@ -16,6 +16,7 @@ import inspect
 from models import densenet
 from models import mobilenet
 from models import resnet
+from models import small_cnn
 from models.layers import BatchNormConfig
 
 _BUILDERS = {
@@ -26,6 +27,7 @@ _BUILDERS = {
     "densenet121": densenet.densenet121,
     "mobilenet_v1": mobilenet.mobilenet_v1,
     "mobilenet_v2": mobilenet.mobilenet_v2,
+    "small_cnn": small_cnn.small_cnn,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 

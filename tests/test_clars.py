@@ -246,3 +246,30 @@ def test_huge_weights_and_gradients_keep_a_finite_trust_ratio():
     # ||w|| = 1e16, so the ratio is 0.01 * 1e16 / 1e17.
     assert ratio == pytest.approx(1e-3, rel=1e-3)
     assert np.all(np.isfinite(w.numpy()))
+
+
+def test_rank_one_variables_adapted_when_asked():
+    """The ablation: biases get a trust ratio too; the regex still holds."""
+    variables = _variables()
+    initial = [v.numpy() for v in variables]
+    rng = np.random.default_rng(2)
+    gradients = [[rng.normal(size=v.shape).astype("float32")
+                  for v in variables] for _ in range(2)]
+    norms = [[float(x) for x in rng.uniform(0.5, 3.0, size=len(variables))]
+             for _ in range(2)]
+    optimizer = clars_tf.CLARS(
+        0.5, momentum=0.9, weight_decay_rate=0.01, trust_coefficient=0.05,
+        trust_clip=0.2, epsilon=1e-6, exclude_from_layer_adaptation=["^head/"],
+        exclude_rank_one_variables=False)
+    assert [optimizer.is_adapted(v) for v in variables] == [
+        True, True, True, False]
+    for step_gradients, step_norms in zip(gradients, norms):
+        optimizer.apply(step_gradients, variables, gradient_norms=step_norms)
+    expected = reference.clars_steps(
+        initial, gradients, norms, [0.5, 0.5], momentum=0.9, decay=0.01,
+        eta=0.05, clip=0.2, epsilon=1e-6, adapted=[True, True, True, False],
+        decayed=[True, True, True, True], nesterov=False)
+    for variable, want in zip(variables, expected):
+        np.testing.assert_allclose(variable.numpy(), want, atol=1e-6)
+    restored = clars_tf.CLARS.from_config(optimizer.get_config())
+    assert restored.exclude_rank_one_variables is False

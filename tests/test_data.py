@@ -289,3 +289,59 @@ def test_training_epochs_resume_mid_epoch_and_differ_by_epoch(data_dir):
         "fashion_mnist", "train[:4096]", data_dir=data_dir,
         global_batch_size=100, is_training=True, image_size=28,
         seed=5))) == 40  # 4096 // 100: one epoch, last partial batch dropped
+
+
+def test_validation_split_is_fixed_disjoint_and_complete():
+    held_out = data.validation_indices("fashion_mnist", 5000)
+    trained = data.training_indices("fashion_mnist", 5000)
+    assert len(held_out) == 5000 and len(trained) == 55_000
+    assert not set(held_out.tolist()) & set(trained.tolist())
+    np.testing.assert_array_equal(
+        np.sort(np.concatenate([held_out, trained])), np.arange(60_000))
+    # Independent of anything but the count; a larger count is a superset.
+    np.testing.assert_array_equal(
+        held_out, data.validation_indices("fashion_mnist", 5000))
+    assert set(data.validation_indices("fashion_mnist", 100).tolist()) <= set(
+        held_out.tolist())
+    # Spread over the split, not a contiguous slice of it.
+    assert held_out.min() < 1000 and held_out.max() > 59_000
+    assert data.steps_per_epoch("fashion_mnist", 4096, 5000) == 13
+    for bad in (-1, 60_000, 2.5, True):
+        with pytest.raises(ValueError, match=r"validation examples must be"):
+            data.validation_indices("fashion_mnist", bad)
+    with pytest.raises(ValueError, match=r"55000 training examples"):
+        data.steps_per_epoch("fashion_mnist", 60_000, 5000)
+
+
+def test_selected_examples_are_exactly_the_indexed_ones(data_dir):
+    """The held-out pipeline yields the split's examples at those indices."""
+    held_out = data.validation_indices("fashion_mnist", 300)
+    stored = tfds.load("fashion_mnist", split="train", data_dir=data_dir,
+                       as_supervised=True, download=False)
+    images, labels = next(iter(stored.batch(60_000)))
+    dataset = data.build_dataset(
+        "fashion_mnist", "train", data_dir=data_dir, global_batch_size=128,
+        is_training=False, image_size=28, seed=0, indices=held_out)
+    got = [(x.numpy()[w.numpy() > 0], y.numpy()[w.numpy() > 0])
+           for x, y, w in dataset]
+    got_images = np.concatenate([x for x, _ in got])
+    got_labels = np.concatenate([y for _, y in got])
+    assert len(got_labels) == 300
+    np.testing.assert_array_equal(got_labels, labels.numpy()[held_out])
+    spec = data.DATASETS["fashion_mnist"]
+    expected = ((images.numpy()[held_out].astype(np.float32) / 255.0
+                 - spec.mean[0]) / spec.std[0])
+    np.testing.assert_allclose(got_images, expected, atol=1e-5)
+    # Two hosts: disjoint shards that together are the held-out examples.
+    shards = []
+    for pipeline in range(2):
+        context = tf.distribute.InputContext(2, pipeline, 2)
+        shard = data.build_dataset(
+            "fashion_mnist", "train", data_dir=data_dir,
+            global_batch_size=128, is_training=False, image_size=28, seed=0,
+            input_context=context, indices=held_out)
+        shards.append(np.concatenate([y.numpy()[w.numpy() > 0]
+                                      for _, y, w in shard]))
+    assert sorted(len(s) for s in shards) == [150, 150]
+    np.testing.assert_array_equal(np.sort(np.concatenate(shards)),
+                                  np.sort(got_labels))

@@ -45,7 +45,7 @@ BAD_OVERRIDES = [
     ("task.dataset=fashion_mnst", "Did you mean 'fashion_mnist'"),
     ("model.options={alpha: 0.5}", "'model.options.alpha': not an option"),
     ("estimator.num_micro_batches=16", "Lower `num_micro_batches`"),
-    ("optimizer.warmup_epochs=1.0", "CLARS is meant to run without warmup"),
+    ("optimizer.warmup_epochs=1000.0", "must be shorter than train.epochs"),
     ("optimizer.base_learning_rate=-1", "'optimizer.base_learning_rate'"),
     ("optimizer.momentum=1.5", "'optimizer.momentum': must be in [0, 1)"),
     ("task.image_size=16", "'task.image_size': must be >= 32"),

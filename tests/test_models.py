@@ -311,3 +311,16 @@ def test_invalid_arguments(kwargs, match):
 def test_mobilenet_rejects_non_positive_alpha():
     with pytest.raises(ValueError, match="alpha"):
         models.build_model("mobilenet_v1", CIFAR_SHAPE, 10, alpha=0.0)
+
+
+def test_small_cnn_parameter_count_and_width():
+    model = models.build_model("small_cnn", (32, 32, 1), 10, width=8)
+    # conv (k*k*in*out, no bias) + BN (4 per channel) for 8, 16, 32 channels,
+    # then a dense layer of 32*10 + 10.
+    convs = 9 * (1 * 8 + 8 * 16 + 16 * 32)
+    batch_norms = 4 * (8 + 16 + 32)
+    assert model.count_params() == convs + batch_norms + 32 * 10 + 10
+    assert [l.filters for l in model.layers if isinstance(l, keras.layers.Conv2D)] == [8, 16, 32]
+    assert not any(isinstance(l, keras.layers.Add) for l in model.layers)
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        models.build_model("small_cnn", (32, 32, 1), 10, width=0)

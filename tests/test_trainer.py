@@ -92,6 +92,11 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
     assert all(v["noise_ratio"] >= 1.0 - 1e-3  # a_l >= ||g_l|| (triangle)
                for v in diagnostics[0]["layers"].values()
                if v["noise_ratio"] > 0)
+    for v in diagnostics[0]["layers"].values():
+        assert v["weight_norm"] >= 0 and v["gradient_norm"] > 0
+        np.testing.assert_allclose(v["noise_ratio"],
+                                   v["estimate"] / v["gradient_norm"],
+                                   rtol=1e-4)
 
     # The SavedModel, loaded with TensorFlow alone, predicts what the
     # checkpointed model predicts on raw test images.
@@ -408,3 +413,127 @@ def test_jit_compile_matches_the_uncompiled_run(tmp_path, fashion_mnist_dir):
     for key in ("train_loss", "eval_loss", "eval_accuracy"):
         assert results[True][key] == pytest.approx(results[False][key],
                                                    rel=1e-3, abs=1e-3)
+
+
+def _synthetic_sgd_trainer(tmp_path, override, strategy=None):
+    """A one-epoch SGD Trainer on synthetic data, in this process."""
+    from trainers import config as config_lib
+    from trainers import train as train_lib
+
+    config = config_lib.build_config(CONFIG, (
+        "task.dataset=synthetic,train.global_batch_size=64,"
+        "optimizer.name=sgd,train.epochs=1," + override))
+    return train_lib.Trainer(config, strategy or tf.distribute.get_strategy(),
+                             str(tmp_path / "run"), None, "default")
+
+
+def test_recomputed_batch_norm_statistics_are_exact_averages(tmp_path):
+    """Moving statistics = numpy averages of each batch's input moments."""
+    import keras
+
+    from trainers import data
+
+    trainer = _synthetic_sgd_trainer(
+        tmp_path, "task.validation_examples=192,train.recompute_bn_examples=128")
+    layers = trainer._batch_norm_statistics()
+    before = [(m.numpy().copy(), v.numpy().copy()) for _, m, v in layers]
+    saved = trainer.recompute_batch_norm_statistics(128)
+    for (old_mean, old_variance), (mean, variance) in zip(before, saved):
+        np.testing.assert_array_equal(old_mean, mean)
+        np.testing.assert_array_equal(old_variance, variance)
+    recomputed = [(m.numpy().copy(), v.numpy().copy()) for _, m, v in layers]
+    # The same two batches of 64, read independently of the trainer.
+    dataset = data.build_dataset(
+        "synthetic", "train", data_dir=None, global_batch_size=64,
+        is_training=True, image_size=32, seed=2,
+        indices=data.training_indices("synthetic", 192))
+    batches = [images for images, _ in dataset.take(2)]
+    model = trainer.model
+    for index in (0, len(layers) - 1):
+        layer = layers[index][0]
+        inputs_of = keras.Model(model.inputs, layer.input)
+        # Training mode: earlier batch norms normalise with batch moments,
+        # as in the recomputation (weights are not changed by this call).
+        moments = [inputs_of(b, training=True).numpy().astype(np.float64)
+                   for b in batches]
+        mean = np.mean([x.mean(axis=(0, 1, 2)) for x in moments], axis=0)
+        variance = np.mean([x.var(axis=(0, 1, 2)) for x in moments], axis=0)
+        np.testing.assert_allclose(recomputed[index][0], mean, rtol=1e-4,
+                                   atol=1e-5)
+        np.testing.assert_allclose(recomputed[index][1], variance, rtol=1e-4,
+                                   atol=1e-5)
+    # Not an exponential average: one batch alone gives other statistics.
+    trainer.restore_batch_norm_statistics(saved)
+    trainer.recompute_batch_norm_statistics(64)
+    assert not np.allclose(layers[0][1].numpy(), recomputed[0][0])
+
+
+def test_evaluation_leaves_training_state_and_counts_splits(tmp_path):
+    trainer = _synthetic_sgd_trainer(tmp_path, (
+        "task.validation_examples=192,train.recompute_bn_examples=128,"
+        "train.eval_splits=validation+test,train.eval_batch_size=100"))
+    assert trainer.steps_per_epoch == (8192 - 192) // 64
+    state = [v.numpy().copy() for v in trainer.model.weights]
+    results = trainer.evaluate_splits()
+    assert set(results) == {"validation_loss", "validation_accuracy",
+                            "eval_loss", "eval_accuracy"}
+    for before, variable in zip(state, trainer.model.weights):
+        np.testing.assert_array_equal(before, variable.numpy())
+    # The counts are checked inside evaluate: 192 held out, 1024 test.
+    assert 0.0 <= results["validation_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.validation_examples=60000", r"task.validation_examples.*\[0, 60000\)"),
+    ("task.validation_examples=-5", r"task.validation_examples"),
+    ("train.eval_splits=validation", r"needs held-out examples"),
+    ("train.eval_splits=val", r"'test', 'validation' or 'validation\+test'"),
+    ("train.recompute_bn_examples=100", r"not a whole number of training"),
+    ("task.validation_examples=59990", r"larger than the 10 examples left"),
+])
+def test_validation_and_recompute_options_reject_bad_values(override,
+                                                            message):
+    from trainers import config as config_lib
+
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.build_config(CONFIG, SMALL + "," + override)
+
+
+def test_recompute_and_validation_end_to_end_leave_checkpoints_alone(
+        tmp_path):
+    """Same checkpoint with and without recomputation; both splits scored."""
+    common = ("task.dataset=synthetic,train.max_steps=2,train.epochs=1,"
+              "train.checkpoint_every_steps=2,task.validation_examples=192,"
+              "train.eval_splits=validation+test,train.eval_batch_size=64")
+    runs = {}
+    for name, extra in (("plain", ""),
+                        ("recomputed", ",train.recompute_bn_examples=128")):
+        model_dir = str(tmp_path / name)
+        result = run_trainer(model_dir, None, "--mode=train_and_eval",
+                             override=common + extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(os.path.join(model_dir, "results.json")) as f:
+            runs[name] = (json.load(f), checkpoint_values(model_dir))
+    assert max_difference(runs["plain"][1], runs["recomputed"][1]) == 0.0
+    for results, _ in runs.values():
+        assert set(results["final"]) == {
+            "validation_loss", "validation_accuracy", "eval_loss",
+            "eval_accuracy", "step"}
+        assert results["steps_per_epoch"] == (8192 - 192) // 64
+    # Two steps leave the moving statistics far from the weights' own:
+    # recomputing them changes what evaluation measures.
+    assert runs["plain"][0]["final"]["eval_loss"] != runs["recomputed"][0][
+        "final"]["eval_loss"]
+
+
+def test_recomputed_means_do_not_depend_on_replicas(tmp_path, two_replicas):
+    """Each replica's batch moments, averaged: the global batch mean."""
+    override = "task.validation_examples=192,model.use_sync_bn=true"
+    means = []
+    for name, strategy in (("one", None), ("two", two_replicas)):
+        trainer = _synthetic_sgd_trainer(tmp_path / name, override, strategy)
+        trainer.recompute_batch_norm_statistics(128)
+        # The first batch norm sees the same initial weights in both (same
+        # seed), so its input, and the mean of it, are the same.
+        means.append(trainer._batch_norm_statistics()[0][1].numpy())
+    np.testing.assert_allclose(means[0], means[1], rtol=1e-4, atol=1e-5)

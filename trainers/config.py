@@ -26,6 +26,10 @@ DEFAULTS = {
     "task": {
         "dataset": "fashion_mnist",
         "image_size": 32,
+        # Training examples held out as a validation split (the same ones for
+        # every run: `trainers.data.validation_indices`); training uses the
+        # rest. 0: none.
+        "validation_examples": 0,
     },
     "model": {
         "name": "resnet20",
@@ -43,6 +47,14 @@ DEFAULTS = {
         "checkpoints_to_keep": 3,
         "eval_every_epochs": 1,
         "eval_batch_size": 1000,
+        # What each evaluation measures: 'test' (the data set's evaluation
+        # split; ImageNet's 'validation'), 'validation' (the held-out
+        # task.validation_examples), or both as 'validation+test'.
+        "eval_splits": "test",
+        # >0: before each evaluation, batch-norm moving statistics are
+        # recomputed as the exact average over this many training examples
+        # (then put back, so training and checkpoints are unaffected).
+        "recompute_bn_examples": 0,
         "label_smoothing": 0.0,
         "precision": "float32",
         "seed": 0,
@@ -74,6 +86,8 @@ DEFAULTS = {
         "trust_clip": 0.1,
         "epsilon": 1e-6,
         "decay_excluded_variables": True,
+        # False: biases and batch-norm variables get trust ratios too.
+        "exclude_rank_one_variables": True,
     },
     # Used when optimizer.name is lars (defaults: MLPerf).
     "lars": {
@@ -247,6 +261,35 @@ def validate(config):
              f"{train['global_batch_size']} is larger than the "
              f"{dataset.num_train_examples} training examples of "
              f"{task['dataset']}.")
+    validation = task["validation_examples"]
+    _require(0 <= validation < dataset.num_train_examples,
+             "task.validation_examples",
+             f"must be in [0, {dataset.num_train_examples}) for "
+             f"{task['dataset']}, got {validation}; e.g. 5000.")
+    trained = dataset.num_train_examples - validation
+    _require(train["global_batch_size"] <= trained, "train.global_batch_size",
+             f"{train['global_batch_size']} is larger than the {trained} "
+             f"examples left for training after holding out {validation}; "
+             "lower it or task.validation_examples.")
+    splits = train["eval_splits"].split("+")
+    _require(set(splits) <= {"test", "validation"}
+             and len(set(splits)) == len(splits), "train.eval_splits",
+             f"must be 'test', 'validation' or 'validation+test', got "
+             f"'{train['eval_splits']}'.")
+    _require("validation" not in splits or validation > 0,
+             "train.eval_splits",
+             "'validation' needs held-out examples; set "
+             "task.validation_examples (e.g. 5000).")
+    bn_examples = train["recompute_bn_examples"]
+    _require(0 <= bn_examples <= trained, "train.recompute_bn_examples",
+             f"must be in [0, {trained}] (the training examples), got "
+             f"{bn_examples}.")
+    bn_batch = min(bn_examples, train["global_batch_size"])
+    _require(not bn_examples or bn_examples % bn_batch == 0,
+             "train.recompute_bn_examples",
+             f"{bn_examples} is not a whole number of training batches of "
+             f"{train['global_batch_size']}; use a multiple of it or a "
+             "number no larger than it.")
     _require(task["image_size"] >= 32, "task.image_size",
              "must be >= 32 (the models' smallest input).")
     _require(model["name"] in MODEL_NAMES, "model.name",
@@ -287,10 +330,6 @@ def validate(config):
              "must be >= 0.")
     _require(opt["warmup_epochs"] < train["epochs"], "optimizer.warmup_epochs",
              f"must be shorter than train.epochs ({train['epochs']}).")
-    _require(not (opt["name"] == "clars" and opt["warmup_epochs"] > 0),
-             "optimizer.warmup_epochs",
-             "CLARS is meant to run without warmup; set it to 0 (or use "
-             "optimizer.name=sgd/lars for a warmup baseline).")
     for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):
         _require(est[key] >= 1, f"estimator.{key}", "must be >= 1.")
     _require(est["micro_batch_size"] >= 2, "estimator.micro_batch_size",
@@ -315,6 +354,10 @@ def check_against_strategy(config, num_replicas):
     _require(batch % num_replicas == 0, "train.global_batch_size",
              f"{batch} is not divisible by the {num_replicas} replicas; use a "
              f"multiple of {num_replicas}.")
+    bn_batch = min(train["recompute_bn_examples"], batch)
+    _require(bn_batch % num_replicas == 0, "train.recompute_bn_examples",
+             f"its batches of {bn_batch} are not divisible by the "
+             f"{num_replicas} replicas; use a multiple of {num_replicas}.")
     if config["optimizer"]["name"] == "clars":
         import clars_tf
         if est["method"] == "one_pass":

@@ -35,6 +35,7 @@ import urllib.request
 import zlib
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import constants as tfds_constants
@@ -42,6 +43,10 @@ from tensorflow_datasets.core.download import download_manager
 from tensorflow_datasets.core.download import extractor
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+# The validation examples are the same for every run, seed and number of
+# replicas: a permutation drawn once from this fixed seed.
+VALIDATION_SEED = 20210202
 
 _EVAL_CROP_FRACTION = 0.875
 _SMALL_PAD = 4
@@ -399,23 +404,72 @@ def _check_hosts_reachable(builder, name, manual_dir, fix):
                 f"reachable ({err}). {fix}") from err
 
 
-def steps_per_epoch(name, global_batch_size):
+def validation_indices(name, count):
+    """Positions in the train split of the examples held out for validation.
+
+    The held-out examples are the first `count` of one permutation of the
+    train split drawn from `VALIDATION_SEED`: the same examples for every
+    run, training seed and number of replicas or hosts, and a larger
+    `count` holds out a superset of a smaller one. Training then uses the
+    other examples (`training_indices`).
+
+    Args:
+      name: a key of `DATASETS`.
+      count: examples to hold out, 0 <= count < the train split's size.
+
+    Returns:
+      Sorted int64 numpy array of `count` positions in the train split's
+      stored order.
+    """
+    spec = _spec(name)
+    total = spec.num_train_examples
+    if isinstance(count, bool) or not isinstance(count, int) or not (
+            0 <= count < total):
+        raise ValueError(
+            f"validation examples must be an integer in [0, {total}) for "
+            f"{name} (its train split has {total} examples), got {count!r}; "
+            "e.g. 5000.")
+    permutation = np.random.default_rng(VALIDATION_SEED).permutation(total)
+    return np.sort(permutation[:count]).astype(np.int64)
+
+
+def training_indices(name, validation_examples):
+    """Positions of the train split's examples not held out for validation.
+
+    Args:
+      name: a key of `DATASETS`.
+      validation_examples: examples held out (see `validation_indices`).
+
+    Returns:
+      Sorted int64 numpy array, the complement of `validation_indices`.
+    """
+    held_out = validation_indices(name, validation_examples)
+    keep = np.ones(_spec(name).num_train_examples, bool)
+    keep[held_out] = False
+    return np.flatnonzero(keep).astype(np.int64)
+
+
+def steps_per_epoch(name, global_batch_size, validation_examples=0):
     """Training steps in one pass over the train split (last batch dropped).
 
     Args:
       name: a key of `DATASETS`.
       global_batch_size: examples per step over all replicas.
+      validation_examples: examples of the train split held out for
+        validation (see `validation_indices`), not trained on.
 
     Returns:
-      The number of full global batches in the train split.
+      The number of full global batches in the trained part of the split.
     """
     spec = _spec(name)
     _check_positive(global_batch_size, "global_batch_size")
-    if global_batch_size > spec.num_train_examples:
+    trained = spec.num_train_examples - validation_examples
+    if global_batch_size > trained:
         raise ValueError(
-            f"global_batch_size {global_batch_size} exceeds the "
-            f"{spec.num_train_examples} training examples of {name}.")
-    return spec.num_train_examples // global_batch_size
+            f"global_batch_size {global_batch_size} exceeds the {trained} "
+            f"training examples of {name} (of {spec.num_train_examples}, "
+            f"{validation_examples} held out for validation).")
+    return trained // global_batch_size
 
 
 def preprocess_for_serving(images_uint8, name, image_size):
@@ -601,9 +655,29 @@ def _check_count(value, argument):
         raise ValueError(f"{argument} must be an integer >= 0, got {value!r}.")
 
 
+def _select_records(records, indices):
+    """The records at `indices`, positions in the records' stored order."""
+    indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1 or indices.size == 0 or indices.min() < 0:
+        raise ValueError("indices must be a non-empty 1-D array of positions "
+                         f">= 0, got shape {indices.shape}.")
+    selected = np.zeros(int(indices.max()) + 1, bool)
+    selected[indices] = True
+    selected = tf.constant(selected)
+    last = selected.shape[0] - 1
+
+    def keep(position, record):
+        del record
+        return tf.logical_and(
+            position <= last, tf.gather(selected, tf.minimum(position, last)))
+
+    return records.enumerate().filter(keep).map(
+        lambda position, record: record)
+
+
 def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
                   image_size, seed, input_context=None, epoch=0,
-                  start_step=0):
+                  start_step=0, indices=None):
     """Input pipeline: one training epoch, or the whole eval split.
 
     Training reads one epoch of the split in an order that depends only on
@@ -635,6 +709,14 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
         batches by the per-replica batch size.
       epoch: the training epoch (from 0) to read.
       start_step: the step within `epoch` to start at.
+      indices: optional positions (in stored order) of the only examples of
+        `split` to use, e.g. `training_indices` or `validation_indices`.
+        Every host then reads the whole split's records in stored order (no
+        file shuffling), keeps the selected ones, still undecoded, and
+        (except for synthetic training data) its `1 / num_input_pipelines`
+        shard of them; training order then comes from the shuffle buffer
+        alone, a full shuffle only where the buffer holds the split (not
+        ImageNet).
 
     Returns:
       A `tf.data.Dataset` of (images [B, image_size, image_size, C] float32,
@@ -657,29 +739,37 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
         pipeline_id = input_context.input_pipeline_id
     epoch_seed = _epoch_seed(seed, epoch)
 
+    # Generated data costs nothing to read, so in training every host
+    # generates the whole stream and keeps its contiguous share of each
+    # global batch: the global batches are then the same for any number of
+    # hosts.
+    host_share_of_global_batch = name == "synthetic" and is_training
     if name == "synthetic":
         split_id = _synthetic_split_id(split, spec)
         records = tf.data.Dataset.range(num_examples(name, split))
-        # Generated data costs nothing to read, so in training every host
-        # generates the whole stream and keeps its contiguous share of each
-        # global batch: the global batches are then the same for any number
-        # of hosts.
-        if pipelines > 1 and not is_training:
-            records = records.shard(pipelines, pipeline_id)
-        records_per_step = global_batch_size
 
         def decode(record):
             return _synthetic_example(record, split_id, spec)
     else:
-        records = _tfds_records(name, split, data_dir,
-                                epoch_seed if is_training else None,
-                                input_context)
-        records_per_step = global_batch_size // pipelines
+        # With indices, every host reads the whole split in stored order so
+        # that a position names the same example everywhere.
+        records = _tfds_records(
+            name, split, data_dir,
+            epoch_seed if is_training and indices is None else None,
+            input_context if indices is None else None)
 
         def decode(record):
             if is_training and spec.preprocessing == "imagenet":
                 return record["image"], record["label"]  # see augment
             return _decode_image(record["image"], spec), record["label"]
+
+    if indices is not None:
+        records = _select_records(records, indices)
+    if pipelines > 1 and not host_share_of_global_batch and (
+            indices is not None or name == "synthetic"):
+        records = records.shard(pipelines, pipeline_id)
+    records_per_step = (global_batch_size if host_share_of_global_batch
+                        else global_batch_size // pipelines)
 
     if is_training:
         base_seed = tf.random.experimental.stateless_fold_in(
@@ -705,7 +795,7 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
         dataset = dataset.skip(skipped).enumerate(start=skipped)
         dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
-        if name == "synthetic" and pipelines > 1:
+        if host_share_of_global_batch and pipelines > 1:
             share = global_batch_size // pipelines
             dataset = dataset.batch(global_batch_size, drop_remainder=True)
             dataset = dataset.map(lambda images, labels: (
@@ -724,7 +814,9 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
         dataset = records.map(evaluate, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
         # Every host runs the same number of steps of full batches.
-        steps = -(-num_examples(name, split, data_dir) // global_batch_size)
+        count = (len(indices) if indices is not None
+                 else num_examples(name, split, data_dir))
+        steps = -(-count // global_batch_size)
         padding = tf.data.Dataset.from_tensors(
             (tf.zeros(shape), tf.constant(0, tf.int32), tf.constant(0.0)))
         dataset = dataset.concatenate(padding.repeat()).take(

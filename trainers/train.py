@@ -190,8 +190,16 @@ class Trainer:
         self.global_batch = train["global_batch_size"]
         self.replicas = strategy.num_replicas_in_sync
         self.estimator = estimator
-        self.steps_per_epoch = data.steps_per_epoch(task["dataset"],
-                                                    self.global_batch)
+        validation = task["validation_examples"]
+        # Positions in the train split: None means every example.
+        self.training_indices = (
+            data.training_indices(task["dataset"], validation)
+            if validation else None)
+        self.validation_indices = (
+            data.validation_indices(task["dataset"], validation)
+            if validation else None)
+        self.steps_per_epoch = data.steps_per_epoch(
+            task["dataset"], self.global_batch, validation)
         total = train["epochs"] * self.steps_per_epoch
         self.last_step = min(total, train["max_steps"] or total)
 
@@ -235,7 +243,7 @@ class Trainer:
     # Data ------------------------------------------------------------------
 
     def _distributed(self, split, is_training, seed, batch_size,
-                     repeat=False, **position):
+                     repeat=False, indices=None, **position):
         config = self.config
 
         def dataset_fn(input_context):
@@ -243,7 +251,7 @@ class Trainer:
                 config["task"]["dataset"], split, data_dir=self.data_dir,
                 global_batch_size=batch_size, is_training=is_training,
                 image_size=config["task"]["image_size"], seed=seed,
-                input_context=input_context, **position)
+                input_context=input_context, indices=indices, **position)
             return dataset.repeat() if repeat else dataset
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
@@ -259,7 +267,8 @@ class Trainer:
         epoch, start_step = divmod(step, self.steps_per_epoch)
         return iter(self._distributed(
             self.info.train_split, True, self.config["train"]["seed"],
-            self.global_batch, epoch=epoch, start_step=start_step))
+            self.global_batch, indices=self.training_indices, epoch=epoch,
+            start_step=start_step))
 
     # Steps -----------------------------------------------------------------
 
@@ -409,16 +418,34 @@ class Trainer:
 
         return eval_step
 
-    def evaluate(self, split=None):
-        """Loss and accuracy on every example of `split` (the eval split).
+    def evaluate(self, split="test"):
+        """Loss and accuracy on every example of 'test' or 'validation'.
 
-        The split is read in batches of one static shape, the last one
-        padded; the padding is masked out of the sums.
+        'test' is the data set's evaluation split (keys eval_loss and
+        eval_accuracy); 'validation' the examples held out of the training
+        split by task.validation_examples (validation_loss, ...). The split
+        is read in batches of one static shape, the last one padded; the
+        padding is masked out of the sums.
         """
-        split = split or self.info.eval_split
+        if split == "validation":
+            if self.validation_indices is None:
+                raise TrainerError(
+                    "Evaluating on 'validation' needs held-out examples; set "
+                    "task.validation_examples (e.g. 5000).")
+            source, indices = self.info.train_split, self.validation_indices
+            expected, prefix = len(indices), "validation"
+        elif split == "test":
+            source, indices = self.info.eval_split, None
+            expected = self._data.num_examples(
+                self.config["task"]["dataset"], source, self.data_dir)
+            prefix = "eval"
+        else:
+            raise ValueError(f"split must be 'test' or 'validation', got "
+                             f"{split!r}.")
         eval_step = self._make_eval_step()
-        dataset = self._distributed(split, False, 0,
-                                    self.config["train"]["eval_batch_size"])
+        dataset = self._distributed(source, False, 0,
+                                    self.config["train"]["eval_batch_size"],
+                                    indices=indices)
         totals = [0.0, 0.0, 0.0]
         try:
             for batch in dataset:
@@ -427,13 +454,118 @@ class Trainer:
         except self._tf.errors.DataLossError as error:
             raise self._corrupt_data(error) from None
         loss, correct, count = totals
-        expected = self._data.num_examples(self.config["task"]["dataset"],
-                                           split, self.data_dir)
         if count != expected:
             raise TrainerError(
-                f"Evaluated {int(count)} examples but split '{split}' has "
+                f"Evaluated {int(count)} examples but the {split} split has "
                 f"{expected}; the data set is incomplete.")
-        return {"eval_loss": loss / count, "eval_accuracy": correct / count}
+        return {f"{prefix}_loss": loss / count,
+                f"{prefix}_accuracy": correct / count}
+
+    def _batch_norm_statistics(self):
+        """(layer, moving_mean, moving_variance) of every batch norm."""
+        import keras
+
+        return [(layer, layer.moving_mean, layer.moving_variance)
+                for layer in self.model._flatten_layers()
+                if isinstance(layer, keras.layers.BatchNormalization)]
+
+    def recompute_batch_norm_statistics(self, num_examples):
+        """Sets the moving statistics to their exact average over examples.
+
+        `num_examples` training examples (augmented, from a stream seeded
+        with train.seed + 2, the same examples at every evaluation) go
+        through the model in training mode in batches of
+        min(num_examples, train.global_batch_size); nothing else changes.
+        Each moving mean becomes the average of the batch means of the
+        layer's input, each moving variance the average of the batch
+        variances (what training-mode normalisation divides by), all batches
+        and replicas weighted equally: a cumulative average, not an
+        exponential one, so the statistics describe the current weights
+        rather than a trail of past ones.
+
+        Returns:
+            The previous values, for `restore_batch_norm_statistics`.
+        """
+        import keras
+
+        tf, strategy = self._tf, self.strategy
+        layers = self._batch_norm_statistics()
+        saved = [(mean.numpy(), variance.numpy())
+                 for _, mean, variance in layers]
+        if not layers:
+            return saved
+        batch = min(num_examples, self.global_batch)
+        dataset = self._distributed(self.info.train_split, True,
+                                    self.config["train"]["seed"] + 2, batch,
+                                    repeat=True,
+                                    indices=self.training_indices)
+        tracked = [v for _, mean, variance in layers for v in (mean, variance)]
+
+        def replica_fn(images, labels):
+            del labels
+            # With momentum 0, the state a training-mode pass would write is
+            # exactly the batch's mean and variance; it is collected, never
+            # assigned.
+            with keras.StatelessScope() as scope:
+                self.model(images, training=True)
+            return [tf.cast(scope.get_current_value(v), "float32")
+                    for v in tracked]
+
+        @tf.function
+        def batch_moments(batch):
+            moments = strategy.run(replica_fn, args=batch)
+            return strategy.reduce("MEAN", moments, axis=None)
+
+        momenta = [layer.momentum for layer, _, _ in layers]
+        totals = [tf.zeros(v.shape, "float32") for v in tracked]
+        batches = num_examples // batch
+        # Reset first: non-finite old statistics must not leak (0 * nan).
+        for _, mean, variance in layers:
+            mean.assign(tf.zeros(mean.shape, mean.dtype))
+            variance.assign(tf.ones(variance.shape, variance.dtype))
+        try:
+            # Read when batch_moments is traced, which happens below.
+            for layer, _, _ in layers:
+                layer.momentum = 0.0
+            iterator = iter(dataset)
+            for _ in range(batches):
+                totals = [t + m for t, m in
+                          zip(totals, batch_moments(next(iterator)))]
+        finally:
+            for (layer, _, _), momentum in zip(layers, momenta):
+                layer.momentum = momentum
+        for variable, total in zip(tracked, totals):
+            variable.assign(tf.cast(total / batches, variable.dtype))
+        return saved
+
+    def restore_batch_norm_statistics(self, saved):
+        for (_, mean, variance), (mean_value, variance_value) in zip(
+                self._batch_norm_statistics(), saved):
+            mean.assign(mean_value)
+            variance.assign(variance_value)
+
+    def evaluate_splits(self):
+        """Every split of train.eval_splits, on recomputed statistics if set.
+
+        With train.recompute_bn_examples, the moving statistics are
+        recomputed for the evaluation and then put back: the checkpointed
+        training state, and so a resumed run, is identical with and without
+        the option (which costs one copy of the statistics, small next to
+        the weights).
+        """
+        train = self.config["train"]
+        saved = None
+        if train["recompute_bn_examples"]:
+            saved = self.recompute_batch_norm_statistics(
+                train["recompute_bn_examples"])
+        try:
+            results = {}
+            for split in train["eval_splits"].split("+"):
+                results.update(self.evaluate(split))
+        finally:
+            if saved is not None:
+                self.restore_batch_norm_statistics(saved)
+        return results
 
     def _make_diagnostics(self):
         """Per-layer trust ratios and gradient-noise ratios a_l / ||g_l||."""
@@ -468,7 +600,9 @@ class Trainer:
                 trust = [tf.ones(())] * len(variables)
             noise = [a / tf.maximum(n, 1e-12)
                      for a, n in zip(estimates, norms)]
-            return trust, noise
+            weight_norms = [self._clars_tf.layerwise.float32_norm(v)
+                            for v in variables]
+            return trust, noise, weight_norms, estimates, norms
 
         return diagnostics
 
@@ -542,7 +676,8 @@ class Trainer:
             diagnostics = self._make_diagnostics()
             probe = iter(self._distributed(self.info.train_split, True,
                                            train["seed"] + 1,
-                                           self.global_batch, repeat=True))
+                                           self.global_batch, repeat=True,
+                                           indices=self.training_indices))
         paths = [v.path for v in self.model.trainable_variables]
         _console(f"Training {self.config['model']['name']} with "
                  f"{self.config['optimizer']['name']} on {self.replicas} "
@@ -635,23 +770,27 @@ class Trainer:
                  "images_per_second": images_per_second}
         every = self.config["train"]["eval_every_epochs"]
         if epoch % every == 0 or step == self.last_step:
-            entry.update(self.evaluate())
+            evaluation = self.evaluate_splits()
+            entry.update(evaluation)
             with self.eval_writer.as_default(step=step):
-                for key in ("eval_loss", "eval_accuracy"):
-                    self._tf.summary.scalar(key.split("_")[1], entry[key])
-            _console(f"epoch {epoch} eval loss {entry['eval_loss']:.4f} "
-                     f"accuracy {entry['eval_accuracy']:.4f}")
+                for key, value in evaluation.items():
+                    # eval_* keep their historical names loss and accuracy.
+                    self._tf.summary.scalar(key.removeprefix("eval_"), value)
+            _console(f"epoch {epoch} " + " ".join(
+                f"{key} {value:.4f}" for key, value in evaluation.items()))
         self.epoch_sums.assign([0.0, 0.0, 0.0])
         return history + [entry]
 
     def _log_diagnostics(self, outputs, paths, step):
         tf = self._tf
-        trust, noise = outputs
         records = {}
-        for path, t, n in zip(paths, trust, noise):
+        for path, t, n, w, a, g in zip(paths, *outputs):
             tf.summary.scalar(f"trust_ratio/{path}", t)
             tf.summary.scalar(f"noise_ratio/{path}", n)
-            records[path] = {"trust_ratio": float(t), "noise_ratio": float(n)}
+            # The norms let a reader form unclipped ratios (eta ||w|| / a_l).
+            records[path] = {"trust_ratio": float(t), "noise_ratio": float(n),
+                             "weight_norm": float(w), "estimate": float(a),
+                             "gradient_norm": float(g)}
         if self.is_chief:
             with open(os.path.join(self.model_dir, "diagnostics.jsonl"), "a",
                       encoding="utf-8") as f:
@@ -711,10 +850,13 @@ def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
         step = int(trainer.optimizer.iterations.numpy())
         history = results.get("epochs") or trainer._load_history(step)
         last = history[-1] if history else {}
-        if last.get("step") == step and "eval_accuracy" in last:
-            final = {k: last[k] for k in ("eval_loss", "eval_accuracy")}
+        keys = [f"{'eval' if split == 'test' else split}_{metric}"
+                for split in config["train"]["eval_splits"].split("+")
+                for metric in ("loss", "accuracy")]
+        if last.get("step") == step and all(k in last for k in keys):
+            final = {k: last[k] for k in keys}
         else:
-            final = trainer.evaluate()
+            final = trainer.evaluate_splits()
         final["step"] = step
         results["final"] = final
         trainer._save_results(history, final)

@@ -1,0 +1,315 @@
+r"""The second warmup study (issue 11): does CLARS remove the need for warmup?
+
+    python3 -m experiments.warmup_study --stage pilot --max_hours 1
+    python3 -m experiments.warmup_study --stage compare --max_hours 2
+    python3 -m experiments.warmup_study --dry_run          # commands only
+
+Stages (plan: configs/warmup_study/plan.yaml):
+
+1. pilot: SGD with and without warmup over one rate grid per candidate
+   model; establishes whether there is a warmup gap to remove.
+2. compare (only after a pilot that shows a gap, or with --force): per
+   batch size, every method tuned on validation accuracy over a grid a
+   factor 2 apart, extended until the best rate is interior; SGD + warmup
+   at its best rate with a shorter and a longer warmup; every method and
+   ablation at its chosen rate with fresh seeds, evaluated on validation
+   and test.
+
+Every rate is chosen on the validation split (task.validation_examples)
+with batch-norm statistics recomputed before each evaluation; test
+accuracy is measured only in the fresh-seed runs. Each run is a trainer
+subprocess (this interpreter, this checkout on PYTHONPATH) in
+`--work_dir` (checkpoints; out of git); its small files go to
+`--archive_dir` (committed), from which `experiments.warmup_report`
+rebuilds the report. `--max_hours H` stops cleanly before a run that would
+end past H hours; the same command continues where it stopped (finished
+runs are kept, an interrupted run resumes from its last epoch checkpoint).
+"""
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import yaml
+
+from experiments import runs as runs_lib
+
+PLAN = "configs/warmup_study/plan.yaml"
+WORK_DIR = "runs/warmup_study"
+ARCHIVE_DIR = "experiments/warmup_results/runs"
+# Expected seconds of a run before any has finished in this session.
+FIRST_RUN_GUESS = 180.0
+
+
+class OutOfTime(Exception):
+    """The next run would end past --max_hours."""
+
+
+def load_plan(path):
+    with open(os.path.join(runs_lib.REPO_ROOT, path), encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def rate_beyond_edge(rates, best_rate):
+    """Half the smallest or twice the largest rate when the best sits there."""
+    if len(rates) < 2:
+        return None
+    if best_rate == min(rates):
+        return min(rates) / 2
+    if best_rate == max(rates):
+        return max(rates) * 2
+    return None
+
+
+class Study:
+    """Runs the plan's stages; every decision reads archived run files."""
+
+    def __init__(self, plan, args):
+        self.plan, self.args = plan, args
+        self.started = time.time()
+        self.durations = []
+        self.dry_run = args.dry_run
+        self.planned = []
+
+    # Runs -------------------------------------------------------------
+
+    def spec(self, stage, model, batch_size, method, config, rate, warmup,
+             seed, epochs, splits="validation", extra=()):
+        overrides = [
+            f"model.name={model}",
+            f"task.validation_examples={self.plan['validation_examples']}",
+            f"train.global_batch_size={batch_size}",
+            f"train.epochs={epochs}",
+            f"train.seed={seed}",
+            f"train.eval_splits={splits}",
+            f"optimizer.base_learning_rate={runs_lib.format_rate(rate)}",
+            f"optimizer.warmup_epochs={runs_lib.format_rate(warmup)}",
+            *extra,
+        ]
+        return {"run_id": runs_lib.run_id(
+                    stage if stage != "pilot" else f"pilot/{model}",
+                    batch_size, method, rate, warmup, epochs, seed),
+                "stage": stage, "model": model, "batch_size": batch_size,
+                "method": method, "base_learning_rate": rate,
+                "warmup_epochs": warmup, "seed": seed, "config": config,
+                "overrides": overrides}
+
+    def outcome(self, spec):
+        """Runs `spec` unless its archive says it is settled; its Outcome."""
+        run = runs_lib.Run(spec, self.args.work_dir, self.args.archive_dir,
+                           self.args.trainer)
+        settled = ("done",) if self.args.retry_failed else ("done",
+                                                            "diverged")
+        if self.dry_run:
+            if run.status() not in settled and run.command not in (
+                    self.planned):
+                self.planned.append(run.command)
+        elif run.status() not in settled:
+            self._check_time()
+            print(f"[study] {run.run_id}: running\n        {run.command}",
+                  flush=True)
+            status, seconds = run.execute()
+            self.durations.append(seconds)
+            print(f"[study] {run.run_id}: {status} in {seconds:.0f} s; "
+                  f"{(time.time() - self.started) / 60:.1f} min elapsed.",
+                  flush=True)
+        return runs_lib.Outcome(run.archive)
+
+    def _check_time(self):
+        if not self.args.max_hours:
+            return
+        expected = (sorted(self.durations)[len(self.durations) // 2]
+                    if self.durations else FIRST_RUN_GUESS)
+        if time.time() - self.started + expected > self.args.max_hours * 3600:
+            raise OutOfTime()
+
+    def tune(self, make_spec, grid):
+        """Tries `grid`, extended past an edge holding the best; the best.
+
+        A dry run follows the archived results as far as they go and lists
+        the runs they call for.
+        """
+        rates = sorted(float(r) for r in grid)
+        for _ in range(self.plan["max_extensions"] + 1):
+            outcomes = [self.outcome(make_spec(rate)) for rate in rates]
+            best = runs_lib.best(outcomes)
+            if best is None:
+                return best
+            extra = rate_beyond_edge(rates, best.record["base_learning_rate"])
+            if extra is None:
+                return best
+            rates = sorted(rates + [extra])
+        return best
+
+    # Stages -----------------------------------------------------------
+
+    def pilot(self):
+        """SGD with and without warmup per candidate model; the gap."""
+        pilot = self.plan["pilot"]
+        methods = (("sgd_warmup", pilot["warmup_epochs"]),
+                   ("sgd_nowarmup", 0.0))
+        findings = {}
+        for model in pilot["models"]:
+
+            def make_spec(rate, method, warmup, model=model):
+                return self.spec("pilot", model, pilot["batch_size"], method,
+                                 "configs/warmup_study/sgd.yaml", rate,
+                                 warmup, self.plan["tuning_seed"],
+                                 pilot["epochs"])
+
+            # Both methods rate by rate first, so that a pilot cut short by
+            # --max_hours still compares them on the same rates.
+            for rate in pilot["grid"]:
+                for method, warmup in methods:
+                    self.outcome(make_spec(rate, method, warmup))
+            for method, warmup in methods:
+                self.tune(lambda rate, method=method, warmup=warmup:
+                          make_spec(rate, method, warmup), pilot["grid"])
+            findings[model] = self._pilot_verdict(model, methods)
+            # More seeds at the two chosen rates, so that the gap is not one
+            # seed's luck (seeds apart from the comparison's fresh ones).
+            if findings[model]:
+                for (method, warmup), chosen in zip(methods, (
+                        findings[model]["best_warm"],
+                        findings[model]["best_cold"])):
+                    for seed in pilot.get("confirm_seeds", []):
+                        self.outcome(self.spec(
+                            "pilot", model, pilot["batch_size"], method,
+                            "configs/warmup_study/sgd.yaml",
+                            chosen.record["base_learning_rate"], warmup,
+                            seed, pilot["epochs"]))
+                findings[model] = self._pilot_verdict(model, methods)
+        return findings
+
+    def _pilot_verdict(self, model, methods):
+        archived = runs_lib.load_archived(os.path.join(
+            self.args.archive_dir, "pilot", model))
+        return runs_lib.pilot_verdict(
+            *[[o for o in archived.values() if o.record["method"] == method]
+              for method, _ in methods], self.plan["pilot"]["gap_points"],
+            self.plan["tuning_seed"])
+
+    def compare(self):
+        plan = self.plan["comparison"]
+        seed = self.plan["tuning_seed"]
+        for batch_size in plan["batch_sizes"]:
+            chosen = {}
+            for method, spec in plan["methods"].items():
+                warmup = plan["warmup_epochs"] if spec["warmup"] else 0.0
+                best = self.tune(
+                    lambda rate, method=method, spec=spec, warmup=warmup:
+                    self.spec("compare", plan["model"], batch_size, method,
+                              spec["config"], rate, warmup, seed,
+                              plan["epochs"]),
+                    spec["grid"])
+                if best is not None:
+                    chosen[method] = (best.record["base_learning_rate"],
+                                      warmup)
+            if "sgd_warmup" in chosen:
+                rate, _ = chosen["sgd_warmup"]
+                for warmup in plan["warmup_variants"]:
+                    self.outcome(self.spec(
+                        "compare", plan["model"], batch_size, "sgd_warmup",
+                        plan["methods"]["sgd_warmup"]["config"], rate, warmup,
+                        seed, plan["epochs"]))
+            if "clars" in chosen:
+                for name in plan["ablations"]:
+                    chosen[name] = chosen["clars"]
+            for method, (rate, warmup) in chosen.items():
+                ablation = plan["ablations"].get(method)
+                config = plan["methods"]["clars" if ablation else method][
+                    "config"]
+                extra = list(ablation["overrides"]) if ablation else []
+                for index, fresh in enumerate(plan["seeds"]):
+                    diagnostics = (index == 0 and "clars" in method)
+                    self.outcome(self.spec(
+                        "compare", plan["model"], batch_size, method, config,
+                        rate, warmup, fresh, plan["epochs"],
+                        splits="validation+test",
+                        extra=extra + ([
+                            "train.diagnostics_every_steps="
+                            f"{plan['diagnostics_every_steps']}"]
+                            if diagnostics else [])))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--stage", choices=("pilot", "compare"),
+                        default="pilot")
+    parser.add_argument("--plan", default=PLAN)
+    parser.add_argument("--work_dir", default=WORK_DIR)
+    parser.add_argument("--archive_dir", default=ARCHIVE_DIR)
+    parser.add_argument("--max_hours", type=float, default=0.0,
+                        help="stop cleanly before a run that would end past "
+                             "this many hours (0: no limit)")
+    parser.add_argument("--force", action="store_true",
+                        help="run the comparison even without a pilot gap")
+    parser.add_argument("--retry_failed", action="store_true",
+                        help="rerun diverged runs too")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the commands of the runs still to do")
+    parser.add_argument("--trainer", default="trainers.train",
+                        help=argparse.SUPPRESS)  # tests use a stand-in
+    return parser.parse_args(argv)
+
+
+def _stop(signum, frame):
+    del frame
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.chdir(runs_lib.REPO_ROOT)
+    plan = load_plan(args.plan)
+    study = Study(plan, args)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        if args.stage == "pilot":
+            findings = study.pilot()
+        else:
+            # The pilot's findings from the archive alone.
+            reader = Study(plan, argparse.Namespace(**dict(vars(args),
+                                                           dry_run=True)))
+            verdicts = reader.pilot()
+            if not (args.force or args.dry_run or any(
+                    v and v["shows"] for v in verdicts.values())):
+                sys.exit("[study] the pilot shows no warmup gap (see "
+                         "experiments/warmup_results/results.md); the "
+                         "comparison could not test the claim. --force "
+                         "runs it anyway.")
+            study.compare()
+    except OutOfTime:
+        print(f"[study] stopped before a run that would end past "
+              f"--max_hours={args.max_hours}; run the same command again "
+              "to continue.", flush=True)
+        return 3
+    except KeyboardInterrupt:
+        sys.exit("[study] interrupted; run the same command again to "
+                 "resume.")
+    if args.dry_run:
+        print("\n".join(study.planned))
+        print(f"# {len(study.planned)} runs to do as far as the archived "
+              "results decide (more grid extensions and the seed runs "
+              "follow from results).")
+        return 0
+    if args.stage == "pilot":
+        for model, verdict in findings.items():
+            print(f"[study] pilot {model}: " + (
+                "no finished runs of both methods." if verdict is None else
+                f"best SGD + warmup minus best SGD without warmup = "
+                f"{verdict['gap']:+.1f} points of validation accuracy; "
+                f"diverged or at chance: {verdict['bad_warm']} vs "
+                f"{verdict['bad_cold']} of {len(verdict['shared'])} rates; "
+                f"warmup gap shown: {verdict['shows']}."), flush=True)
+    print("[study] stage finished; python3 -m experiments.warmup_report "
+          "writes the report.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

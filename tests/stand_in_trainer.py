@@ -1,0 +1,51 @@
+"""A stand-in for trainers.train in the study tests: instant, scripted.
+
+Accepts the trainer's flags, "trains" 2 epochs of 4 steps and writes
+results.json and step lines as the trainer does. Validation accuracy is a
+fixed function of the rate (peak at base 0.4 with warmup, 0.2 without,
+1 point lower per factor 2 away; a no-warmup rate >= 3.2 diverges), so tests
+can compute the study's choices by hand.
+"""
+
+import json
+import math
+import os
+import sys
+
+
+def main():
+    flags = dict(a[2:].split("=", 1) for a in sys.argv[1:] if "=" in a)
+    overrides = dict(item.split("=", 1)
+                     for item in flags["params_override"].split(","))
+    rate = float(overrides["optimizer.base_learning_rate"])
+    warmup = float(overrides["optimizer.warmup_epochs"])
+    seed = int(overrides["train.seed"])
+    splits = overrides["train.eval_splits"].split("+")
+    best = 0.4 if warmup else 0.2
+    accuracy = 0.9 - 0.01 * abs(math.log2(rate / best)) - (
+        0.0 if warmup else 0.05) + 0.001 * seed
+    model_dir = flags["model_dir"]
+    os.makedirs(model_dir, exist_ok=True)
+    for step in range(1, 9):
+        print(f"I1130 train.py:1] step {step}/8 epoch {step / 4:.2f} loss "
+              f"{2.0 / step + rate:.4f} accuracy 0.5 lr 1 100 images/s")
+    if not warmup and rate >= 3.2:
+        print("error: Non-finite gradient or gradient-norm estimate at step 3")
+        sys.exit(1)
+    epochs = []
+    for epoch in (1, 2):
+        entry = {"epoch": epoch, "step": 4 * epoch,
+                 "train_loss": 1.0 / epoch + rate}
+        if "validation" in splits:
+            entry["validation_accuracy"] = accuracy - 0.1 * (2 - epoch)
+        if "test" in splits:
+            entry["eval_accuracy"] = accuracy - 0.02
+        epochs.append(entry)
+    with open(os.path.join(model_dir, "results.json"), "w") as f:
+        json.dump({"config": {"train": {"epochs": 2},
+                              "clars": {"trust_coefficient": 0.01}},
+                   "steps_per_epoch": 4, "epochs": epochs, "final": None}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The second warmup study and its report, with a scripted stand-in trainer."""
+
+import os
+
+import yaml
+
+from experiments import runs as runs_lib
+from experiments import warmup_report
+from experiments import warmup_study
+
+PLAN = {
+    "validation_examples": 5000, "tuning_seed": 0, "max_extensions": 3,
+    "pilot": {"models": ["small_cnn"], "batch_size": 4096, "epochs": 2,
+              "warmup_epochs": 1.0, "grid": [0.1, 0.2, 0.4, 0.8],
+              "gap_points": 2.0, "confirm_seeds": [10]},
+    "comparison": {
+        "model": "small_cnn", "batch_sizes": [4096], "epochs": 2,
+        "warmup_epochs": 1.0, "warmup_variants": [0.5], "seeds": [1, 2],
+        "targets": [0.8], "diagnostics_every_steps": 1,
+        "methods": {
+            "clars": {"label": "CLARS", "config": "c.yaml", "warmup": False,
+                      "grid": [0.8, 1.6]},
+            "sgd_warmup": {"label": "SGD + warmup", "config": "s.yaml",
+                           "warmup": True, "grid": [0.2, 0.4, 0.8]},
+        },
+        "ablations": {"clars_clip_only": {
+            "label": "clip only",
+            "overrides": ["clars.trust_coefficient=1.0e+12"]}},
+    },
+}
+
+
+def _study(tmp_path, *flags):
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(PLAN))
+    return warmup_study.main([
+        f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
+        f"--archive_dir={tmp_path / 'results' / 'runs'}",
+        "--trainer=tests.stand_in_trainer", *flags])
+
+
+def _archived(tmp_path):
+    return runs_lib.load_archived(str(tmp_path / "results" / "runs"))
+
+
+def _rates(outcomes, method):
+    return sorted(o.record["base_learning_rate"] for o in outcomes.values()
+                  if o.record["method"] == method)
+
+
+def test_rate_beyond_edge():
+    assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.1) == 0.05
+    assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.4) == 0.8
+    assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.2) is None
+
+
+def test_max_hours_stops_before_a_run_and_rerun_continues(tmp_path):
+    assert _study(tmp_path, "--stage=pilot", "--max_hours=0.001") == 3
+    assert _archived(tmp_path) == {}
+    assert _study(tmp_path, "--stage=pilot") == 0
+    outcomes = _archived(tmp_path)
+    # Warmup peaks at 0.4 (interior); no warmup at 0.2, also interior.
+    # Seed 10 confirms the chosen rates (0.4 with warmup, 0.2 without).
+    assert _rates(outcomes, "sgd_warmup") == [0.1, 0.2, 0.4, 0.4, 0.8]
+    assert _rates(outcomes, "sgd_nowarmup") == [0.1, 0.2, 0.2, 0.4, 0.8]
+    assert "pilot/small_cnn/b4096/sgd_warmup/lr0.4_w1_e2_s10" in outcomes
+    run = next(iter(outcomes.values()))
+    assert run.record["attempts"][0]["returncode"] == 0
+    assert "--mode=train" in run.record["command"]
+    mtimes = {r: os.path.getmtime(os.path.join(o.directory, "run.json"))
+              for r, o in outcomes.items()}
+    assert _study(tmp_path, "--stage=pilot") == 0  # nothing left to run
+    assert mtimes == {r: os.path.getmtime(os.path.join(o.directory,
+                                                       "run.json"))
+                      for r, o in _archived(tmp_path).items()}
+
+
+def test_grid_extends_past_the_edge_until_the_best_is_interior(tmp_path):
+    PLAN["pilot"]["grid"] = [0.8, 1.6]
+    try:
+        _study(tmp_path, "--stage=pilot")
+    finally:
+        PLAN["pilot"]["grid"] = [0.1, 0.2, 0.4, 0.8]
+    outcomes = _archived(tmp_path)
+    # Best at the lower edge each time: 0.4, then 0.2 (warmup's peak at 0.4
+    # is then interior); without warmup down to 0.1.
+    assert _rates(outcomes, "sgd_warmup") == [0.2, 0.4, 0.4, 0.8, 1.6]
+    assert _rates(outcomes, "sgd_nowarmup") == [0.1, 0.2, 0.2, 0.4, 0.8,
+                                                1.6]
+
+
+def test_comparison_needs_a_pilot_gap_then_tunes_varies_and_reseeds(
+        tmp_path, capsys):
+    _study(tmp_path, "--stage=pilot")
+    # The stand-in's gap is 5 points: the comparison runs.
+    assert _study(tmp_path, "--stage=compare") == 0
+    outcomes = _archived(tmp_path)
+    compare = {o.run_id for o in outcomes.values()
+               if o.record["stage"] == "compare"}
+    # CLARS (no warmup) peaks at 0.2: grid 0.8, 1.6 extended down to 0.1.
+    for rate in ("0.1", "0.2", "0.4", "0.8", "1.6"):
+        assert f"compare/b4096/clars/lr{rate}_w0_e2_s0" in compare
+    assert "compare/b4096/sgd_warmup/lr0.4_w0.5_e2_s0" in compare
+    for seed in (1, 2):
+        assert f"compare/b4096/clars/lr0.2_w0_e2_s{seed}" in compare
+        assert f"compare/b4096/sgd_warmup/lr0.4_w1_e2_s{seed}" in compare
+        assert f"compare/b4096/clars_clip_only/lr0.2_w0_e2_s{seed}" in compare
+    seed_run = outcomes["compare/b4096/clars_clip_only/lr0.2_w0_e2_s1"]
+    assert "clars.trust_coefficient=1.0e+12" in seed_run.record["overrides"]
+    assert "train.eval_splits=validation+test" in seed_run.record["overrides"]
+    assert seed_run.test_accuracy is not None
+    tuning_run = outcomes["compare/b4096/clars/lr0.2_w0_e2_s0"]
+    assert tuning_run.test_accuracy is None  # never measured for tuning
+
+
+def test_no_pilot_gap_stops_the_comparison(tmp_path):
+    PLAN["pilot"]["gap_points"] = 10.0
+    try:
+        _study(tmp_path, "--stage=pilot")
+        try:
+            _study(tmp_path, "--stage=compare")
+        except SystemExit as stop:
+            assert "no warmup gap" in str(stop)
+        else:
+            raise AssertionError("the comparison ran without a gap")
+    finally:
+        PLAN["pilot"]["gap_points"] = 2.0
+
+
+def test_report_from_archive_hand_computed(tmp_path):
+    _study(tmp_path, "--stage=pilot")
+    _study(tmp_path, "--stage=compare")
+    plan_path = tmp_path / "plan.yaml"
+    warmup_report.main([f"--plan={plan_path}",
+                        f"--results_dir={tmp_path / 'results'}"])
+    text = (tmp_path / "results" / "results.md").read_text()
+    # Pilot: warmup 0.9 at 0.4, without 0.85 at 0.2 (seed 0); seed 10 adds
+    # 0.01 to each: the means differ by 5.0 points.
+    assert "mean over 2 and 2 seed(s): gap +5.0 points" in text
+    assert "lr0.4_w1_e2_s10: 91.0 %" in text
+    assert "**Warmup gap in this setting: yes**" in text
+    # Early loss over the first 20 % of 8 steps (steps 1 and 2) at rate 0.4:
+    # mean(2/1 + 0.4, 2/2 + 0.4) = 1.9.
+    row = next(line for line in text.splitlines()
+               if line.startswith("| 0.4 |"))
+    assert row.split("|")[4].strip() == "1.900"
+    # Fresh seeds 1 and 2 of CLARS at 0.2: test 0.85 - 0.02 + 0.001 * seed.
+    clars = next(line for line in text.splitlines()
+                 if line.startswith("| CLARS | 0.2"))
+    assert "83.1 (83.1-83.2, n=2)" in clars
+    # CLARS (no warmup) vs SGD + warmup (test 0.88 + ...): -5.0 points.
+    assert "CLARS without warmup minus SGD + warmup: -5.0 points" in text
+    # The rate range within 1 point of CLARS's best (0.2 at 85.0): 0.1-0.4.
+    assert "| x4 |" in next(line for line in text.splitlines()
+                           if line.startswith("| CLARS | 0.1:"))
+    for name in ("pilot_small_cnn_b4096_rates.png",
+                 "compare_small_cnn_b4096_early_loss.png"):
+        assert f"![]({name})" in text
+        assert (tmp_path / "results" / name).stat().st_size > 1000
+
+
+class _Scored:
+    """An archived run reduced to what pilot_verdict reads."""
+
+    def __init__(self, rate, accuracy, status="done"):
+        self.record = {"base_learning_rate": rate, "seed": 0}
+        self.status, self.validation_accuracy = status, accuracy
+
+    def score(self):
+        return None if self.validation_accuracy is None else (
+            self.validation_accuracy, 0.0)
+
+
+def _verdict(warm, cold):
+    return runs_lib.pilot_verdict(
+        [_Scored(r, a, *s) for r, a, *s in warm],
+        [_Scored(r, a, *s) for r, a, *s in cold], gap_points=2.0)
+
+
+def test_pilot_verdict_rules():
+    # More failures without warmup, but its best is 8.2 points higher: no.
+    verdict = _verdict([(0.1, 0.628), (0.2, 0.630), (0.4, 0.397)],
+                       [(0.1, 0.712), (0.2, 0.463), (0.4, 0.132)])
+    assert round(verdict["gap"], 1) == -8.2
+    assert (verdict["bad_warm"], verdict["bad_cold"]) == (0, 1)
+    assert not verdict["shows"]
+    # Same best within 2 points, but no-warmup diverges at more rates: yes.
+    assert _verdict([(0.1, 0.70), (0.2, 0.71), (0.4, 0.69)],
+                    [(0.1, 0.715), (0.2, None, "diverged"),
+                     (0.4, None, "diverged")])["shows"]
+    # Warmup's best more than 2 points higher: yes.
+    assert _verdict([(0.1, 0.75)], [(0.1, 0.72)])["shows"]
+    assert _verdict([(0.1, 0.75)], [(0.1, None, "failed")]) is None
