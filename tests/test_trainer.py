@@ -512,6 +512,9 @@ def test_recompute_and_validation_end_to_end_leave_checkpoints_alone(
         result = run_trainer(model_dir, None, "--mode=train_and_eval",
                              override=common + extra)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert re.search(r"^epoch 1 validation loss \d\.\d{4} accuracy "
+                         r"\d\.\d{4}; eval loss \d\.\d{4} accuracy "
+                         r"\d\.\d{4}$", result.stdout, re.M), result.stdout
         with open(os.path.join(model_dir, "results.json")) as f:
             runs[name] = (json.load(f), checkpoint_values(model_dir))
     assert max_difference(runs["plain"][1], runs["recomputed"][1]) == 0.0

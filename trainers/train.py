@@ -776,8 +776,11 @@ class Trainer:
                 for key, value in evaluation.items():
                     # eval_* keep their historical names loss and accuracy.
                     self._tf.summary.scalar(key.removeprefix("eval_"), value)
-            _console(f"epoch {epoch} " + " ".join(
-                f"{key} {value:.4f}" for key, value in evaluation.items()))
+            _console(f"epoch {epoch} " + "; ".join(
+                f"{prefix} loss {evaluation[prefix + '_loss']:.4f} accuracy "
+                f"{evaluation[prefix + '_accuracy']:.4f}"
+                for prefix in ("validation", "eval")
+                if prefix + "_loss" in evaluation))
         self.epoch_sums.assign([0.0, 0.0, 0.0])
         return history + [entry]
 
