@@ -131,7 +131,7 @@ def main(argv):
         dataset = data.build_dataset(
             "fashion_mnist", "train", data_dir=FLAGS.data_dir,
             global_batch_size=FLAGS.batch_size, is_training=True,
-            image_size=32, seed=0, input_context=None, drop_remainder=True)
+            image_size=32, seed=0)
         results[name] = measure(name, iter(dataset))
         print(name, json.dumps(results[name], indent=1), flush=True)
     if FLAGS.output:

@@ -1,0 +1,31 @@
+"""The measurement scripts in scripts/ still run against today's trainer."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_one_pass_batch_norm_measures_one_for_a_group_spanning_the_batch(
+        tmp_path, fashion_mnist_dir):
+    # One micro-batch of the whole batch: the main pass's batch-norm
+    # statistics are the group's own, so the one-pass estimate equals the
+    # loop's and every ratio the script reports is 1.
+    output = tmp_path / "ratios.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/one_pass_batch_norm.py", "--models=resnet8",
+         "--batch_size=32", "--micro_batch_size=32", "--num_micro_batches=1",
+         "--train_steps=1", f"--data_dir={fashion_mnist_dir}",
+         f"--output={output}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(output.read_text())["results"]["resnet8"]
+    for moment in ("init", "after_1_steps"):
+        low, high = measured[moment]["ratio_one_pass_to_loop_min_max"]
+        assert low == pytest.approx(1.0, rel=1e-3)
+        assert high == pytest.approx(1.0, rel=1e-3)
