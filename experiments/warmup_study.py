@@ -99,7 +99,7 @@ class Study:
     def outcome(self, spec):
         """Runs `spec` unless its archive says it is settled; its Outcome."""
         run = runs_lib.Run(spec, self.args.work_dir, self.args.archive_dir,
-                           self.args.trainer)
+                           self.args.trainer, self.args.threads)
         settled = ("done",) if self.args.retry_failed else ("done",
                                                             "diverged")
         if self.dry_run:
@@ -148,16 +148,17 @@ class Study:
     def pilot(self):
         """SGD with and without warmup per candidate model; the gap."""
         pilot = self.plan["pilot"]
-        methods = (("sgd_warmup", pilot["warmup_epochs"]),
-                   ("sgd_nowarmup", 0.0))
+        methods = [(method, warmup) for method, warmup in (
+            ("sgd_warmup", pilot["warmup_epochs"]), ("sgd_nowarmup", 0.0))
+            if self.selected(method)]
         findings = {}
         for model in pilot["models"]:
 
-            def make_spec(rate, method, warmup, model=model):
+            def make_spec(rate, method, warmup, seed=self.plan["tuning_seed"],
+                          model=model):
                 return self.spec("pilot", model, pilot["batch_size"], method,
                                  "configs/warmup_study/sgd.yaml", rate,
-                                 warmup, self.plan["tuning_seed"],
-                                 pilot["epochs"])
+                                 warmup, seed, pilot["epochs"])
 
             # Both methods rate by rate first, so that a pilot cut short by
             # --max_hours still compares them on the same rates.
@@ -165,31 +166,29 @@ class Study:
                 for method, warmup in methods:
                     self.outcome(make_spec(rate, method, warmup))
             for method, warmup in methods:
-                self.tune(lambda rate, method=method, warmup=warmup:
-                          make_spec(rate, method, warmup), pilot["grid"])
-            findings[model] = self._pilot_verdict(model, methods)
-            # More seeds at the two chosen rates, so that the gap is not one
-            # seed's luck (seeds apart from the comparison's fresh ones).
-            if findings[model]:
-                for (method, warmup), chosen in zip(methods, (
-                        findings[model]["best_warm"],
-                        findings[model]["best_cold"])):
-                    for seed in pilot.get("confirm_seeds", []):
-                        self.outcome(self.spec(
-                            "pilot", model, pilot["batch_size"], method,
-                            "configs/warmup_study/sgd.yaml",
-                            chosen.record["base_learning_rate"], warmup,
-                            seed, pilot["epochs"]))
-                findings[model] = self._pilot_verdict(model, methods)
+                chosen = self.tune(lambda rate, method=method, warmup=warmup:
+                                   make_spec(rate, method, warmup),
+                                   pilot["grid"])
+                # More seeds at each method's chosen rate, so that a gap is
+                # not one seed's luck (seeds apart from the comparison's).
+                for seed in pilot.get("confirm_seeds", []) if chosen else ():
+                    self.outcome(make_spec(
+                        chosen.record["base_learning_rate"], method, warmup,
+                        seed))
+            findings[model] = self._pilot_verdict(model)
         return findings
 
-    def _pilot_verdict(self, model, methods):
+    def _pilot_verdict(self, model):
         archived = runs_lib.load_archived(os.path.join(
             self.args.archive_dir, "pilot", model))
         return runs_lib.pilot_verdict(
             *[[o for o in archived.values() if o.record["method"] == method]
-              for method, _ in methods], self.plan["pilot"]["gap_points"],
-            self.plan["tuning_seed"])
+              for method in ("sgd_warmup", "sgd_nowarmup")],
+            self.plan["pilot"]["gap_points"], self.plan["tuning_seed"])
+
+    def selected(self, method):
+        """Whether --methods includes `method` (ablations follow CLARS)."""
+        return not self.args.methods or method in self.args.methods
 
     def compare(self):
         plan = self.plan["comparison"]
@@ -197,6 +196,8 @@ class Study:
         for batch_size in plan["batch_sizes"]:
             chosen = {}
             for method, spec in plan["methods"].items():
+                if not self.selected(method):
+                    continue
                 warmup = plan["warmup_epochs"] if spec["warmup"] else 0.0
                 best = self.tune(
                     lambda rate, method=method, spec=spec, warmup=warmup:
@@ -252,6 +253,15 @@ def parse_args(argv):
                         help="rerun diverged runs too")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the commands of the runs still to do")
+    parser.add_argument("--methods", type=lambda text: text.split(","),
+                        default=[],
+                        help="comma-separated pilot or comparison methods "
+                             "to run (default: all); CLARS's ablations and "
+                             "SGD + warmup's warmup variants follow their "
+                             "method. Two study processes with disjoint "
+                             "methods can share one archive")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per trainer run (default: all)")
     parser.add_argument("--trainer", default="trainers.train",
                         help=argparse.SUPPRESS)  # tests use a stand-in
     return parser.parse_args(argv)
@@ -266,6 +276,11 @@ def main(argv=None):
     args = parse_args(argv)
     os.chdir(runs_lib.REPO_ROOT)
     plan = load_plan(args.plan)
+    known = ["sgd_warmup", "sgd_nowarmup", *plan["comparison"]["methods"]]
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        sys.exit(f"[study] --methods: unknown method(s) {', '.join(unknown)}; "
+                 f"the plan's are {', '.join(dict.fromkeys(known))}.")
     study = Study(plan, args)
     signal.signal(signal.SIGTERM, _stop)
     try:

@@ -26,6 +26,8 @@ def main():
         0.0 if warmup else 0.05) + 0.001 * seed
     model_dir = flags["model_dir"]
     os.makedirs(model_dir, exist_ok=True)
+    print("I1130 stand_in_trainer.py:1] intra-op threads "
+          f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}")
     for step in range(1, 9):
         print(f"I1130 train.py:1] step {step}/8 epoch {step / 4:.2f} loss "
               f"{2.0 / step + rate:.4f} accuracy 0.5 lr 1 100 images/s")

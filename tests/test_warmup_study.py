@@ -75,6 +75,35 @@ def test_max_hours_stops_before_a_run_and_rerun_continues(tmp_path):
                       for r, o in _archived(tmp_path).items()}
 
 
+def test_methods_split_over_two_processes_give_the_same_runs(tmp_path):
+    together, apart = tmp_path / "together", tmp_path / "apart"
+    together.mkdir(), apart.mkdir()
+    assert _study(together, "--stage=pilot") == 0
+    assert _study(apart, "--stage=pilot", "--methods=sgd_nowarmup",
+                  "--threads=1") == 0
+    assert _rates(_archived(apart), "sgd_warmup") == []
+    assert _study(apart, "--stage=pilot", "--methods=sgd_warmup") == 0
+    assert set(_archived(together)) == set(_archived(apart))
+    # Comparison methods split the same way; ablations follow CLARS.
+    assert _study(apart, "--stage=compare", "--methods=clars") == 0
+    compare = {r for r in _archived(apart) if r.startswith("compare/")}
+    assert {r.split("/")[2] for r in compare} == {"clars", "clars_clip_only"}
+    threaded = _archived(apart)["pilot/small_cnn/b4096/sgd_nowarmup/"
+                                "lr0.2_w0_e2_s10"]
+    assert threaded.record["attempts"][0]["threads"] == 1
+    with open(os.path.join(threaded.directory, "train.log")) as log:
+        assert "intra-op threads 1" in log.read()
+
+
+def test_unknown_method_is_refused(tmp_path):
+    try:
+        _study(tmp_path, "--stage=pilot", "--methods=sgd_warmup,adam")
+    except SystemExit as stop:
+        assert "unknown method(s) adam" in str(stop)
+    else:
+        raise AssertionError("an unknown method was accepted")
+
+
 def test_grid_extends_past_the_edge_until_the_best_is_interior(tmp_path):
     PLAN["pilot"]["grid"] = [0.8, 1.6]
     try:
