@@ -164,24 +164,26 @@ def pilot_section(plan, outcomes):
     return lines, verdicts
 
 
-def diagnostics_summary(outcome, eta, fraction=0.2):
-    """Median over kernels, over the first steps: unclipped ratio, a/||g||."""
+def diagnostics_table(outcome, eta, clip=0.1, fraction=0.2):
+    """Per kernel, over the first steps: the unclipped trust and a_l/||g_l||.
+
+    Rows of (layer, median eta*||w||/a_l, share of steps at the clip,
+    median a_l/||g_l||, steps), from the run's diagnostics.jsonl.
+    """
     total = outcome.total_steps() or 0
-    unclipped, noise = [], []
+    per_layer = {}
     for record in outcome.diagnostics():
         if total and record["step"] > max(1, round(fraction * total)):
             continue
         for path, layer in record["layers"].items():
-            if not path.endswith("kernel") or "estimate" not in layer:
-                continue
-            if layer["estimate"] > 0:
-                unclipped.append(eta * layer["weight_norm"]
-                                 / layer["estimate"])
-            noise.append(layer["noise_ratio"])
-    if not unclipped:
-        return None
-    return statistics.median(unclipped), statistics.median(noise), len(
-        unclipped)
+            if path.endswith("kernel") and layer.get("estimate", 0) > 0:
+                per_layer.setdefault(path, []).append(
+                    (eta * layer["weight_norm"] / layer["estimate"],
+                     layer["noise_ratio"]))
+    return [(path, statistics.median(u for u, _ in samples),
+             sum(u >= clip for u, _ in samples) / len(samples),
+             statistics.median(n for _, n in samples), len(samples))
+            for path, samples in per_layer.items()]
 
 
 def comparison_section(plan, outcomes):
@@ -253,14 +255,19 @@ def comparison_section(plan, outcomes):
                 continue  # the ablations' eta is not CLARS's
             for outcome in group:
                 eta = outcome.results["config"]["clars"]["trust_coefficient"]
-                summary = diagnostics_summary(outcome, eta)
-                if summary:
-                    lines.append(
-                        f"\n{labels.get(method, method)} [{outcome.run_id}]: "
-                        f"over the first 20 % of steps, median over kernels "
-                        f"of the unclipped eta*||w||/a_l = {summary[0]:.3f} "
-                        f"(clip 0.1) and of a_l/||g_l|| = {summary[1]:.2f} "
-                        f"({summary[2]} samples).")
+                rows = diagnostics_table(outcome, eta)
+                if rows:
+                    lines += [
+                        "", f"{labels.get(method, method)} "
+                        f"[{outcome.run_id}], kernels over the first 20 % of "
+                        "steps (medians; the trust is min(0.1, "
+                        "eta*||w||/a_l)):", "",
+                        "| kernel | unclipped eta*\\|\\|w\\|\\|/a_l | "
+                        "steps at the clip | a_l/\\|\\|g_l\\|\\| | "
+                        "steps |", "|---|---|---|---|---|"]
+                    lines += [f"| {path} | {unclipped:.3f} | "
+                              f"{100 * clipped:.0f} % | {noise:.2f} | {n} |"
+                              for path, unclipped, clipped, noise, n in rows]
         verdict += _verdict(batch_size, seeds_by_method, labels)
         lines.append("")
     return lines, verdict
@@ -276,20 +283,27 @@ def _verdict(batch_size, seeds_by_method, labels):
         group = seeds_by_method.get(other)
         if not group:
             continue
-        mine = [o.test_accuracy for o in clars if o.test_accuracy is not None]
-        theirs = [o.test_accuracy for o in group
-                  if o.test_accuracy is not None]
+        mine = {o.record["seed"]: o.test_accuracy for o in clars
+                if o.test_accuracy is not None}
+        theirs = {o.record["seed"]: o.test_accuracy for o in group
+                  if o.test_accuracy is not None}
         if not mine or not theirs:
             continue
-        difference = 100 * (statistics.mean(mine) - statistics.mean(theirs))
-        separated = min(mine) > max(theirs) or max(mine) < min(theirs)
+        difference = 100 * (statistics.mean(mine.values())
+                            - statistics.mean(theirs.values()))
+        separated = (min(mine.values()) > max(theirs.values())
+                     or max(mine.values()) < min(theirs.values()))
         overlap = ("do not overlap" if separated
                    else "overlap (no evidence either way)")
+        # Each fresh seed fixes the initialization and the data order for
+        # every method alike, so per-seed differences are paired.
+        paired = sorted(set(mine) & set(theirs))
         out.append(
             f"- Batch {batch_size}: CLARS without warmup minus "
             f"{labels.get(other, other)}: {difference:+.1f} points of test "
-            f"accuracy; the seed ranges "
-            f"{overlap}.")
+            f"accuracy; the seed ranges {overlap}; paired by seed ("
+            + ", ".join(f"{seed}: {100 * (mine[seed] - theirs[seed]):+.1f}"
+                        for seed in paired) + ").")
     return out
 
 

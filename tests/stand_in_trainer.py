@@ -34,6 +34,18 @@ def main():
     if not warmup and rate >= 3.2:
         print("error: Non-finite gradient or gradient-norm estimate at step 3")
         sys.exit(1)
+    if "train.diagnostics_every_steps" in overrides:
+        # Two kernels: conv's unclipped trust 0.01 * 2 / 0.1 = 0.2 (at the
+        # clip), dense's 0.01 * 1 / 1 = 0.01; a_l / ||g_l|| 3 and 1.5.
+        with open(os.path.join(model_dir, "diagnostics.jsonl"), "w") as f:
+            for step in range(1, 9):
+                f.write(json.dumps({"step": step, "layers": {
+                    "conv/kernel": {"weight_norm": 2.0, "estimate": 0.1,
+                                    "noise_ratio": 3.0},
+                    "dense/kernel": {"weight_norm": 1.0, "estimate": 1.0,
+                                     "noise_ratio": 1.5 * step},
+                    "dense/bias": {"weight_norm": 1.0, "estimate": 0.0,
+                                   "noise_ratio": 0.0}}}) + "\n")
     epochs = []
     for epoch in (1, 2):
         entry = {"epoch": epoch, "step": 4 * epoch,

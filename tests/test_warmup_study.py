@@ -178,10 +178,16 @@ def test_report_from_archive_hand_computed(tmp_path):
                  if line.startswith("| CLARS | 0.2"))
     assert "83.1 (83.1-83.2, n=2)" in clars
     # CLARS (no warmup) vs SGD + warmup (test 0.88 + ...): -5.0 points.
-    assert "CLARS without warmup minus SGD + warmup: -5.0 points" in text
+    assert ("CLARS without warmup minus SGD + warmup: -5.0 points of test "
+            "accuracy; the seed ranges do not overlap; paired by seed "
+            "(1: -5.0, 2: -5.0)") in text
     # The rate range within 1 point of CLARS's best (0.2 at 85.0): 0.1-0.4.
     assert "| x4 |" in next(line for line in text.splitlines()
                            if line.startswith("| CLARS | 0.1:"))
+    # The first CLARS seed logs diagnostics; over steps 1-2 (20 % of 8):
+    # conv at the clip both steps, dense's a_l/||g_l|| median of 1.5 and 3.
+    assert "| conv/kernel | 0.200 | 100 % | 3.00 | 2 |" in text
+    assert "| dense/kernel | 0.010 | 0 % | 2.25 | 2 |" in text
     for name in ("pilot_small_cnn_b4096_rates.png",
                  "compare_small_cnn_b4096_early_loss.png"):
         assert f"![]({name})" in text
