@@ -316,21 +316,35 @@ def _bias_squares(output_gradients):
     return tf.reduce_sum(tf.square(tf.reduce_sum(dz, axis=1)), axis=1)
 
 
-def _batch_norm_squares(layer, inputs, output_gradients, moments):
-    """Squared per-group norms of the gamma and beta gradients."""
-    mean, variance = moments
-    normalized = (inputs - mean) * tf.math.rsqrt(variance + layer.epsilon)
-    channels = inputs.shape[-1]
-    groups = inputs.shape[0]
-    flat = [-1 if groups is None else groups, -1, channels]
-    dy = tf.reshape(output_gradients, flat)
+def _batch_norm_squares(layer, inputs, output_gradients, moments, indices):
+    """Squared per-group norms of the gamma and beta gradients.
+
+    Per example, the sums over positions of `dy` and `dy * x` (a pass over
+    the batch each, no copies), then each group's rows: its gamma gradient
+    is `rsqrt(variance + epsilon) * (sum dy * x - mean * sum dy)`.
+
+    Args:
+        inputs, output_gradients: the layer's, over the replica's batch, as
+            the pass computed them (in the pass's loss scale).
+        moments: the `(mean, variance)` the pass normalized with.
+        indices: `[groups, s]` examples of each group.
+    """
+    mean, variance = (tf.cast(moment, "float32") for moment in moments)
+    positions = list(range(1, len(inputs.shape) - 1))
+    dy = tf.cast(output_gradients, "float32")
+
+    def group_sums(per_position):
+        per_example = tf.reduce_sum(per_position, axis=positions)
+        return tf.reduce_sum(tf.gather(per_example, indices), axis=1)
+
+    beta = group_sums(dy)
     result = {}
     if layer.scale:
-        gamma = tf.reduce_sum(dy * tf.reshape(normalized, flat), axis=1)
+        gamma = (group_sums(dy * tf.cast(inputs, "float32")) - mean * beta
+                 ) * tf.math.rsqrt(variance + layer.epsilon)
         result["gamma"] = tf.reduce_sum(tf.square(gamma), axis=1)
     if layer.center:
-        result["beta"] = tf.reduce_sum(
-            tf.square(tf.reduce_sum(dy, axis=1)), axis=1)
+        result["beta"] = tf.reduce_sum(tf.square(beta), axis=1)
     return result
 
 
@@ -510,8 +524,10 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                         for part, group in zip(gradient_parts, is_group)
                         if group]))
             elif kind == "batch_norm":
-                per_name = _batch_norm_squares(
-                    layer, groups_of(inputs), groups_of(dz) * factor, moments)
+                per_name = {
+                    name: value * tf.square(factor)
+                    for name, value in _batch_norm_squares(
+                        layer, inputs, dz, moments, indices).items()}
             else:
                 group_gradients = groups_of(dz) * factor
                 per_name = {"kernel": _kernel_squares_from_patches(
