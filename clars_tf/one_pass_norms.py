@@ -9,11 +9,11 @@ the same sum restricted to the group:
 
     kernel:  sum_{i in group} patches(x_i)^T dz_i. For an (undilated)
              convolution, the library's own filter-gradient op on each
-             micro-batch and on each run of examples between two of them
-             (contiguous slices of the batch); the step's kernel gradient
-             is the sum of these pieces, so the tape does not compute it
-             a second time and the estimate costs little more than the
-             step's own filter gradients. Elsewhere (Dense, dilated
+             micro-batch (a contiguous slice of the batch) and once on the
+             examples in no micro-batch; the step's kernel gradient is the
+             sum of these pieces, so the tape does not compute it a second
+             time and the estimate costs little more than the step's own
+             filter gradients. Elsewhere (Dense, dilated
              convolutions, under XLA) the tape builds the gradient and the
              groups' norms come from one batched einsum over the inputs
              (image patches for convolutions), or without forming the
@@ -22,7 +22,8 @@ the same sum restricted to the group:
              per-example norms in differentially private training),
              whichever costs fewer multiplications;
     bias:    sum_{i in group} dz_i;
-    batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i.
+    batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i,
+             from per-example sums over positions.
 
 The main loss is `sum(losses) / global_batch * loss_scale`, so multiplying a
 group's term by `global_batch / (s * loss_scale)` gives the gradient of the
@@ -254,28 +255,25 @@ def _filter_gradient(kind, layer, inputs, output_gradients):
     return tf.cast(gradient, layer.kernel.dtype)
 
 
-def _kernel_gradient_from_pieces(kind, layer, input_parts, gradient_parts,
-                                 is_group):
-    """The kernel gradient and the per-group squared norms of its parts.
+def _kernel_gradient_from_pieces(kind, layer, micro_batches, rest):
+    """The kernel gradient and the micro-batches' squared norms of theirs.
 
     Args:
-        input_parts, gradient_parts: the layer's inputs and output gradients
-            (of the pass's loss) over contiguous pieces of the replica's
-            batch: the micro-batches and the examples between them.
-        is_group: per piece, whether it is a micro-batch.
+        micro_batches: `(inputs, output_gradients)` of the layer (output
+            gradients of the pass's loss) for each micro-batch.
+        rest: the same for the examples in no micro-batch, or None.
 
     Returns:
         `(gradient, squares)`: the sum of the pieces' gradients (the tape's
         gradient up to rounding) and the `[groups]` squared norms of the
         micro-batches' ones, in the pass's loss scale.
     """
-    parts = [_filter_gradient(kind, layer, part_inputs, part_gradients)
-             for part_inputs, part_gradients in zip(input_parts,
-                                                    gradient_parts)]
-    groups = tf.stack([part for part, group in zip(parts, is_group)
-                       if group])
-    squares = tf.reduce_sum(tf.square(groups), axis=[1, 2, 3, 4])
-    return tf.add_n(parts), squares
+    groups = [_filter_gradient(kind, layer, inputs, output_gradients)
+              for inputs, output_gradients in micro_batches]
+    squares = tf.reduce_sum(tf.square(tf.stack(groups)), axis=[1, 2, 3, 4])
+    if rest is not None:
+        groups.append(_filter_gradient(kind, layer, *rest))
+    return tf.add_n(groups), squares
 
 
 def _kernel_squares_from_patches(kind, layer, inputs, output_gradients):
@@ -436,31 +434,45 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 for layer, kind, _ in self._readable_calls(model, recording)
                 if _reads_kernel_gradient(kind, layer)]
 
-    def _pieces(self, static_batch, batch, num_replicas):
-        """`(sizes, is_group)`: the replica's batch cut at the micro-batches.
+    def _cutter(self, static_batch, batch, num_replicas):
+        """`cut(tensor) -> (micro_batches, rest)` over the replica's batch.
 
-        Contiguous pieces, alternately a micro-batch (starting where
-        `micro_batch_starts` says) and the examples up to the next one;
-        with a static batch size, empty pieces are left out.
+        The micro-batches (starting where `micro_batch_starts` says) are
+        contiguous slices (`tf.split`, no copies); `rest` gathers the
+        examples in no micro-batch into one tensor (one filter-gradient op
+        over them costs less than one per run between two micro-batches),
+        or is None when the static batch size shows there are none.
         """
         count = self.micro_batches_per_replica(num_replicas)
         size = self.micro_batch_size
         if static_batch is None:
             starts = self.micro_batch_starts(batch, num_replicas)
-            gaps = tf.concat([starts[1:], [batch]], 0) - starts - size
-            sizes = tf.reshape(
-                tf.stack([tf.fill([count], size), gaps], axis=1), [-1])
-            return sizes, [True, False] * count
-        sizes, is_group = [], []
-        for j in range(count):
-            start = j * static_batch // count
-            gap = (j + 1) * static_batch // count - start - size
-            sizes.append(size)
-            is_group.append(True)
-            if gap:
-                sizes.append(gap)
-                is_group.append(False)
-        return sizes, is_group
+            ends = tf.concat([starts[1:], [batch]], 0)
+            sizes = tf.reshape(tf.stack(
+                [tf.fill([count], size), ends - starts - size], axis=1), [-1])
+            is_group = [True, False] * count
+            offsets = tf.range(batch)[:, None] - starts
+            in_group = tf.reduce_any((offsets >= 0) & (offsets < size), 1)
+            rest = tf.where(tf.logical_not(in_group))[:, 0]
+        else:
+            sizes, is_group, rest = [], [], []
+            for j in range(count):
+                start = j * static_batch // count
+                end = (j + 1) * static_batch // count
+                sizes.append(size)
+                is_group.append(True)
+                if end > start + size:
+                    sizes.append(end - start - size)
+                    is_group.append(False)
+                    rest.extend(range(start + size, end))
+            rest = rest or None
+
+        def cut(tensor):
+            parts = tf.split(tensor, sizes, num=len(is_group))
+            return ([part for part, group in zip(parts, is_group) if group],
+                    None if rest is None else tf.gather(tensor, rest))
+
+        return cut
 
     @tf.autograph.experimental.do_not_convert
     def norms_from_pass(self, model, recording, output_gradients,
@@ -492,7 +504,7 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
             self.check_fits(static_batch, num_replicas)
         starts = self.micro_batch_starts(batch, num_replicas)
         indices = starts[:, None] + tf.range(self.micro_batch_size)
-        sizes, is_group = self._pieces(static_batch, batch, num_replicas)
+        cut = self._cutter(static_batch, batch, num_replicas)
         # d(group mean loss) = d(main loss) * global_batch / (s * scale).
         factor = tf.cast(global_batch_size, "float32") / float(
             self.micro_batch_size)
@@ -512,17 +524,18 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
             if not connected:
                 dz = tf.zeros_like(outputs)
             if _reads_kernel_gradient(kind, layer):
-                gradient_parts = tf.split(dz, sizes, num=len(is_group))
+                group_inputs, rest_inputs = cut(inputs)
+                group_gradients, rest_gradients = cut(dz)
                 gradient, kernel = _kernel_gradient_from_pieces(
-                    kind, layer, tf.split(inputs, sizes, num=len(is_group)),
-                    gradient_parts, is_group)
+                    kind, layer, list(zip(group_inputs, group_gradients)),
+                    None if rest_inputs is None
+                    else (rest_inputs, rest_gradients))
                 gradients[id(layer.kernel)] = gradient if connected else None
                 per_name = {"kernel": kernel * tf.square(factor)}
                 if layer.bias is not None:
                     per_name["bias"] = _bias_squares(tf.stack([
                         tf.cast(part, "float32") * factor
-                        for part, group in zip(gradient_parts, is_group)
-                        if group]))
+                        for part in group_gradients]))
             elif kind == "batch_norm":
                 per_name = {
                     name: value * tf.square(factor)

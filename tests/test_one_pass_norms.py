@@ -135,6 +135,30 @@ def test_step_gradients_are_the_tapes(groups, kind, mixed):
     _assert_gradients_close(out.gradients, expected, mixed)
 
 
+@pytest.mark.parametrize("groups", [(4, 8), (3, 5)],
+                         ids=["every_example", "uneven_gaps"])
+def test_step_gradients_are_the_tapes_with_unknown_batch_size(groups):
+    """The micro-batches and the rest cut from a batch of unknown size."""
+    x, y = _images()
+    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
+    model = _model("all")
+    estimator = clars_tf.OnePassGradientNormEstimator(*groups)
+    step = tf.function(
+        lambda x, y, w: clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, w, global_batch_size=len(x),
+            estimator=estimator),
+        input_signature=[tf.TensorSpec([None, 9, 9, 3]),
+                         tf.TensorSpec([None], tf.int32),
+                         tf.TensorSpec([None])])
+    out = step(x, y, weights)
+    _assert_gradients_close(out.gradients,
+                            _plain_gradients(model, x, y, weights), False)
+    np.testing.assert_allclose(
+        out.gradient_norms,
+        clars_tf.GradientNormEstimator(*groups)(model, _loss, x, y, weights),
+        rtol=1e-5)
+
+
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
 @pytest.mark.parametrize("groups", [(4, 8), (4, 4)],
                          ids=["every_example", "half_the_examples"])
