@@ -5,17 +5,25 @@ backward passes over micro-batches of s examples. This one reads the same
 quantities off the main step: for a layer `z = op(x, W) + b`, the step's
 weight gradient is a sum over examples of terms built from the layer's input
 `x_i` and output gradient `dz_i`, so the gradient of a group of s examples is
-the same sum restricted to the group. Per group, one batched op gives
+the same sum restricted to the group:
 
-    kernel:  sum_{i in group} patches(x_i)^T dz_i: for convolutions one
-             grouped filter-gradient op with the groups stacked along the
-             channels (under XLA, image patches treated as Dense inputs);
-             for Dense an einsum, or the squared norm without forming the gradient, from
-             the Gram matrices of inputs and output gradients ("ghost norm",
-             Goodfellow 2015; used for per-example norms in differentially
-             private training), whichever costs fewer multiplications;
+    kernel:  sum_{i in group} patches(x_i)^T dz_i. For an (undilated)
+             convolution, the library's own filter-gradient op on each
+             micro-batch (a contiguous slice of the batch) and once on the
+             examples in no micro-batch; the step's kernel gradient is the
+             sum of these pieces, so the tape does not compute it a second
+             time and the estimate costs little more than the step's own
+             filter gradients. Elsewhere (Dense, dilated
+             convolutions, under XLA) the tape builds the gradient and the
+             groups' norms come from one batched einsum over the inputs
+             (image patches for convolutions), or without forming the
+             gradient from the Gram matrices of inputs and output
+             gradients ("ghost norm", Goodfellow 2015; used for
+             per-example norms in differentially private training),
+             whichever costs fewer multiplications;
     bias:    sum_{i in group} dz_i;
-    batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i.
+    batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i,
+             from per-example sums over positions.
 
 The main loss is `sum(losses) / global_batch * loss_scale`, so multiplying a
 group's term by `global_batch / (s * loss_scale)` gives the gradient of the
@@ -216,45 +224,60 @@ def _in_xla_context():
         tf.compat.v1.get_default_graph())
 
 
-def _groups_as_channels(tensor):
-    """`[groups, s, h, w, c]` -> `[s, h, w, groups * c]`, group-major."""
-    groups, size, height, width, channels = tensor.shape
-    return tf.reshape(tf.transpose(tensor, [1, 2, 3, 0, 4]),
-                      [size, height, width, groups * channels])
+def _reads_kernel_gradient(kind, layer):
+    """Whether the kernel's gradient is summed from per-group pieces.
 
-
-def _grouped_kernel_squares(kind, layer, inputs, output_gradients):
-    """Per-group kernel gradients as one grouped filter-gradient op.
-
-    With the groups stacked along the channels, a grouped convolution's
-    filter gradient (a depthwise one for DepthwiseConv2D) is exactly the
-    per-group kernel gradients side by side, computed by the same library
-    kernels as the main step's.
+    Undilated convolutions outside XLA: the pieces are the library's own
+    filter-gradient ops, on contiguous slices of the batch. The CPU kernels
+    of dilated filter gradients support float32 only (Keras reaches them
+    through space-to-batch instead), and XLA lowers many small convolutions
+    slowly: there the tape builds the kernel's gradient and the norms come
+    from einsums over image patches.
     """
-    groups = inputs.shape[0]
-    kh, kw, channels, outputs = layer.kernel.shape
+    return (kind in ("conv", "depthwise") and layer.kernel.trainable
+            and tuple(layer.dilation_rate) == (1, 1)
+            and not _in_xla_context())
+
+
+def _filter_gradient(kind, layer, inputs, output_gradients):
+    """The kernel gradient over these examples, as the tape builds it.
+
+    In the layer's compute dtype (float16 under mixed_float16, as the
+    backward pass of the convolution computes it), cast to the kernel's.
+    """
     options = dict(strides=[1, *layer.strides, 1],
                    padding=layer.padding.upper(),
                    dilations=[1, *layer.dilation_rate, 1])
-    stacked_inputs = _groups_as_channels(inputs)
-    stacked_gradients = _groups_as_channels(output_gradients)
-    if kind == "depthwise":
-        gradients = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
-            input=stacked_inputs,
-            filter_sizes=[kh, kw, groups * channels, outputs],
-            out_backprop=stacked_gradients, **options)
-        gradients = tf.reshape(gradients, [kh * kw, groups, -1])
-    else:
-        gradients = tf.raw_ops.Conv2DBackpropFilter(
-            input=stacked_inputs,
-            filter_sizes=[kh, kw, channels, groups * outputs],
-            out_backprop=stacked_gradients, **options)
-        gradients = tf.reshape(gradients, [kh * kw * channels, groups, -1])
-    return tf.reduce_sum(tf.square(gradients), axis=[0, 2])
+    backprop = (tf.raw_ops.DepthwiseConv2dNativeBackpropFilter
+                if kind == "depthwise" else tf.raw_ops.Conv2DBackpropFilter)
+    gradient = backprop(input=inputs, filter_sizes=layer.kernel.shape,
+                        out_backprop=output_gradients, **options)
+    return tf.cast(gradient, layer.kernel.dtype)
 
 
-def _kernel_and_bias_squares(kind, layer, inputs, output_gradients):
-    """Squared per-group norms of the kernel and bias gradients.
+def _kernel_gradient_from_pieces(kind, layer, micro_batches, rest):
+    """The kernel gradient and the micro-batches' squared norms of theirs.
+
+    Args:
+        micro_batches: `(inputs, output_gradients)` of the layer (output
+            gradients of the pass's loss) for each micro-batch.
+        rest: the same for the examples in no micro-batch, or None.
+
+    Returns:
+        `(gradient, squares)`: the sum of the pieces' gradients (the tape's
+        gradient up to rounding) and the `[groups]` squared norms of the
+        micro-batches' ones, in the pass's loss scale.
+    """
+    groups = [_filter_gradient(kind, layer, inputs, output_gradients)
+              for inputs, output_gradients in micro_batches]
+    squares = tf.reduce_sum(tf.square(tf.stack(groups)), axis=[1, 2, 3, 4])
+    if rest is not None:
+        groups.append(_filter_gradient(kind, layer, *rest))
+    return tf.add_n(groups), squares
+
+
+def _kernel_squares_from_patches(kind, layer, inputs, output_gradients):
+    """Squared per-group norms of the kernel gradients, by einsums.
 
     Args:
         inputs: `[groups, s, ...]` float32 layer inputs.
@@ -265,52 +288,61 @@ def _kernel_and_bias_squares(kind, layer, inputs, output_gradients):
     flat = [-1 if groups is None else groups]
     kernel_shape = layer.kernel.shape
     outputs = output_gradients.shape[-1]
-    # Library filter-gradient kernels beat the einsums (twice as fast on a
-    # CPU), except under XLA on a CPU, which lowers grouped filter
-    # gradients very slowly; they need static shapes.
-    if (kind != "dense" and None not in inputs.shape
-            and not _in_xla_context()):
-        kernel = _grouped_kernel_squares(kind, layer, inputs,
-                                         output_gradients)
-    elif kind == "dense":
+    if kind == "dense":
         patches = tf.reshape(inputs, flat + [-1, inputs.shape[-1]])
         dz = tf.reshape(output_gradients, flat + [-1, outputs])
-        kernel = _squared_norms_of_products(patches, dz)
-    elif kind == "depthwise":
-        patches = _patches(layer, inputs)
+        return _squared_norms_of_products(patches, dz)
+    patches = _patches(layer, inputs)
+    if kind == "depthwise":
         channels, multiplier = kernel_shape[2], kernel_shape[3]
         patches = tf.reshape(patches, flat + [-1, kernel_shape[0]
                                               * kernel_shape[1], channels])
         dz = tf.reshape(output_gradients, flat + [-1, channels, multiplier])
-        kernel = tf.reduce_sum(tf.square(
+        return tf.reduce_sum(tf.square(
             tf.einsum("gnpc,gncm->gpcm", patches, dz)), axis=[1, 2, 3])
-    else:
-        patches = _patches(layer, inputs)
-        patches = tf.reshape(patches, flat + [-1, patches.shape[-1]])
-        dz = tf.reshape(output_gradients, flat + [-1, outputs])
-        kernel = _squared_norms_of_products(patches, dz)
-    bias = None
-    if layer.bias is not None:
-        dz = tf.reshape(output_gradients, flat + [-1, outputs])
-        bias = tf.reduce_sum(tf.square(tf.reduce_sum(dz, axis=1)), axis=1)
-    return {"kernel": kernel, "bias": bias}
+    patches = tf.reshape(patches, flat + [-1, patches.shape[-1]])
+    dz = tf.reshape(output_gradients, flat + [-1, outputs])
+    return _squared_norms_of_products(patches, dz)
 
 
-def _batch_norm_squares(layer, inputs, output_gradients, moments):
-    """Squared per-group norms of the gamma and beta gradients."""
-    mean, variance = moments
-    normalized = (inputs - mean) * tf.math.rsqrt(variance + layer.epsilon)
-    channels = inputs.shape[-1]
-    groups = inputs.shape[0]
-    flat = [-1 if groups is None else groups, -1, channels]
-    dy = tf.reshape(output_gradients, flat)
+def _bias_squares(output_gradients):
+    """Squared per-group norms of the bias gradients, from `[groups, s, ...]`
+    output gradients."""
+    groups = output_gradients.shape[0]
+    dz = tf.reshape(output_gradients, [-1 if groups is None else groups, -1,
+                                       output_gradients.shape[-1]])
+    return tf.reduce_sum(tf.square(tf.reduce_sum(dz, axis=1)), axis=1)
+
+
+def _batch_norm_squares(layer, inputs, output_gradients, moments, indices):
+    """Squared per-group norms of the gamma and beta gradients.
+
+    Per example, the sums over positions of `dy` and `dy * x` (a pass over
+    the batch each, no copies), then each group's rows: its gamma gradient
+    is `rsqrt(variance + epsilon) * (sum dy * x - mean * sum dy)`.
+
+    Args:
+        inputs, output_gradients: the layer's, over the replica's batch, as
+            the pass computed them (in the pass's loss scale).
+        moments: the `(mean, variance)` the pass normalized with.
+        indices: `[groups, s]` examples of each group.
+    """
+    mean, variance = (tf.cast(moment, "float32") for moment in moments)
+    positions = list(range(1, len(inputs.shape) - 1))
+    dy = tf.cast(output_gradients, "float32")
+
+    def group_sums(per_position):
+        per_example = tf.reduce_sum(per_position, axis=positions)
+        return tf.reduce_sum(tf.gather(per_example, indices), axis=1)
+
+    beta = group_sums(dy)
     result = {}
     if layer.scale:
-        gamma = tf.reduce_sum(dy * tf.reshape(normalized, flat), axis=1)
+        gamma = (group_sums(dy * tf.cast(inputs, "float32")) - mean * beta
+                 ) * tf.math.rsqrt(variance + layer.epsilon)
         result["gamma"] = tf.reduce_sum(tf.square(gamma), axis=1)
     if layer.center:
-        result["beta"] = tf.reduce_sum(
-            tf.square(tf.reduce_sum(dy, axis=1)), axis=1)
+        result["beta"] = tf.reduce_sum(tf.square(beta), axis=1)
     return result
 
 
@@ -370,17 +402,83 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
             loss = tf.reduce_mean(losses)
             if loss_scale is not None:
                 loss *= tf.cast(loss_scale, "float32")
-        outputs = recording.outputs
-        output_gradients = tape.gradient(loss, outputs)
-        return self.norms_from_pass(
+        output_gradients = tape.gradient(loss, recording.outputs)
+        norms, _ = self.norms_from_pass(
             model, recording, output_gradients, batch, loss_scale,
             per_example_loss, x, y, sample_weight)
+        return norms
+
+    @staticmethod
+    def _readable_calls(model, recording):
+        """`(layer, kind, (inputs, outputs, moments))` of the layers read."""
+        for layer in model._flatten_layers(include_self=False):
+            calls = recording.calls.get(id(layer), [])
+            kind = _kind(layer)
+            if kind is None or len(calls) != 1:
+                continue
+            inputs, _, moments = calls[0]
+            if kind == "batch_norm" and (
+                    moments is None or layer.axis not in (
+                        -1, len(inputs.shape) - 1)):
+                continue
+            yield layer, kind, calls[0]
+
+    def variables_differentiated(self, model, recording):
+        """The variables whose gradients `norms_from_pass` returns.
+
+        Their gradients are sums of the per-group pieces it computes anyway,
+        so the caller need not ask the tape for them (inside a
+        `tf.function`, the tape's unused filter-gradient ops are pruned).
+        """
+        return [layer.kernel
+                for layer, kind, _ in self._readable_calls(model, recording)
+                if _reads_kernel_gradient(kind, layer)]
+
+    def _cutter(self, static_batch, batch, num_replicas):
+        """`cut(tensor) -> (micro_batches, rest)` over the replica's batch.
+
+        The micro-batches (starting where `micro_batch_starts` says) are
+        contiguous slices (`tf.split`, no copies); `rest` gathers the
+        examples in no micro-batch into one tensor (one filter-gradient op
+        over them costs less than one per run between two micro-batches),
+        or is None when the static batch size shows there are none.
+        """
+        count = self.micro_batches_per_replica(num_replicas)
+        size = self.micro_batch_size
+        if static_batch is None:
+            starts = self.micro_batch_starts(batch, num_replicas)
+            ends = tf.concat([starts[1:], [batch]], 0)
+            sizes = tf.reshape(tf.stack(
+                [tf.fill([count], size), ends - starts - size], axis=1), [-1])
+            is_group = [True, False] * count
+            offsets = tf.range(batch)[:, None] - starts
+            in_group = tf.reduce_any((offsets >= 0) & (offsets < size), 1)
+            rest = tf.where(tf.logical_not(in_group))[:, 0]
+        else:
+            sizes, is_group, rest = [], [], []
+            for j in range(count):
+                start = j * static_batch // count
+                end = (j + 1) * static_batch // count
+                sizes.append(size)
+                is_group.append(True)
+                if end > start + size:
+                    sizes.append(end - start - size)
+                    is_group.append(False)
+                    rest.extend(range(start + size, end))
+            rest = rest or None
+
+        def cut(tensor):
+            parts = tf.split(tensor, sizes, num=len(is_group))
+            return ([part for part, group in zip(parts, is_group) if group],
+                    None if rest is None else tf.gather(tensor, rest))
+
+        return cut
 
     @tf.autograph.experimental.do_not_convert
     def norms_from_pass(self, model, recording, output_gradients,
                         global_batch_size, loss_scale, per_example_loss, x,
                         y, sample_weight=None):
-        """One float32 scalar per `model.trainable_variables`.
+        """Norms for every variable, gradients for those it differentiates.
 
         Args:
             model: the model whose forward pass was recorded.
@@ -392,48 +490,66 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 differentiating (float16 loss scaling), or None.
             per_example_loss, x, y, sample_weight: for the loop estimator,
                 if some variables need it.
+
+        Returns:
+            `(norms, gradients)`: one float32 scalar per
+            `model.trainable_variables`, and `{id(variable): gradient of the
+            pass's loss}` for `variables_differentiated(model, recording)`
+            (None where the loss does not depend on the layer).
         """
         context = tf.distribute.get_replica_context()
         num_replicas = context.num_replicas_in_sync if context else 1
-        count = self.micro_batches_per_replica(num_replicas)
         static_batch, batch = gradient_norms._batch_size(x)
         if static_batch is not None:
             self.check_fits(static_batch, num_replicas)
         starts = self.micro_batch_starts(batch, num_replicas)
         indices = starts[:, None] + tf.range(self.micro_batch_size)
+        cut = self._cutter(static_batch, batch, num_replicas)
         # d(group mean loss) = d(main loss) * global_batch / (s * scale).
         factor = tf.cast(global_batch_size, "float32") / float(
             self.micro_batch_size)
         if loss_scale is not None:
             factor /= tf.cast(loss_scale, "float32")
 
+        def groups_of(tensor):
+            return tf.gather(tf.cast(tensor, "float32"), indices)
+
         gradients_of = dict(zip(map(id, recording.outputs), output_gradients))
         squares = {}  # id(variable) -> [groups] squared norms
-        for layer in model._flatten_layers(include_self=False):
-            calls = recording.calls.get(id(layer), [])
-            kind = _kind(layer)
-            if kind is None or len(calls) != 1:
-                continue
-            inputs, outputs, moments = calls[0]
-            if kind == "batch_norm" and (
-                    moments is None or layer.axis not in (
-                        -1, len(inputs.shape) - 1)):
-                continue
+        gradients = {}
+        for layer, kind, (inputs, outputs, moments) in self._readable_calls(
+                model, recording):
             dz = gradients_of[id(outputs)]
-            if dz is None:
+            connected = dz is not None
+            if not connected:
                 dz = tf.zeros_like(outputs)
-
-            def groups_of(tensor):
-                return tf.gather(tf.cast(tensor, "float32"), indices)
-
-            inputs, dz = groups_of(inputs), groups_of(dz) * factor
-            if kind == "batch_norm":
-                per_name = _batch_norm_squares(layer, inputs, dz, moments)
+            if _reads_kernel_gradient(kind, layer):
+                group_inputs, rest_inputs = cut(inputs)
+                group_gradients, rest_gradients = cut(dz)
+                gradient, kernel = _kernel_gradient_from_pieces(
+                    kind, layer, list(zip(group_inputs, group_gradients)),
+                    None if rest_inputs is None
+                    else (rest_inputs, rest_gradients))
+                gradients[id(layer.kernel)] = gradient if connected else None
+                per_name = {"kernel": kernel * tf.square(factor)}
+                if layer.bias is not None:
+                    per_name["bias"] = _bias_squares(tf.stack([
+                        tf.cast(part, "float32") * factor
+                        for part in group_gradients]))
+            elif kind == "batch_norm":
+                per_name = {
+                    name: value * tf.square(factor)
+                    for name, value in _batch_norm_squares(
+                        layer, inputs, dz, moments, indices).items()}
             else:
-                per_name = _kernel_and_bias_squares(kind, layer, inputs, dz)
+                group_gradients = groups_of(dz) * factor
+                per_name = {"kernel": _kernel_squares_from_patches(
+                    kind, layer, groups_of(inputs), group_gradients)}
+                if layer.bias is not None:
+                    per_name["bias"] = _bias_squares(group_gradients)
             for name, value in per_name.items():
                 variable = getattr(layer, name)
-                if value is not None and variable.trainable:
+                if variable.trainable:
                     squares[id(variable)] = value
 
         variables = model.trainable_variables
@@ -449,7 +565,7 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 norms.append(tf.reduce_mean(tf.sqrt(squares[id(variable)])))
             else:
                 norms.append(looped[index])
-        return norms
+        return norms, gradients
 
     def _report_fallback(self, variables):
         if self._reported_fallback:

@@ -139,11 +139,18 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
             loss += tf.add_n(regularization) / num_replicas
         scaled_loss = optimizer.scale_loss(loss) if optimizer else loss
     # The one-pass estimator reads its norms off the recorded layers'
-    # output gradients, computed by the same backward pass.
-    recorded = recording.outputs if one_pass else []
-    gradients = tape.gradient(scaled_loss, variables + recorded)
-    gradients, output_gradients = (gradients[:len(variables)],
-                                   gradients[len(variables):])
+    # output gradients, computed by the same backward pass, and sums the
+    # gradients of the kernels it reads from the per-group pieces it forms:
+    # the tape builds only the others.
+    recorded, differentiated = [], set()
+    if one_pass:
+        recorded = recording.outputs
+        differentiated = set(map(id, estimator.variables_differentiated(
+            model, recording)))
+    requested = [v for v in variables if id(v) not in differentiated]
+    gradients = tape.gradient(scaled_loss, requested + recorded)
+    gradients, output_gradients = (gradients[:len(requested)],
+                                   gradients[len(requested):])
     state_updates = None
     if defer_state_updates:
         state_updates = [
@@ -153,10 +160,13 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
         ]
     norms = None
     if one_pass:
-        norms = estimator.norms_from_pass(
+        norms, read_gradients = estimator.norms_from_pass(
             model, recording, output_gradients, global_batch_size,
             loss_scale_of(optimizer),
             per_example_loss, x, y, sample_weight)
+        from_tape = iter(gradients)
+        gradients = [read_gradients[id(v)] if id(v) in differentiated
+                     else next(from_tape) for v in variables]
     elif estimator is not None:
         if estimator.refresh_every > 1 and optimizer is None:
             raise ValueError(

@@ -82,6 +82,115 @@ def test_equals_the_loop_estimator_without_batch_norm(kind):
     assert not any("call" in vars(layer) for layer in model.layers)
 
 
+def _plain_gradients(model, x, y, weights, scale=1.0):
+    """The tape's gradients of the weighted mean loss, times `scale`."""
+    with tf.GradientTape() as tape:
+        losses = tf.cast(_loss(y, model(x, training=True)), "float32")
+        loss = tf.reduce_sum(losses * weights) / len(x) * scale
+    return tape.gradient(loss, model.trainable_variables)
+
+
+def _assert_gradients_close(actual, expected, mixed):
+    # float16 pieces are rounded before they are summed in float32.
+    rtol = 1e-2 if mixed else 1e-5
+    for a, b in zip(actual, expected):
+        assert a.dtype == b.dtype == tf.float32
+        np.testing.assert_allclose(a, b, rtol=rtol,
+                                   atol=rtol * np.max(np.abs(b)))
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
+@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise"])
+@pytest.mark.parametrize("groups", [(4, 8), (3, 5)],
+                         ids=["every_example", "uneven_gaps"])
+def test_step_gradients_are_the_tapes(groups, kind, mixed):
+    """Kernels summed from per-group pieces give the plain step's gradients.
+
+    Conv (strided, dilated, valid), depthwise, dense and bias variables,
+    with sample weights and float16 loss scaling; J*s = B (the pieces are
+    the micro-batches) and J*s < B with gaps of 3 and 4 examples.
+    """
+    x, y = _images()
+    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model(kind)
+        scale = 2.0 ** 10 if mixed else 1.0
+        optimizer = None
+        if mixed:
+            optimizer = keras.optimizers.LossScaleOptimizer(
+                keras.optimizers.SGD(), initial_scale=scale)
+            optimizer.build(model.trainable_variables)
+        estimator = clars_tf.OnePassGradientNormEstimator(*groups)
+        step = tf.function(
+            lambda: clars_tf.compute_loss_gradients_and_norms(
+                model, _loss, x, y, weights, global_batch_size=len(x),
+                optimizer=optimizer, estimator=estimator))
+        out = step()
+        expected = _plain_gradients(model, x, y, weights, scale)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert len(out.gradients) == len(model.trainable_variables)
+    _assert_gradients_close(out.gradients, expected, mixed)
+
+
+@pytest.mark.parametrize("groups", [(4, 8), (3, 5)],
+                         ids=["every_example", "uneven_gaps"])
+def test_step_gradients_are_the_tapes_with_unknown_batch_size(groups):
+    """The micro-batches and the rest cut from a batch of unknown size."""
+    x, y = _images()
+    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
+    model = _model("all")
+    estimator = clars_tf.OnePassGradientNormEstimator(*groups)
+    step = tf.function(
+        lambda x, y, w: clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, w, global_batch_size=len(x),
+            estimator=estimator),
+        input_signature=[tf.TensorSpec([None, 9, 9, 3]),
+                         tf.TensorSpec([None], tf.int32),
+                         tf.TensorSpec([None])])
+    out = step(x, y, weights)
+    _assert_gradients_close(out.gradients,
+                            _plain_gradients(model, x, y, weights), False)
+    np.testing.assert_allclose(
+        out.gradient_norms,
+        clars_tf.GradientNormEstimator(*groups)(model, _loss, x, y, weights),
+        rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
+@pytest.mark.parametrize("groups", [(4, 8), (4, 4)],
+                         ids=["every_example", "half_the_examples"])
+def test_two_replicas_gradients_sum_to_the_one_device_gradients(
+        two_replicas, groups, mixed):
+    x, y = _images()
+    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with two_replicas.scope():
+            model = _model("all")
+        expected = _plain_gradients(model, x, y, weights)
+        estimator = clars_tf.OnePassGradientNormEstimator(*groups)
+
+        def replica_step(x, y, weights):
+            return clars_tf.compute_loss_gradients_and_norms(
+                model, _loss, x, y, weights, global_batch_size=len(x) * 2,
+                estimator=estimator).gradients
+
+        half = len(x) // 2
+        batch = two_replicas.experimental_distribute_values_from_function(
+            lambda ctx: tuple(t[ctx.replica_id_in_sync_group * half:][:half]
+                              for t in (x, y, weights)))
+        gradients = tf.function(lambda b: [
+            two_replicas.reduce("SUM", g, axis=None)
+            for g in two_replicas.run(replica_step, b)])(batch)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    _assert_gradients_close(gradients, expected, mixed)
+
+
 @pytest.mark.parametrize("rows", [1, 50])
 def test_gram_and_product_norms_match_numpy(rows):
     rng = np.random.default_rng(1)
