@@ -293,8 +293,9 @@ def _verdict(batch_size, seeds_by_method, labels):
                             - statistics.mean(theirs.values()))
         separated = (min(mine.values()) > max(theirs.values())
                      or max(mine.values()) < min(theirs.values()))
-        overlap = ("do not overlap" if separated
-                   else "overlap (no evidence either way)")
+        overlap = ("overlap (no evidence either way)" if not separated
+                   else "do not overlap" if min(len(mine), len(theirs)) > 1
+                   else "cannot be compared (one seed)")
         # Each fresh seed fixes the initialization and the data order for
         # every method alike, so per-seed differences are paired.
         paired = sorted(set(mine) & set(theirs))
