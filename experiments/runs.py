@@ -108,10 +108,9 @@ class Run:
                        p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
                        if p))
         if self.threads:
-            # Two one-thread runs side by side finish sooner than the same
-            # two runs one after the other on both cores of a 2-core
-            # machine (5 min 9 s vs 5 min 52 s for two pilot runs): small
-            # ops and the per-epoch evaluation use two threads poorly.
+            # Small ops and the per-epoch evaluation use two threads poorly,
+            # so two one-thread runs side by side can finish sooner than the
+            # same runs one after the other (not benchmarked in the repo).
             env.update(TF_NUM_INTRAOP_THREADS=str(self.threads),
                        OMP_NUM_THREADS=str(self.threads))
         log_path = os.path.join(self.model_dir, "train.log")
