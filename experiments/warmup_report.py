@@ -140,7 +140,9 @@ def pilot_section(plan, outcomes):
             gap, shows = verdict["gap"], verdict["shows"]
             shared = len(verdict["shared"])
             bad_warm, bad_cold = verdict["bad_warm"], verdict["bad_cold"]
-            verdicts.append((model, gap, shows))
+            ranges = [_values_at_rate(group, top) for group, top in
+                      ((warm_all, best_warm), (cold_all, best_cold))]
+            verdicts.append((model, gap, shows, ranges))
             lines += [
                 "- Best with warmup: "
                 f"{_percent(best_warm.validation_accuracy)} % at "
@@ -164,7 +166,15 @@ def pilot_section(plan, outcomes):
     return lines, verdicts
 
 
-def diagnostics_table(outcome, eta, clip=0.1, fraction=0.2):
+def _values_at_rate(group, chosen):
+    """Validation accuracies of every seed run at `chosen`'s rate."""
+    return [o.validation_accuracy for o in group
+            if o.record["base_learning_rate"]
+            == chosen.record["base_learning_rate"]
+            and o.validation_accuracy is not None]
+
+
+def diagnostics_table(outcome, eta, clip, fraction=0.2):
     """Per kernel, over the first steps: the unclipped trust and a_l/||g_l||.
 
     Rows of (layer, median eta*||w||/a_l, share of steps at the clip,
@@ -254,14 +264,16 @@ def comparison_section(plan, outcomes):
             if method not in ("clars", "clars_warmup"):
                 continue  # the ablations' eta is not CLARS's
             for outcome in group:
-                eta = outcome.results["config"]["clars"]["trust_coefficient"]
-                rows = diagnostics_table(outcome, eta)
+                settings = outcome.results["config"]["clars"]
+                rows = diagnostics_table(outcome,
+                                         settings["trust_coefficient"],
+                                         settings["trust_clip"])
                 if rows:
                     lines += [
                         "", f"{labels.get(method, method)} "
                         f"[{outcome.run_id}], kernels over the first 20 % of "
-                        "steps (medians; the trust is min(0.1, "
-                        "eta*||w||/a_l)):", "",
+                        "steps (medians; the trust is "
+                        f"min({settings['trust_clip']:g}, eta*||w||/a_l)):", "",
                         "| kernel | unclipped eta*\\|\\|w\\|\\|/a_l | "
                         "steps at the clip | a_l/\\|\\|g_l\\|\\| | "
                         "steps |", "|---|---|---|---|---|"]
@@ -273,39 +285,68 @@ def comparison_section(plan, outcomes):
     return lines, verdict
 
 
-def _verdict(batch_size, seeds_by_method, labels):
-    clars = seeds_by_method.get("clars")
-    if not clars:
-        return [f"- Batch {batch_size}: CLARS's seed runs are not done."]
-    out = []
-    for other in ("sgd_warmup", "lars_warmup", "sgd_nowarmup",
-                  "clars_warmup", "clars_clip_only"):
-        group = seeds_by_method.get(other)
-        if not group:
-            continue
-        mine = {o.record["seed"]: o.test_accuracy for o in clars
-                if o.test_accuracy is not None}
-        theirs = {o.record["seed"]: o.test_accuracy for o in group
-                  if o.test_accuracy is not None}
-        if not mine or not theirs:
-            continue
-        difference = 100 * (statistics.mean(mine.values())
-                            - statistics.mean(theirs.values()))
-        separated = (min(mine.values()) > max(theirs.values())
-                     or max(mine.values()) < min(theirs.values()))
-        overlap = ("overlap (no evidence either way)" if not separated
-                   else "do not overlap" if min(len(mine), len(theirs)) > 1
-                   else "cannot be compared (one seed)")
-        # Each fresh seed fixes the initialization and the data order for
-        # every method alike, so per-seed differences are paired.
-        paired = sorted(set(mine) & set(theirs))
-        out.append(
-            f"- Batch {batch_size}: CLARS without warmup minus "
-            f"{labels.get(other, other)}: {difference:+.1f} points of test "
+def _test_accuracy_by_seed(group):
+    return {o.record["seed"]: o.test_accuracy for o in group
+            if o.test_accuracy is not None}
+
+
+def _difference(batch_size, first, second, seeds_by_method, labels):
+    """One line: `first` minus `second` in test accuracy over fresh seeds."""
+    mine = _test_accuracy_by_seed(seeds_by_method.get(first, []))
+    theirs = _test_accuracy_by_seed(seeds_by_method.get(second, []))
+    if not mine or not theirs:
+        return []
+    difference = 100 * (statistics.mean(mine.values())
+                        - statistics.mean(theirs.values()))
+    separated = (min(mine.values()) > max(theirs.values())
+                 or max(mine.values()) < min(theirs.values()))
+    overlap = ("overlap (no evidence either way)" if not separated
+               else "do not overlap" if min(len(mine), len(theirs)) > 1
+               else "cannot be compared (one seed)")
+    # Each fresh seed fixes the initialization and the data order for
+    # every method alike, so per-seed differences are paired.
+    paired = sorted(set(mine) & set(theirs))
+    return [f"- Batch {batch_size}: {labels.get(first, first)} minus "
+            f"{labels.get(second, second)}: {difference:+.1f} points of test "
             f"accuracy; the seed ranges {overlap}; paired by seed ("
             + ", ".join(f"{seed}: {100 * (mine[seed] - theirs[seed]):+.1f}"
-                        for seed in paired) + ").")
-    return out
+                        for seed in paired) + ")."]
+
+
+def _mechanism(batch_size, clars_runs):
+    """Whether CLARS's estimate set any kernel's trust, or the clip did."""
+    for outcome in clars_runs:
+        settings = outcome.results["config"]["clars"]
+        clip = settings["trust_clip"]
+        rows = diagnostics_table(outcome, settings["trust_coefficient"], clip)
+        if not rows:
+            continue
+        always = [path for path, _, clipped, _, _ in rows if clipped == 1]
+        return [f"- Batch {batch_size}, mechanism [{outcome.run_id}]: over "
+                f"the first 20 % of steps the trust of {len(always)} of "
+                f"{len(rows)} kernels sat at the {clip:g} clip in every "
+                "logged step" + (
+                    f" ({', '.join(always)}): on those layers CLARS acted as "
+                    "the clip-only ablation, its estimate unused"
+                    if always else "") + "."]
+    return []
+
+
+def _verdict(batch_size, seeds_by_method, labels):
+    out = _difference(batch_size, "sgd_warmup", "sgd_nowarmup",
+                      seeds_by_method, labels)
+    if out:
+        out[0] = out[0].replace(f"Batch {batch_size}:",
+                                f"Batch {batch_size}, the warmup problem:")
+    clars = seeds_by_method.get("clars")
+    if not clars:
+        return out + [f"- Batch {batch_size}: CLARS's seed runs are not "
+                      "done."]
+    for other in ("sgd_warmup", "lars_warmup", "sgd_nowarmup",
+                  "clars_warmup", "clars_clip_only", "clars_adapt_all"):
+        out += _difference(batch_size, "clars", other, seeds_by_method,
+                           labels)
+    return out + _mechanism(batch_size, clars)
 
 
 def plot(path, title, curves, xlabel, ylabel, log_x=False):
@@ -388,19 +429,24 @@ def main(argv=None):
     compare_lines, verdict = comparison_section(plan, outcomes)
     summary = ["## Verdict", ""]
     threshold = plan["pilot"]["gap_points"]
-    for model, gap, shows in pilot_verdicts:
+    for model, gap, shows, (warm, cold) in pilot_verdicts:
+        overlap = "overlap" if (min(warm) <= max(cold)
+                                and min(cold) <= max(warm)) else (
+            "do not overlap")
+        seeds = (f"the seeds' ranges {overlap}: warmup "
+                 f"{_percent(min(warm))}-{_percent(max(warm))} %, no warmup "
+                 f"{_percent(min(cold))}-{_percent(max(cold))} %")
         if not shows:
             finding = ("not worse than SGD with warmup by the pilot's rule: "
                        "in this setting there is no warmup problem for "
                        "CLARS to remove, and the comparison would not test "
-                       "the claim")
+                       f"the claim ({seeds})")
         elif gap < 2 * threshold:
             finding = ("worse than SGD with warmup by the pilot's rule, but "
                        f"only marginally (under twice the {threshold:g}-point"
-                       " threshold): confirm with more seeds before the "
-                       "comparison")
+                       f" threshold), and {seeds}")
         else:
-            finding = "clearly worse than SGD with warmup"
+            finding = f"clearly worse than SGD with warmup ({seeds})"
         summary.append(
             f"- Pilot, {model}: SGD without warmup is {finding} (best-rate "
             f"gap {gap:+.1f} points of validation accuracy).")

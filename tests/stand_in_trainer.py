@@ -57,7 +57,8 @@ def main():
         epochs.append(entry)
     with open(os.path.join(model_dir, "results.json"), "w") as f:
         json.dump({"config": {"train": {"epochs": 2},
-                              "clars": {"trust_coefficient": 0.01}},
+                              "clars": {"trust_coefficient": 0.01,
+                                        "trust_clip": 0.1}},
                    "steps_per_epoch": 4, "epochs": epochs, "final": None}, f)
 
 

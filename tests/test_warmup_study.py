@@ -168,6 +168,9 @@ def test_report_from_archive_hand_computed(tmp_path):
     assert "mean over 2 and 2 seed(s): gap +5.0 points" in text
     assert "lr0.4_w1_e2_s10: 91.0 %" in text
     assert "**Warmup gap in this setting: yes**" in text
+    assert ("SGD without warmup is clearly worse than SGD with warmup (the "
+            "seeds' ranges do not overlap: warmup 90.0-91.0 %, no warmup "
+            "85.0-86.0 %)") in text
     # Early loss over the first 20 % of 8 steps (steps 1 and 2) at rate 0.4:
     # mean(2/1 + 0.4, 2/2 + 0.4) = 1.9.
     row = next(line for line in text.splitlines()
@@ -178,7 +181,7 @@ def test_report_from_archive_hand_computed(tmp_path):
                  if line.startswith("| CLARS | 0.2"))
     assert "83.1 (83.1-83.2, n=2)" in clars
     # CLARS (no warmup) vs SGD + warmup (test 0.88 + ...): -5.0 points.
-    assert ("CLARS without warmup minus SGD + warmup: -5.0 points of test "
+    assert ("CLARS minus SGD + warmup: -5.0 points of test "
             "accuracy; the seed ranges do not overlap; paired by seed "
             "(1: -5.0, 2: -5.0)") in text
     # The rate range within 1 point of CLARS's best (0.2 at 85.0): 0.1-0.4.
@@ -188,10 +191,34 @@ def test_report_from_archive_hand_computed(tmp_path):
     # conv at the clip both steps, dense's a_l/||g_l|| median of 1.5 and 3.
     assert "| conv/kernel | 0.200 | 100 % | 3.00 | 2 |" in text
     assert "| dense/kernel | 0.010 | 0 % | 2.25 | 2 |" in text
+    assert ("the trust of 1 of 2 kernels sat at the 0.1 clip in every logged "
+            "step (conv/kernel): on those layers CLARS acted as the "
+            "clip-only ablation") in text
     for name in ("pilot_small_cnn_b4096_rates.png",
                  "compare_small_cnn_b4096_early_loss.png"):
         assert f"![]({name})" in text
         assert (tmp_path / "results" / name).stat().st_size > 1000
+
+
+class _SeedRun:
+    """An archived fresh-seed run reduced to what the verdict reads."""
+
+    def __init__(self, seed, test_accuracy):
+        self.record = {"seed": seed}
+        self.test_accuracy = test_accuracy
+
+
+def test_verdict_states_the_warmup_problem_before_clars():
+    runs = {"sgd_warmup": [_SeedRun(1, 0.72), _SeedRun(2, 0.74)],
+            "sgd_nowarmup": [_SeedRun(1, 0.70), _SeedRun(2, 0.71)]}
+    labels = {"sgd_warmup": "SGD + warmup", "sgd_nowarmup": "SGD, no warmup"}
+    lines = warmup_report._verdict(8192, runs, labels)
+    # Means 73.0 and 70.5; per seed +2.0 and +3.0; 72-74 vs 70-71 apart.
+    assert lines == [
+        "- Batch 8192, the warmup problem: SGD + warmup minus SGD, no "
+        "warmup: +2.5 points of test accuracy; the seed ranges do not "
+        "overlap; paired by seed (1: +2.0, 2: +3.0).",
+        "- Batch 8192: CLARS's seed runs are not done."]
 
 
 class _Scored:
