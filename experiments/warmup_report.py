@@ -326,9 +326,14 @@ def _mechanism(batch_size, clars_runs):
                 f"the first 20 % of steps the trust of {len(always)} of "
                 f"{len(rows)} kernels sat at the {clip:g} clip in every "
                 "logged step" + (
-                    f" ({', '.join(always)}): on those layers CLARS acted as "
-                    "the clip-only ablation, its estimate unused"
-                    if always else "") + "."]
+                    f" ({', '.join(always)}): on those layers and steps CLARS "
+                    "acted as the clip-only ablation, its estimate unused"
+                    if always else "") + "; over the whole run, steps at "
+                "the clip: " + ", ".join(
+                    f"{path} {100 * clipped:.0f} %" for path, _, clipped, _, _
+                    in diagnostics_table(outcome,
+                                         settings["trust_coefficient"], clip,
+                                         fraction=1.0)) + "."]
     return []
 
 

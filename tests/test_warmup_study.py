@@ -192,8 +192,9 @@ def test_report_from_archive_hand_computed(tmp_path):
     assert "| conv/kernel | 0.200 | 100 % | 3.00 | 2 |" in text
     assert "| dense/kernel | 0.010 | 0 % | 2.25 | 2 |" in text
     assert ("the trust of 1 of 2 kernels sat at the 0.1 clip in every logged "
-            "step (conv/kernel): on those layers CLARS acted as the "
-            "clip-only ablation") in text
+            "step (conv/kernel): on those layers and steps CLARS acted as "
+            "the clip-only ablation, its estimate unused; over the whole run, "
+            "steps at the clip: conv/kernel 100 %, dense/kernel 0 %.") in text
     for name in ("pilot_small_cnn_b4096_rates.png",
                  "compare_small_cnn_b4096_early_loss.png"):
         assert f"![]({name})" in text
