@@ -273,7 +273,8 @@ def comparison_section(plan, outcomes):
                         "", f"{labels.get(method, method)} "
                         f"[{outcome.run_id}], kernels over the first 20 % of "
                         "steps (medians; the trust is "
-                        f"min({settings['trust_clip']:g}, eta*||w||/a_l)):", "",
+                        f"min({settings['trust_clip']:g}, eta*||w||/a_l)):",
+                        "",
                         "| kernel | unclipped eta*\\|\\|w\\|\\|/a_l | "
                         "steps at the clip | a_l/\\|\\|g_l\\|\\| | "
                         "steps |", "|---|---|---|---|---|"]
@@ -290,7 +291,7 @@ def _test_accuracy_by_seed(group):
             if o.test_accuracy is not None}
 
 
-def _difference(batch_size, first, second, seeds_by_method, labels):
+def _difference(heading, first, second, seeds_by_method, labels):
     """One line: `first` minus `second` in test accuracy over fresh seeds."""
     mine = _test_accuracy_by_seed(seeds_by_method.get(first, []))
     theirs = _test_accuracy_by_seed(seeds_by_method.get(second, []))
@@ -306,7 +307,7 @@ def _difference(batch_size, first, second, seeds_by_method, labels):
     # Each fresh seed fixes the initialization and the data order for
     # every method alike, so per-seed differences are paired.
     paired = sorted(set(mine) & set(theirs))
-    return [f"- Batch {batch_size}: {labels.get(first, first)} minus "
+    return [f"- {heading}: {labels.get(first, first)} minus "
             f"{labels.get(second, second)}: {difference:+.1f} points of test "
             f"accuracy; the seed ranges {overlap}; paired by seed ("
             + ", ".join(f"{seed}: {100 * (mine[seed] - theirs[seed]):+.1f}"
@@ -338,19 +339,16 @@ def _mechanism(batch_size, clars_runs):
 
 
 def _verdict(batch_size, seeds_by_method, labels):
-    out = _difference(batch_size, "sgd_warmup", "sgd_nowarmup",
-                      seeds_by_method, labels)
-    if out:
-        out[0] = out[0].replace(f"Batch {batch_size}:",
-                                f"Batch {batch_size}, the warmup problem:")
+    out = _difference(f"Batch {batch_size}, the warmup problem",
+                      "sgd_warmup", "sgd_nowarmup", seeds_by_method, labels)
     clars = seeds_by_method.get("clars")
     if not clars:
         return out + [f"- Batch {batch_size}: CLARS's seed runs are not "
                       "done."]
     for other in ("sgd_warmup", "lars_warmup", "sgd_nowarmup",
                   "clars_warmup", "clars_clip_only", "clars_adapt_all"):
-        out += _difference(batch_size, "clars", other, seeds_by_method,
-                           labels)
+        out += _difference(f"Batch {batch_size}", "clars", other,
+                           seeds_by_method, labels)
     return out + _mechanism(batch_size, clars)
 
 
