@@ -108,9 +108,8 @@ class Run:
                        p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
                        if p))
         if self.threads:
-            # Small ops and the per-epoch evaluation use two threads poorly,
-            # so two one-thread runs side by side can finish sooner than the
-            # same runs one after the other (not benchmarked in the repo).
+            # Two study processes side by side each get their own core
+            # instead of both trainers spreading over every core.
             env.update(TF_NUM_INTRAOP_THREADS=str(self.threads),
                        OMP_NUM_THREADS=str(self.threads))
         log_path = os.path.join(self.model_dir, "train.log")
