@@ -13,9 +13,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(
-        include=["clars_tf", "clars_tf.*", "models", "models.*", "trainers",
-                 "trainers.*"]),
+    packages=setuptools.find_packages(include=["clars_tf", "clars_tf.*"]),
     # A CPU-only machine can satisfy `tensorflow` with the `tensorflow-cpu`
     # wheel by installing it first and this package with --no-deps
     # (scripts/test.sh does).

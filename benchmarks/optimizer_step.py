@@ -100,7 +100,7 @@ def main(argv):
     import tensorflow as tf
 
     import clars_tf
-    import models
+    from clars_tf import models
 
     # One tf.function per candidate wraps the same Python closure, which
     # TensorFlow reports as "retracing"; it is expected here.

@@ -233,7 +233,7 @@ class Builder:
     def model(self, replicas):
         import keras
 
-        import models
+        from clars_tf import models
 
         if replicas not in self.models:
             keras.utils.set_random_seed(FLAGS.seed)

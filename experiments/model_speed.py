@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import models
+from clars_tf import models
 
 
 def _step_function(model, batch_size):

@@ -13,11 +13,11 @@ Example:
 import difflib
 import inspect
 
-from models import densenet
-from models import mobilenet
-from models import resnet
-from models import small_cnn
-from models.layers import BatchNormConfig
+from clars_tf.models import densenet
+from clars_tf.models import mobilenet
+from clars_tf.models import resnet
+from clars_tf.models import small_cnn
+from clars_tf.models.layers import BatchNormConfig
 
 _BUILDERS = {
     "resnet8": resnet.resnet8,

@@ -6,12 +6,12 @@ Reference:
 
 import keras
 
-from models.layers import BatchNormConfig
-from models.layers import batch_norm
-from models.layers import classifier_head
-from models.layers import conv2d
-from models.layers import is_small_input
-from models.layers import model_input
+from clars_tf.models.layers import BatchNormConfig
+from clars_tf.models.layers import batch_norm
+from clars_tf.models.layers import classifier_head
+from clars_tf.models.layers import conv2d
+from clars_tf.models.layers import is_small_input
+from clars_tf.models.layers import model_input
 
 _DENSENET121_BLOCKS = (6, 12, 24, 16)
 _GROWTH_RATE = 32

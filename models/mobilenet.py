@@ -9,12 +9,12 @@ References:
 
 import keras
 
-from models.layers import BatchNormConfig
-from models.layers import classifier_head
-from models.layers import conv_bn
-from models.layers import depthwise_conv_bn
-from models.layers import is_small_input
-from models.layers import model_input
+from clars_tf.models.layers import BatchNormConfig
+from clars_tf.models.layers import classifier_head
+from clars_tf.models.layers import conv_bn
+from clars_tf.models.layers import depthwise_conv_bn
+from clars_tf.models.layers import is_small_input
+from clars_tf.models.layers import model_input
 
 # (pointwise filters, depthwise stride) of the 13 separable blocks of v1.
 _V1_BLOCKS = (

@@ -7,11 +7,11 @@ References:
 
 import keras
 
-from models.layers import BatchNormConfig
-from models.layers import classifier_head
-from models.layers import conv_bn
-from models.layers import is_small_input
-from models.layers import model_input
+from clars_tf.models.layers import BatchNormConfig
+from clars_tf.models.layers import classifier_head
+from clars_tf.models.layers import conv_bn
+from clars_tf.models.layers import is_small_input
+from clars_tf.models.layers import model_input
 
 # (bottleneck width, number of blocks) of the four ResNet-50 stages.
 _RESNET50_STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))

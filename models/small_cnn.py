@@ -10,10 +10,10 @@ default width).
 
 import keras
 
-from models.layers import BatchNormConfig
-from models.layers import classifier_head
-from models.layers import conv_bn
-from models.layers import model_input
+from clars_tf.models.layers import BatchNormConfig
+from clars_tf.models.layers import classifier_head
+from clars_tf.models.layers import conv_bn
+from clars_tf.models.layers import model_input
 
 
 def small_cnn(input_shape, num_classes, width=16, bn=BatchNormConfig(), dropout_rate=0.0):

@@ -61,8 +61,8 @@ def measure(model_name, batches):
     import tensorflow as tf
 
     import clars_tf
-    import models
-    from trainers import builders
+    from clars_tf import models
+    from clars_tf.trainers import builders
 
     keras.utils.set_random_seed(0)
     model = models.build_model(model_name, (32, 32, 1), 10)
@@ -123,7 +123,7 @@ def measure(model_name, batches):
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from trainers import data
+    from clars_tf.trainers import data
 
     data.prepare("fashion_mnist", FLAGS.data_dir)
     results = {}

@@ -32,7 +32,7 @@ def two_replicas():
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory):
     """Fashion-MNIST prepared through tfds from the Debian files, once."""
-    from trainers import data
+    from clars_tf.trainers import data
 
     data_dir = str(tmp_path_factory.mktemp("tensorflow_datasets"))
     data.prepare("fashion_mnist", data_dir)

@@ -66,7 +66,7 @@ def _main_error(*flags):
     them in-process keeps these tests fast; `test_config_error_from_the_
     command_line` checks one of them as a real process.
     """
-    from trainers import train
+    from clars_tf.trainers import train
 
     train.FLAGS.unparse_flags()
     train.FLAGS(["train", *flags])
@@ -234,8 +234,8 @@ def test_same_seed_gives_bit_identical_weights(tmp_path, fashion_mnist_dir):
 
 def test_labels_outside_the_classes_stop_the_step(tmp_path):
     import clars_tf
-    from trainers import config as config_lib
-    from trainers import train
+    from clars_tf.trainers import config as config_lib
+    from clars_tf.trainers import train
 
     config = config_lib.build_config(CONFIG, f"{SMALL},task.dataset=synthetic")
     strategy = tf.distribute.get_strategy()
@@ -255,7 +255,7 @@ def test_labels_outside_the_classes_stop_the_step(tmp_path):
 def _tiny_export(tmp_path, monkeypatch=None, fail=False):
     import keras
 
-    from trainers import export
+    from clars_tf.trainers import export
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((32, 32, 3)),
@@ -287,7 +287,7 @@ def test_interrupted_export_keeps_the_previous_one(tmp_path, monkeypatch):
 
 
 def test_export_moved_aside_by_a_crash_is_put_back(tmp_path):
-    from trainers import export
+    from clars_tf.trainers import export
 
     path = _tiny_export(tmp_path)
     os.rename(path, f"{path}.previous-12345")  # crash between the renames

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import models
+from clars_tf import models
 
 IMAGENET_SHAPE = (224, 224, 3)
 CIFAR_SHAPE = (32, 32, 3)

@@ -11,9 +11,9 @@ import pytest
 import tensorflow as tf
 
 from test_trainer import CONFIG, SMALL
-from trainers import builders
-from trainers import config as config_lib
-from trainers import train
+from clars_tf.trainers import builders
+from clars_tf.trainers import config as config_lib
+from clars_tf.trainers import train
 
 GLOBAL_BATCH = 64
 

@@ -102,7 +102,7 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
     # checkpointed model predicts on raw test images.
     import tensorflow_datasets as tfds
 
-    from trainers import builders, config as config_lib, data
+    from clars_tf.trainers import builders, config as config_lib, data
     images, _ = next(iter(tfds.load(
         "fashion_mnist", split="test[:64]", data_dir=fashion_mnist_dir,
         as_supervised=True, batch_size=64, download=False)))
@@ -290,7 +290,7 @@ def test_unreachable_tpu_is_one_error_line_within_seconds(tmp_path, tpu):
 
 
 def test_params_override_as_a_yaml_mapping():
-    from trainers import config as config_lib
+    from clars_tf.trainers import config as config_lib
 
     config = config_lib.build_config(
         CONFIG, "{train: {epochs: 2}, optimizer: {name: lars}}")
@@ -304,8 +304,8 @@ def test_params_override_as_a_yaml_mapping():
 
 def _in_process_trainer(tmp_path, data_dir, override, strategy=None):
     """A Trainer in this process (no op determinism: it is process-wide)."""
-    from trainers import config as config_lib
-    from trainers import train
+    from clars_tf.trainers import config as config_lib
+    from clars_tf.trainers import train
 
     config = config_lib.build_config(CONFIG, ",".join(
         o for o in (SMALL, "train.deterministic=false", override) if o))
@@ -318,7 +318,7 @@ def _in_process_trainer(tmp_path, data_dir, override, strategy=None):
 
 def test_resume_reads_one_epoch_and_decodes_none_of_the_past(
         tmp_path, fashion_mnist_dir, monkeypatch):
-    from trainers import data
+    from clars_tf.trainers import data
 
     counts = {"read": 0, "decoded": 0}
 
@@ -366,7 +366,7 @@ def test_eval_counts_every_example_once_at_a_batch_that_does_not_divide(
         tmp_path, fashion_mnist_dir, two_replicas, replicas):
     import tensorflow_datasets as tfds
 
-    from trainers import data
+    from clars_tf.trainers import data
 
     # 10,000 test examples in batches of 3,000: 1,000 in the last one.
     trainer = _in_process_trainer(
@@ -417,8 +417,8 @@ def test_jit_compile_matches_the_uncompiled_run(tmp_path, fashion_mnist_dir):
 
 def _synthetic_sgd_trainer(tmp_path, override, strategy=None):
     """A one-epoch SGD Trainer on synthetic data, in this process."""
-    from trainers import config as config_lib
-    from trainers import train as train_lib
+    from clars_tf.trainers import config as config_lib
+    from clars_tf.trainers import train as train_lib
 
     config = config_lib.build_config(CONFIG, (
         "task.dataset=synthetic,train.global_batch_size=64,"
@@ -431,7 +431,7 @@ def test_recomputed_batch_norm_statistics_are_exact_averages(tmp_path):
     """Moving statistics = numpy averages of each batch's input moments."""
     import keras
 
-    from trainers import data
+    from clars_tf.trainers import data
 
     trainer = _synthetic_sgd_trainer(
         tmp_path, "task.validation_examples=192,train.recompute_bn_examples=128")
@@ -493,7 +493,7 @@ def test_evaluation_leaves_training_state_and_counts_splits(tmp_path):
 ])
 def test_validation_and_recompute_options_reject_bad_values(override,
                                                             message):
-    from trainers import config as config_lib
+    from clars_tf.trainers import config as config_lib
 
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.build_config(CONFIG, SMALL + "," + override)

@@ -4,9 +4,9 @@ import keras
 import tensorflow as tf
 
 import clars_tf
-import models
+from clars_tf import models
 from clars_tf import schedules
-from trainers import data
+from clars_tf.trainers import data
 
 
 def model(config):

@@ -12,8 +12,8 @@ import difflib
 
 import yaml
 
-from models import MODEL_NAMES
-from models import model_options
+from clars_tf.models import MODEL_NAMES
+from clars_tf.models import model_options
 
 OPTIMIZERS = ("clars", "lars", "sgd", "lamb")
 # float64: for numerics checks (rounding vs a bug), e.g.
@@ -250,7 +250,7 @@ def validate(config):
     """Checks values and combinations that do not depend on the machine."""
     task, model, train = config["task"], config["model"], config["train"]
     opt, est = config["optimizer"], config["estimator"]
-    from trainers import data  # deferred: data imports tensorflow_datasets
+    from clars_tf.trainers import data  # deferred: data imports tensorflow_datasets
     _require(task["dataset"] in data.DATASETS, "task.dataset",
              f"unknown data set '{task['dataset']}'."
              f"{_closest(task['dataset'], data.DATASETS)} Choose one of "

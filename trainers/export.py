@@ -10,7 +10,7 @@ import shutil
 
 import tensorflow as tf
 
-from trainers import data
+from clars_tf.trainers import data
 
 
 class ExportError(ValueError):

@@ -175,9 +175,9 @@ class Trainer:
         import tensorflow as tf
 
         import clars_tf
-        from trainers import builders
-        from trainers import data
-        from trainers import distribution
+        from clars_tf.trainers import builders
+        from clars_tf.trainers import data
+        from clars_tf.trainers import distribution
 
         self.config = config
         self.strategy = strategy
@@ -800,8 +800,8 @@ class Trainer:
                 f.write(json.dumps({"step": step, "layers": records}) + "\n")
 
     def export(self, export_dir):
-        from trainers import builders
-        from trainers import export as export_lib
+        from clars_tf.trainers import builders
+        from clars_tf.trainers import export as export_lib
 
         # A single-device copy: the SavedModel must not depend on the
         # training strategy's devices.
@@ -815,10 +815,10 @@ class Trainer:
 
 def run(config, mode, model_dir, data_dir, strategy_name, tpu, export_dir):
     """Runs `mode`; returns the results dict written to results.json."""
-    from trainers import config as config_lib
-    from trainers import data
-    from trainers import distribution
-    from trainers import export as export_lib
+    from clars_tf.trainers import config as config_lib
+    from clars_tf.trainers import data
+    from clars_tf.trainers import distribution
+    from clars_tf.trainers import export as export_lib
 
     export_dir = export_dir or os.path.join(model_dir, "export")
     if mode in ("train_and_eval", "export"):
@@ -874,8 +874,8 @@ def main(argv):
     if not FLAGS.model_dir:
         raise app.UsageError("--model_dir is required.")
     _quiet_unless_verbose()
-    from trainers import config as config_lib
-    from trainers import distribution
+    from clars_tf.trainers import config as config_lib
+    from clars_tf.trainers import distribution
 
     try:
         distribution.split_cpu(FLAGS.cpu_devices)
