@@ -12,4 +12,4 @@ from clars_tf.training import attach_gradient_norm_estimator
 from clars_tf.training import compute_loss_gradients_and_norms
 from clars_tf.training import per_example_loss_of
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -9,6 +9,7 @@ starts, with the key and a fix in the message.
 
 import copy
 import difflib
+import os
 
 import yaml
 
@@ -210,15 +211,48 @@ def parse_overrides(text):
     return nested
 
 
+BUNDLED_CONFIGS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def bundled_config_names():
+    """Names of the configs shipped with clars-tf, e.g. 'imagenet/resnet50_32k_clars'."""
+    names = []
+    for folder, _, files in os.walk(BUNDLED_CONFIGS):
+        relative = os.path.relpath(folder, BUNDLED_CONFIGS)
+        names += [os.path.normpath(os.path.join(relative, f[:-len(".yaml")]))
+                  for f in files if f.endswith(".yaml")]
+    return sorted(names)
+
+
+def resolve_config_file(name_or_path):
+    """A config file by path, or a bundled config by name (with or without .yaml).
+
+    A path that exists wins, so a user's own `configs/x.yaml` is never
+    shadowed by a bundled config of the same name.
+    """
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = name_or_path[:-len(".yaml")] if name_or_path.endswith(
+        ".yaml") else name_or_path
+    if name.startswith("configs/"):
+        name = name[len("configs/"):]
+    bundled = os.path.join(BUNDLED_CONFIGS, name + ".yaml")
+    if os.path.isfile(bundled):
+        return bundled
+    names = bundled_config_names()
+    hint = _closest(name, names)
+    raise ConfigError(
+        f"Config file '{name_or_path}' does not exist, and no bundled config "
+        f"has that name.{hint} Pass a path to a YAML file or one of the "
+        f"bundled names: {', '.join(names)}.")
+
+
 def load_yaml(path):
     """Reads a config file, rejecting malformed YAML with its location."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(resolve_config_file(path), encoding="utf-8") as f:
             content = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"Config file '{path}' does not exist; see configs/ for the "
-            "provided ones.") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {error}"
                           ) from None

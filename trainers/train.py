@@ -1,7 +1,10 @@
 r"""Trains, evaluates and exports an image classifier with CLARS or a baseline.
 
-    python3 -m trainers.train --config_file=configs/fashion_mnist_resnet20_clars.yaml \
+    clars-train --config_file=fashion_mnist_resnet8_clars \
         --model_dir=/tmp/run --mode=train_and_eval
+
+(`python3 -m trainers.train` from a checkout takes the same flags;
+--config_file takes a path or the name of a bundled config.)
 
 Flags follow TF Model Garden: --config_file, --params_override, --mode
 (train, eval, train_and_eval, export), --model_dir, --strategy, --tpu,
@@ -22,7 +25,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-flags.DEFINE_string("config_file", None, "YAML experiment config.")
+flags.DEFINE_string("config_file", None,
+                    "YAML experiment config: a path, or a bundled config's "
+                    "name such as imagenet/resnet50_32k_clars.")
 flags.DEFINE_string("params_override", "",
                     "Overrides: 'a.b=1,c.d=x' or a YAML mapping.")
 flags.DEFINE_enum("mode", "train_and_eval",
@@ -893,5 +898,10 @@ def main(argv):
                      indent=2))
 
 
-if __name__ == "__main__":
+def console_main():
+    """The `clars-train` command: the same flags as `python3 -m trainers.train`."""
     app.run(main)
+
+
+if __name__ == "__main__":
+    console_main()

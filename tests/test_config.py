@@ -1,0 +1,46 @@
+"""Config files by path or by bundled name."""
+
+import os
+
+import pytest
+
+from clars_tf.trainers import config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", ["imagenet/resnet50_32k_clars",
+                                  "imagenet/resnet50_32k_clars.yaml",
+                                  "configs/imagenet/resnet50_32k_clars.yaml"])
+def test_bundled_config_by_name_equals_the_file(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_path = config.build_config(
+        os.path.join(REPO, "configs", "imagenet", "resnet50_32k_clars.yaml"))
+    assert config.build_config(name) == by_path
+    assert by_path["train"]["global_batch_size"] == 32768
+
+
+def test_a_users_file_wins_over_a_bundled_config_of_the_same_name(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open("fashion_mnist_resnet8_clars", "w") as f:
+        f.write("train:\n  epochs: 7\n")
+    assert config.build_config("fashion_mnist_resnet8_clars")[
+        "train"]["epochs"] == 7
+
+
+def test_bundled_names_cover_every_yaml_under_configs():
+    on_disk = {os.path.relpath(os.path.join(folder, f), os.path.join(
+        REPO, "configs"))[:-len(".yaml")]
+        for folder, _, files in os.walk(os.path.join(REPO, "configs"))
+        for f in files if f.endswith(".yaml")}
+    assert set(config.bundled_config_names()) == on_disk
+    assert "imagenet/densenet121_8k_lars_warmup" in on_disk
+
+
+def test_unknown_name_suggests_the_closest_and_lists_all():
+    with pytest.raises(config.ConfigError) as error:
+        config.build_config("fashion_mnist_resnet8_clar")
+    message = str(error.value)
+    assert "Did you mean 'fashion_mnist_resnet8_clars'?" in message
+    assert "imagenet/mobilenet_v2_8k_sgd_warmup" in message

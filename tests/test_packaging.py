@@ -1,0 +1,119 @@
+"""The built wheel, installed into a clean environment, works outside the checkout."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(command, cwd, env=None, timeout=600):
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, (command, result.stdout[-2000:],
+                                    result.stderr[-3000:])
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+          "--no-build-isolation", "-q", "-w", str(out), REPO], cwd=REPO)
+    (path,) = glob.glob(str(out / "clars_tf-*.whl"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """A fresh virtual environment with the wheel and nothing of the checkout.
+
+    TensorFlow, pip and the other dependencies come from this interpreter's
+    site-packages (a .pth file lists them, as --system-site-packages does
+    for a system interpreter), not reinstalled. The checkout's own editable
+    install is not visible there: directories a .pth file adds are not
+    scanned for further .pth files.
+    """
+    env_dir = tmp_path_factory.mktemp("venv")
+    _run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)],
+         cwd=str(env_dir))
+    python = str(env_dir / "bin" / "python")
+    own_site = _run([python, "-c", "import sysconfig; "
+                     "print(sysconfig.get_paths()['purelib'])"],
+                    cwd=str(env_dir)).stdout.strip()
+    parent_sites = [path for path in sys.path
+                    if path.endswith("site-packages") and path != own_site]
+    with open(os.path.join(own_site, "parent_environment.pth"), "w") as f:
+        f.write("".join(path + "\n" for path in parent_sites))
+    _run([python, "-m", "pip", "install", "-q", "--no-deps",
+          "--ignore-installed", "--disable-pip-version-check", wheel],
+         cwd=str(env_dir))
+    outside = tmp_path_factory.mktemp("elsewhere")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PATH=f"{env_dir / 'bin'}:{env['PATH']}")
+    return python, str(env_dir / "bin" / "clars-train"), str(outside), env
+
+
+def test_wheel_holds_only_the_clars_tf_package_and_its_configs(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert {t for t in top_level if not t.endswith(".dist-info")} == {
+        "clars_tf"}
+    for expected in ("clars_tf/clars.py", "clars_tf/models/resnet.py",
+                     "clars_tf/trainers/train.py",
+                     "clars_tf/configs/fashion_mnist_resnet8_clars.yaml",
+                     "clars_tf/configs/imagenet/resnet50_32k_clars.yaml"):
+        assert expected in names
+
+
+def test_installed_package_imports_from_outside_the_checkout(installed):
+    python, _, outside, env = installed
+    code = ("import clars_tf, clars_tf.models, clars_tf.trainers.train; "
+            "print(clars_tf.__file__); print(clars_tf.__version__); "
+            "print(clars_tf.models.build_model('resnet8', (32, 32, 1), 10)"
+            ".count_params())")
+    lines = _run([python, "-c", code], cwd=outside, env=env).stdout.split()
+    assert "site-packages" in lines[0] and not lines[0].startswith(REPO)
+    assert lines[2].isdigit()
+
+
+def test_console_command_prints_its_flags(installed):
+    _, clars_train, outside, env = installed
+    result = subprocess.run([clars_train, "--helpfull"], cwd=outside, env=env,
+                            capture_output=True, text=True, timeout=300)
+    # absl exits with status 1 after printing the help, by design.
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    out = result.stdout
+    for flag in ("--config_file", "--params_override", "--model_dir",
+                 "--strategy"):
+        assert flag in out
+
+
+def test_console_command_trains_two_steps_with_a_bundled_config(installed):
+    _, clars_train, outside, env = installed
+    model_dir = os.path.join(outside, "run")
+    out = _run([clars_train, "--config_file=fashion_mnist_resnet8_clars",
+                f"--model_dir={model_dir}", "--mode=train",
+                "--params_override=task.dataset=synthetic,train.max_steps=2,"
+                "train.global_batch_size=32,estimator.num_micro_batches=2,"
+                "train.steps_per_loop=1"], cwd=outside, env=env).stdout
+    assert json.loads(out[out.index("{\n"):])["model_dir"] == model_dir
+    with open(os.path.join(model_dir, "checkpoints", "checkpoint")) as f:
+        assert 'model_checkpoint_path: "ckpt-2"' in f.read()
+
+
+def test_unknown_config_name_lists_the_bundled_ones(installed):
+    _, clars_train, outside, env = installed
+    result = subprocess.run(
+        [clars_train, "--config_file=imagenet/resnet50_32k_clar",
+         f"--model_dir={os.path.join(outside, 'bad')}"], cwd=outside,
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Did you mean 'imagenet/resnet50_32k_clars'?" in result.stderr
+    assert "Traceback" not in result.stderr
