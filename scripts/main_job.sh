@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 model_dir="${MODEL_DIR:-runs/fashion_mnist_resnet8_clars}"
-"${CLARS_VENV:-.venv}/bin/python" -m trainers.train \
-  --config_file=configs/fashion_mnist_resnet8_clars.yaml \
+"${CLARS_VENV:-.venv}/bin/clars-train" \
+  --config_file=fashion_mnist_resnet8_clars \
   --model_dir="$model_dir" --mode=train_and_eval "$@"
 cat <<EOF_MSG
 
@@ -19,5 +19,5 @@ Done. Everything is under $model_dir:
   export/        SavedModel: tf.saved_model.load("$model_dir/export")
                  .signatures["serving_default"](images=uint8 [N,28,28,1])
 The environment is ${CLARS_VENV:-.venv}/: run the trainer yourself with
-  ${CLARS_VENV:-.venv}/bin/python -m trainers.train --config_file=... --model_dir=...
+  ${CLARS_VENV:-.venv}/bin/clars-train --config_file=NAME_OR_PATH --model_dir=...
 EOF_MSG

@@ -29,3 +29,41 @@ def test_one_pass_batch_norm_measures_one_for_a_group_spanning_the_batch(
         low, high = measured[moment]["ratio_one_pass_to_loop_min_max"]
         assert low == pytest.approx(1.0, rel=1e-3)
         assert high == pytest.approx(1.0, rel=1e-3)
+
+
+def _install(env_dir, **env):
+    return subprocess.run(
+        ["bash", "scripts/install.sh"], cwd=REPO, capture_output=True,
+        text=True, timeout=600,
+        env={**os.environ, "CLARS_VENV": str(env_dir), **env})
+
+
+def test_install_prints_one_line_per_stage():
+    # The suite's own environment: every stage is already done or quick.
+    result = _install(os.path.dirname(os.path.dirname(sys.executable)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "data", "environment", "packages"], result.stdout
+    assert result.stderr == ""
+
+
+def test_install_shows_a_failing_stages_output(tmp_path):
+    # An environment whose python fails at pip with output of its own.
+    (tmp_path / "bin").mkdir()
+    python = tmp_path / "bin" / "python"
+    python.write_text("#!/bin/sh\necho 'pip said: no matching distribution'\n"
+                      "exit 1\n")
+    python.chmod(0o755)
+    result = _install(tmp_path)
+    assert result.returncode == 1
+    assert "pip said: no matching distribution" in result.stderr
+    assert "install: failed while packages" in result.stderr
+    assert "pip said" not in result.stdout
+
+
+def test_install_names_a_missing_interpreter(tmp_path):
+    result = _install(tmp_path / "venv", PYTHON=str(tmp_path / "python3"))
+    assert result.returncode == 1
+    assert "set PYTHON=/path/to/python3" in result.stderr
+    assert not (tmp_path / "venv").exists()
