@@ -219,6 +219,24 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             momentum=ops.cast(self.momentum, dtype),
             use_nesterov=self.nesterov)
 
+    def load_own_variables(self, store):
+        """Restores the optimizer's variables from a `.keras` file, by position.
+
+        Files written by clars-tf 0.1.0 lack `gradient_norms_step`, the last
+        variable; they load, and the step stamp keeps its "never set" value
+        -1, which is right for a restored optimizer: the next step sets its
+        estimates before applying. Keras's own rule (a warning, nothing
+        loaded) holds for any other mismatch.
+
+        Args:
+            store: the saved variables, keyed by position ("0", "1", ...).
+        """
+        if self.built and len(store.keys()) == len(self.variables) - 1:
+            for index, variable in enumerate(self.variables[:-1]):
+                variable.assign(store[str(index)])
+            return
+        super().load_own_variables(store)
+
     def get_config(self):
         config = super().get_config()
         config["trust_clip"] = self.trust_clip

@@ -1,5 +1,7 @@
 """Optimizer state survives `.keras` files and `tf.train.Checkpoint`."""
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -61,3 +63,22 @@ def test_checkpoint_restores_optimizer_slots(tmp_path):
     assert int(got[0]) == 4 and np.any(got[-2] > 0) and int(got[-1]) == 3
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
+
+
+def test_keras_file_from_version_0_1_0_restores_its_momentum():
+    # Written by clars-tf 0.1.0 (commit 63067e2^, before gradient_norms_step):
+    # Dense(3) on 4 inputs, CLARS(0.1), one apply with all-ones gradients
+    # and estimates, so each momentum is 0.9 * 0 + 1 = 1 everywhere.
+    restored = keras.models.load_model(
+        os.path.join(os.path.dirname(__file__), "data",
+                     "clars_0.1.0_dense.keras"))
+    optimizer = restored.optimizer
+    assert int(optimizer.iterations.numpy()) == 1
+    momentums = [v.numpy() for v in optimizer.variables
+                 if v.path.endswith("_momentum")]
+    assert [m.shape for m in momentums] == [(4, 3), (3,)]
+    for momentum in momentums:
+        np.testing.assert_array_equal(momentum, 1.0)
+    np.testing.assert_array_equal(
+        optimizer.gradient_norm_estimates.numpy(), [1.0, 1.0])
+    assert int(optimizer.gradient_norms_step.numpy()) == -1
