@@ -12,4 +12,18 @@ from clars_tf.training import attach_gradient_norm_estimator
 from clars_tf.training import compute_loss_gradients_and_norms
 from clars_tf.training import per_example_loss_of
 
+__all__ = [
+    "CLARS",
+    "GradientNormEstimator",
+    "LARS",
+    "OnePassGradientNormEstimator",
+    "StepGradients",
+    "apply_state_updates",
+    "attach_gradient_norm_estimator",
+    "compute_loss_gradients_and_norms",
+    "per_example_loss_of",
+    "schedules",
+    "trust_ratio",
+]
+
 __version__ = "0.2.0"

@@ -70,8 +70,10 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
         decay_excluded_variables: whether excluded variables get the coupled
             decay. Defaults to True, as the reference code decays every
             variable (MLPerf's LARS does not).
+        name: the optimizer's name, the prefix of its variables' paths.
+            Defaults to "clars".
         **kwargs: Keras's base optimizer arguments (`weight_decay`,
-            `clipnorm`, `use_ema`, `name`, ...).
+            `clipnorm`, `use_ema`, ...).
 
     References:
         - [Huo et al., 2021](https://arxiv.org/abs/2002.01576)
@@ -187,7 +189,7 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             self.gradient_norms_step, self.iterations,
             message=MISSING_NORMS_MESSAGE)
         with tf.control_dependencies([set_for_this_step]):
-            return super().apply(grads, trainable_variables)
+            super().apply(grads, trainable_variables)
 
     def layer_trust_ratio(self, weight_norm, gradient_norm, decay_rate):
         del decay_rate  # the estimate carries no decay term (spec step 1)

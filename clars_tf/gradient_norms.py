@@ -114,7 +114,14 @@ class GradientNormEstimator:
         self.refresh_every = refresh_every
 
     def micro_batches_per_replica(self, num_replicas):
-        """J / replicas, or 1 when there are more replicas than J."""
+        """J / replicas, or 1 when there are more replicas than J.
+
+        Args:
+            num_replicas: replicas in sync.
+
+        Returns:
+            The number of micro-batches each replica takes, an int.
+        """
         if num_replicas >= self.num_micro_batches:
             return 1
         if self.num_micro_batches % num_replicas:
@@ -127,7 +134,12 @@ class GradientNormEstimator:
         return self.num_micro_batches // num_replicas
 
     def check_fits(self, per_replica_batch_size, num_replicas):
-        """Raises ValueError if the micro-batches don't fit a replica's batch."""
+        """Raises ValueError if the micro-batches don't fit a replica's batch.
+
+        Args:
+            per_replica_batch_size: examples each replica gets per step.
+            num_replicas: replicas in sync.
+        """
         count = self.micro_batches_per_replica(num_replicas)
         needed = count * self.micro_batch_size
         if per_replica_batch_size < needed:
@@ -145,6 +157,13 @@ class GradientNormEstimator:
         `floor(j * B / J)` of the global batch, seen from this replica's
         contiguous part: the same examples for any replica count that
         divides J.
+
+        Args:
+            batch: this replica's batch size, a scalar int tensor.
+            num_replicas: replicas in sync.
+
+        Returns:
+            An int32 tensor of shape `[count]`.
         """
         count = self.micro_batches_per_replica(num_replicas)
         return tf.range(count) * batch // count

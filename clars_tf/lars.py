@@ -35,8 +35,10 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
         exclude_from_layer_adaptation: optional regexes on variable paths.
         decay_excluded_variables: whether excluded variables are decayed.
             Defaults to False (MLPerf).
+        name: the optimizer's name, the prefix of its variables' paths.
+            Defaults to "lars".
         **kwargs: Keras's base optimizer arguments (`weight_decay`,
-            `clipnorm`, `use_ema`, `name`, ...).
+            `clipnorm`, `use_ema`, ...).
 
     References:
         - [You et al., 2017](https://arxiv.org/abs/1708.03888)

@@ -184,6 +184,9 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
             gradient_norm: float32 norm the ratio divides by (`||g||` for
                 LARS, the estimate `a` for CLARS).
             decay_rate: the variable's coupled decay coefficient.
+
+        Returns:
+            The float32 scalar that scales the variable's step.
         """
         raise NotImplementedError
 
@@ -194,6 +197,9 @@ class LayerwiseAdaptiveOptimizer(optimizers.Optimizer):
             variables: variables the optimizer was built with.
             gradient_norms: one norm per variable, as `layer_trust_ratio`
                 takes it.
+
+        Returns:
+            One float32 scalar per variable.
         """
         ratios = []
         for variable, norm in zip(variables, gradient_norms):

@@ -429,6 +429,13 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
         Their gradients are sums of the per-group pieces it computes anyway,
         so the caller need not ask the tape for them (inside a
         `tf.function`, the tape's unused filter-gradient ops are pruned).
+
+        Args:
+            model: the model whose forward pass was recorded.
+            recording: what `recording(model)` recorded.
+
+        Returns:
+            The kernels, a list of variables.
         """
         return [layer.kernel
                 for layer, kind, _ in self._readable_calls(model, recording)
@@ -488,8 +495,11 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
             global_batch_size: the loss was `sum(losses) / global_batch_size`.
             loss_scale: the factor the loss was multiplied by before
                 differentiating (float16 loss scaling), or None.
-            per_example_loss, x, y, sample_weight: for the loop estimator,
-                if some variables need it.
+            per_example_loss: `fn(y_true, y_pred) -> [batch]`, for the loop
+                estimator if some variables need it.
+            x: the replica's inputs, for the loop estimator.
+            y: the replica's targets, for the loop estimator.
+            sample_weight: the replica's example weights, or None.
 
         Returns:
             `(norms, gradients)`: one float32 scalar per

@@ -12,6 +12,10 @@ from keras import optimizers
 from keras import saving
 
 
+__all__ = ["linear_scaling", "polynomial_decay", "cosine_decay",
+           "LinearWarmup", "build_schedule"]
+
+
 def linear_scaling(base_learning_rate, global_batch_size,
                    reference_batch_size=256):
     """`base_learning_rate * global_batch_size / reference_batch_size`.
@@ -20,6 +24,14 @@ def linear_scaling(base_learning_rate, global_batch_size,
         base_learning_rate: rate at the reference batch size (> 0).
         global_batch_size: examples per step over all replicas (>= 1).
         reference_batch_size: 256 for ImageNet, 128 for CIFAR in the paper.
+
+    Returns:
+        The peak learning rate, a float.
+
+    Example:
+
+    >>> linear_scaling(0.128, global_batch_size=32768)
+    16.384
     """
     if base_learning_rate <= 0:
         raise ValueError(
@@ -33,14 +45,33 @@ def linear_scaling(base_learning_rate, global_batch_size,
 
 def polynomial_decay(initial_learning_rate, decay_steps,
                      end_learning_rate=1e-4, power=2.0):
-    """Keras's `PolynomialDecay` with the reference defaults."""
+    """Keras's `PolynomialDecay` with the reference defaults.
+
+    Args:
+        initial_learning_rate: the rate at step 0.
+        decay_steps: steps over which the rate decays (>= 1).
+        end_learning_rate: the rate from `decay_steps` on.
+        power: the polynomial's power; 2 as in the reference code.
+
+    Returns:
+        A `keras.optimizers.schedules.PolynomialDecay`.
+    """
     return optimizers.schedules.PolynomialDecay(
         initial_learning_rate, decay_steps,
         end_learning_rate=end_learning_rate, power=power)
 
 
 def cosine_decay(initial_learning_rate, decay_steps, alpha=0.0):
-    """Keras's `CosineDecay` (to `alpha * initial_learning_rate`)."""
+    """Keras's `CosineDecay` (to `alpha * initial_learning_rate`).
+
+    Args:
+        initial_learning_rate: the rate at step 0.
+        decay_steps: steps over which the rate decays (>= 1).
+        alpha: the final rate as a fraction of `initial_learning_rate`.
+
+    Returns:
+        A `keras.optimizers.schedules.CosineDecay`.
+    """
     return optimizers.schedules.CosineDecay(
         initial_learning_rate, decay_steps, alpha=alpha)
 
@@ -120,6 +151,17 @@ def build_schedule(peak_learning_rate, total_steps, decay="polynomial",
         warmup_steps: linear warmup steps (0 for CLARS).
         end_learning_rate: final rate of the polynomial decay.
         power: power of the polynomial decay.
+
+    Returns:
+        A Keras `LearningRateSchedule` (`LinearWarmup` around the decay when
+        `warmup_steps` > 0), or the float `peak_learning_rate` for a
+        constant rate without warmup.
+
+    Example:
+
+    >>> schedule = build_schedule(16.384, total_steps=3510, warmup_steps=195)
+    >>> round(float(schedule(195)), 3)
+    16.384
     """
     if total_steps < 1:
         raise ValueError(f"`total_steps` must be >= 1, got {total_steps}.")

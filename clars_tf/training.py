@@ -9,15 +9,36 @@ import tensorflow as tf
 from clars_tf import clars
 from clars_tf import gradient_norms
 
-StepGradients = collections.namedtuple(
-    "StepGradients",
-    ["loss", "predictions", "gradients", "gradient_norms", "state_updates"],
-    defaults=[None],
-)
+class StepGradients(collections.namedtuple(
+        "StepGradients",
+        ["loss", "predictions", "gradients", "gradient_norms",
+         "state_updates"],
+        defaults=[None])):
+    """One replica's step, as `compute_loss_gradients_and_norms` returns it.
+
+    Attributes:
+        loss: this replica's share of the global mean loss (regularization
+            included), so summing over replicas gives the global loss.
+        predictions: the model's outputs for this replica's batch.
+        gradients: one gradient per `model.trainable_variables`, scaled for
+            the sum all-reduce of Keras optimizers.
+        gradient_norms: one float32 estimate `a` per trainable variable, or
+            None without an estimator.
+        state_updates: the forward pass's deferred `(variable, value)`
+            updates (batch-norm moving statistics), or None when they were
+            applied during the pass.
+    """
+
+    __slots__ = ()
 
 
 def apply_state_updates(state_updates):
-    """Assigns the deferred (variable, value) updates of a forward pass."""
+    """Assigns the deferred (variable, value) updates of a forward pass.
+
+    Args:
+        state_updates: `(variable, value)` pairs, e.g.
+            `StepGradients.state_updates`.
+    """
     for variable, value in state_updates:
         variable.assign(value)
 
@@ -33,6 +54,10 @@ def per_example_loss_of(loss):
     Args:
         loss: a `keras.losses.Loss`, a loss function or its name, as given to
             `model.compile`.
+
+    Returns:
+        A function of `(y_true, y_pred)` returning one loss per example, in
+        the loss's dtype, without the loss's reduction.
     """
     if isinstance(loss, str) or callable(loss):
         loss = keras.losses.get(loss)
@@ -102,7 +127,9 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     Args:
         model: a built Keras model.
         per_example_loss: `fn(y_true, y_pred) -> [batch]`.
-        x, y, sample_weight: this replica's batch.
+        x: this replica's inputs.
+        y: this replica's targets.
+        sample_weight: this replica's example weights, or None.
         global_batch_size: examples per step over all replicas.
         optimizer: needed with an estimator that refreshes less than every
             step (its stored estimates are reused).

@@ -1,8 +1,10 @@
 """Config files by path or by bundled name."""
 
 import os
+import re
 
 import pytest
+import yaml
 
 from clars_tf.trainers import config
 
@@ -44,3 +46,26 @@ def test_unknown_name_suggests_the_closest_and_lists_all():
     message = str(error.value)
     assert "Did you mean 'fashion_mnist_resnet8_clars'?" in message
     assert "imagenet/mobilenet_v2_8k_sgd_warmup" in message
+
+
+def _flatten(mapping, prefix=""):
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value and key != "options":
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_config_reference_lists_every_key_with_its_type_and_default():
+    with open(os.path.join(REPO, "docs", "configs.md"), encoding="utf-8") as f:
+        rows = re.findall(r"^\| `([a-z_.]+)` \| (\w+) \| `([^`]*)` \|", f.read(),
+                          re.M)
+    documented = {key: (kind, yaml.safe_load(default))
+                  for key, kind, default in rows}
+    defaults = dict(_flatten(config.DEFAULTS))
+    assert len(rows) == len(documented), "a key is listed twice"
+    assert set(documented) == set(defaults)
+    for key, value in defaults.items():
+        kind, default = documented[key]
+        assert kind == type(value).__name__, key
+        assert default == value, key
