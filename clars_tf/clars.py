@@ -75,6 +75,18 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
         **kwargs: Keras's base optimizer arguments (`weight_decay`,
             `clipnorm`, `use_ema`, ...).
 
+    Example:
+
+    >>> import keras, numpy as np
+    >>> w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    >>> optimizer = CLARS(learning_rate=1.0, epsilon=0.0)
+    >>> optimizer.apply([np.array([[0.6, 0.8]])], [w], gradient_norms=[2.0])
+    >>> w.numpy()  # trust = 0.01 * ||w|| / a = 0.01 * 5 / 2 = 0.025
+    array([[2.985, 3.98 ]], dtype=float32)
+
+    In training, the estimates come from `compute_loss_gradients_and_norms`
+    (a custom step) or `attach_gradient_norm_estimator` (`model.fit`).
+
     References:
         - [Huo et al., 2021](https://arxiv.org/abs/2002.01576)
     """

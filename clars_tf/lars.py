@@ -40,6 +40,15 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
         **kwargs: Keras's base optimizer arguments (`weight_decay`,
             `clipnorm`, `use_ema`, ...).
 
+    Example:
+
+    >>> import keras, numpy as np
+    >>> w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    >>> optimizer = LARS(learning_rate=1.0)
+    >>> optimizer.apply([np.array([[0.6, 0.8]])], [w])
+    >>> w.numpy()  # trust = 0.001 * ||w|| / ||g|| = 0.001 * 5 / 1 = 0.005
+    array([[2.997, 3.996]], dtype=float32)
+
     References:
         - [You et al., 2017](https://arxiv.org/abs/1708.03888)
         - MLPerf Training, ResNet-50 reference implementation.

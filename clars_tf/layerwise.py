@@ -34,6 +34,15 @@ def trust_ratio(weight_norm, gradient_norm, denominator, trust_coefficient,
 
     Returns:
         float32 scalar.
+
+    Example:
+
+    >>> round(float(trust_ratio(5.0, 2.0, 2.0, trust_coefficient=0.01)), 6)
+    0.025
+    >>> round(float(trust_ratio(5.0, 2.0, 2.0, 0.01, clip=0.02)), 6)
+    0.02
+    >>> float(trust_ratio(5.0, 0.0, 0.0, 0.01))  # no gradient: a plain step
+    1.0
     """
     both_positive = ops.logical_and(
         ops.greater(weight_norm, 0.0), ops.greater(gradient_norm, 0.0)
