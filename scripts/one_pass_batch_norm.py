@@ -15,7 +15,7 @@ largest-difference variables.
         --output=/tmp/one_pass_batch_norm.json
 
 The short training comparison (accuracy of both estimators over seeds)
-runs the trainer itself; the commands are in the README's cost section.
+runs the trainer itself; the commands are in docs/measurements.md (Costs).
 """
 
 import json

@@ -1,5 +1,6 @@
-"""The README's Python examples run as written."""
+"""The Python examples in the README and in docs/ run as written."""
 
+import glob
 import os
 import re
 import subprocess
@@ -8,20 +9,33 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-with open(os.path.join(REPO, "README.md"), encoding="utf-8") as _f:
-    EXAMPLES = re.findall(r"```python\n(.*?)```", _f.read(), re.S)
+PAGES = ["README.md"] + sorted(
+    os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs",
+                                                             "*.md")))
+
+
+def _examples():
+    for page in PAGES:
+        with open(os.path.join(REPO, page), encoding="utf-8") as f:
+            for index, code in enumerate(
+                    re.findall(r"```python\n(.*?)```", f.read(), re.S)):
+                yield page, index, code
+
+
+EXAMPLES = list(_examples())
 
 
 def test_readme_has_examples():
-    assert len(EXAMPLES) >= 4
+    assert sum(page == "README.md" for page, _, _ in EXAMPLES) >= 4
 
 
-@pytest.mark.parametrize("index", range(len(EXAMPLES)))
-def test_example_runs(index):
+@pytest.mark.parametrize("page, index, code", EXAMPLES,
+                         ids=[f"{p}-{i}" for p, i, _ in EXAMPLES])
+def test_example_runs(page, index, code):
     result = subprocess.run(
-        [sys.executable, "-c", EXAMPLES[index]], cwd=REPO,
+        [sys.executable, "-c", code], cwd=REPO,
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
-    if index == 0:
+    if (page, index) == ("README.md", 0):
         assert "[[2.985 3.98 ]]" in result.stdout
