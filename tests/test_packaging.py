@@ -46,8 +46,9 @@ def installed(wheel, tmp_path_factory):
     own_site = _run([python, "-c", "import sysconfig; "
                      "print(sysconfig.get_paths()['purelib'])"],
                     cwd=str(env_dir)).stdout.strip()
-    parent_sites = [path for path in sys.path
-                    if path.endswith("site-packages") and path != own_site]
+    parent_sites = [path for path in sys.path if path != own_site and
+                    os.path.basename(path) in ("site-packages",
+                                               "dist-packages")]
     with open(os.path.join(own_site, "parent_environment.pth"), "w") as f:
         f.write("".join(path + "\n" for path in parent_sites))
     _run([python, "-m", "pip", "install", "-q", "--no-deps",
