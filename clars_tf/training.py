@@ -56,11 +56,26 @@ def per_example_loss_of(loss):
 
 
 def loss_scale_of(optimizer):
-    """The factor a `LossScaleOptimizer` multiplies the loss by, else None."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return (optimizer.dynamic_scale if optimizer.built
-                else optimizer.initial_scale)
-    return None
+    """The factor the optimizer multiplies the loss by, else None.
+
+    Read off `optimizer.scale_loss` (a `LossScaleOptimizer`'s dynamic
+    scale, an optimizer's `loss_scale_factor`), so any linear scaling an
+    optimizer applies is undone, not only the ones known here.
+
+    Args:
+        optimizer: a Keras optimizer or None.
+
+    Returns:
+        A float32 scalar tensor, or None when there is no optimizer or it
+        does not scale the loss.
+    """
+    if optimizer is None:
+        return None
+    one = tf.constant(1.0)
+    scale = optimizer.scale_loss(one)
+    if scale is one:
+        return None
+    return tf.cast(scale, "float32")
 
 
 def gradient_norms_for_step(optimizer, estimator, model, per_example_loss, x,
@@ -124,33 +139,38 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     num_replicas = context.num_replicas_in_sync if context else 1
     variables = model.trainable_variables
     one_pass = getattr(estimator, "records_main_pass", False)
-    with tf.GradientTape() as tape:
+    # Persistent for the one-pass estimator: it differentiates the data
+    # loss (the norms are read from it alone) and the regularization loss
+    # separately.
+    with tf.GradientTape(persistent=one_pass) as tape:
         with (keras.StatelessScope(collect_losses=True) if defer_state_updates
               else contextlib.nullcontext()) as scope, (
-                estimator.recording(model) if one_pass
+                estimator.recording(model, tape) if one_pass
                 else contextlib.nullcontext()) as recording:
             predictions = model(x, training=True)
-        regularization = scope.losses if defer_state_updates else model.losses
+        # In a stateless scope the layers' `add_loss` losses go to the
+        # scope; `model.losses` then holds the weight regularizers only.
+        regularization = model.losses
+        if defer_state_updates:
+            regularization = scope.losses + regularization
         losses = tf.cast(per_example_loss(y, predictions), "float32")
         if sample_weight is not None:
             losses *= tf.cast(sample_weight, "float32")
-        loss = tf.reduce_sum(losses) / tf.cast(global_batch_size, "float32")
+        data_loss = tf.reduce_sum(losses) / tf.cast(global_batch_size,
+                                                    "float32")
+        regularization_loss = None
         if regularization:
-            loss += tf.add_n(regularization) / num_replicas
+            regularization_loss = tf.add_n(
+                [tf.cast(r, "float32") for r in regularization]
+            ) / num_replicas
+        loss = (data_loss if regularization_loss is None
+                else data_loss + regularization_loss)
+        if one_pass and optimizer is not None:
+            data_loss = optimizer.scale_loss(data_loss)
+            if regularization_loss is not None:
+                regularization_loss = optimizer.scale_loss(
+                    regularization_loss)
         scaled_loss = optimizer.scale_loss(loss) if optimizer else loss
-    # The one-pass estimator reads its norms off the recorded layers'
-    # output gradients, computed by the same backward pass, and sums the
-    # gradients of the kernels it reads from the per-group pieces it forms:
-    # the tape builds only the others.
-    recorded, differentiated = [], set()
-    if one_pass:
-        recorded = recording.outputs
-        differentiated = set(map(id, estimator.variables_differentiated(
-            model, recording)))
-    requested = [v for v in variables if id(v) not in differentiated]
-    gradients = tape.gradient(scaled_loss, requested + recorded)
-    gradients, output_gradients = (gradients[:len(requested)],
-                                   gradients[len(requested):])
     state_updates = None
     if defer_state_updates:
         state_updates = [
@@ -160,14 +180,14 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
         ]
     norms = None
     if one_pass:
-        norms, read_gradients = estimator.norms_from_pass(
-            model, recording, output_gradients, global_batch_size,
-            loss_scale_of(optimizer),
-            per_example_loss, x, y, sample_weight)
-        from_tape = iter(gradients)
-        gradients = [read_gradients[id(v)] if id(v) in differentiated
-                     else next(from_tape) for v in variables]
-    elif estimator is not None:
+        gradients, norms = estimator.gradients_and_norms(
+            model, recording, data_loss, regularization_loss,
+            global_batch_size, loss_scale_of(optimizer), per_example_loss,
+            x, y, sample_weight)
+        del tape
+    else:
+        gradients = tape.gradient(scaled_loss, variables)
+    if estimator is not None and not one_pass:
         if estimator.refresh_every > 1 and optimizer is None:
             raise ValueError(
                 "`optimizer` is required when the estimator refreshes less "

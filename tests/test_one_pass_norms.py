@@ -269,9 +269,12 @@ def test_unreadable_layers_fall_back_to_the_loop_said_once(caplog):
         _one_pass(model, x, y, estimator)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
-    for name in ("relu_conv", "layer_norm", "shared"):
+    for name in ("layer_norm", "shared"):
         assert name in warnings[0]
-    assert "readable" not in warnings[0]
+    assert "called 2 times" in warnings[0]
+    # An activation inside the layer: the norms are read before it.
+    for name in ("readable", "relu_conv"):
+        assert name not in warnings[0]
     np.testing.assert_allclose(
         norms, clars_tf.GradientNormEstimator(4, 4)(model, _loss, x, y),
         rtol=1e-5)
@@ -336,3 +339,149 @@ def test_trainer_runs_one_pass_on_two_replicas(tmp_path, fashion_mnist_dir):
     assert results["num_replicas"] == 2
     assert results["config"]["estimator"]["method"] == "one_pass"
     assert np.isfinite(results["epochs"][-1]["train_loss"])
+
+
+# Right or loud on the models users write: the five cases of issue 17. The
+# references are independent of the one-pass code: the tape's gradient of
+# the whole loss (regularization losses included, times the optimizer's loss
+# scale) and the loop estimator, each micro-batch its own forward pass.
+
+def _right_or_loud(model, x, y, caplog, optimizer=None, groups=(4, 4),
+                   input_signature=None):
+    """One compiled step; returns the warning (or None) after checking.
+
+    Every gradient equals the tape's, every estimate the loop's.
+    """
+    estimator = clars_tf.OnePassGradientNormEstimator(*groups)
+    step = tf.function(
+        lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, global_batch_size=len(x),
+            optimizer=optimizer, estimator=estimator),
+        input_signature=input_signature)
+    with caplog.at_level(logging.WARNING, logger=one_pass_norms.__name__):
+        out = step(x, y)
+    scale = 1.0 if optimizer is None else float(optimizer.scale_loss(1.0))
+    with tf.GradientTape() as tape:
+        predictions = model(x, training=True)
+        loss = tf.reduce_mean(_loss(y, predictions))
+        if model.losses:
+            loss += tf.add_n(model.losses)
+        loss *= scale
+    expected = tape.gradient(loss, model.trainable_variables)
+    for variable, a, b in zip(model.trainable_variables, out.gradients,
+                              expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5,
+                                   atol=1e-6 * np.max(np.abs(b)),
+                                   err_msg=variable.path)
+    np.testing.assert_allclose(
+        out.gradient_norms,
+        clars_tf.GradientNormEstimator(*groups)(model, _loss, x, y),
+        rtol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == one_pass_norms.__name__]
+    assert len(warnings) <= 1
+    return warnings[0] if warnings else None
+
+
+def _conv_model(layer, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((9, 9, 3)), layer,
+                             keras.layers.ReLU(), keras.layers.Flatten(),
+                             keras.layers.Dense(3, name="logits")])
+
+
+def test_kernel_regularizer_enters_the_gradient_not_the_estimate(caplog):
+    model = _conv_model(keras.layers.Conv2D(
+        4, 3, name="conv", kernel_regularizer=keras.regularizers.L2(0.5)))
+    x, y = _images()
+    assert _right_or_loud(model, x, y, caplog) is None
+
+
+def test_activity_regularizer_enters_the_gradient_not_the_estimate(caplog):
+    model = _conv_model(keras.layers.Conv2D(
+        4, 3, name="conv", activity_regularizer=keras.regularizers.L2(0.1)))
+    x, y = _images()
+    assert _right_or_loud(model, x, y, caplog) is None
+
+
+class _TiedConv(keras.layers.Layer):
+    """Convolves with another layer's kernel (weight tying)."""
+
+    def __init__(self, source, **kwargs):
+        super().__init__(**kwargs)
+        self.source = source
+
+    def call(self, inputs):
+        return keras.ops.conv(inputs, self.source.kernel, padding="same")
+
+
+def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((9, 9, 4))
+    conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")
+    h = keras.layers.ReLU()(conv(inputs))
+    h = _TiedConv(conv, name="tied")(h)
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).normal(size=(32, 9, 9, 4)).astype("float32")
+    warning = _right_or_loud(model, x, _images()[1], caplog)
+    assert "conv/kernel of layer 'conv' (Conv2D)" in warning
+    assert "also used outside its layer's call" in warning
+    assert "1 variable(s)" in warning  # the bias and logits are read
+
+
+class _PerTimeStep(keras.layers.Layer):
+    """A Dense applied to the [batch * time, features] rows."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(5, name="rows")
+
+    def call(self, inputs):
+        rows = keras.ops.reshape(inputs, (-1, inputs.shape[-1]))
+        return keras.ops.reshape(self.dense(rows),
+                                 (-1, inputs.shape[1], 5))
+
+
+def _per_time_step_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((9, 9, 3)), keras.layers.Reshape((81, 3)),
+        _PerTimeStep(), keras.layers.Flatten(),
+        keras.layers.Dense(3, name="logits")])
+
+
+def test_rows_that_are_not_the_examples_fall_back(caplog):
+    x, y = _images()
+    warning = _right_or_loud(_per_time_step_model(), x, y, caplog)
+    assert "layer 'rows' (Dense)" in warning
+    assert "leading axis has 2592 rows where the batch has 32" in warning
+    assert "logits" not in warning
+
+
+def test_rows_that_are_not_the_examples_with_unknown_batch_size_fail():
+    x, y = _images()
+    model = _per_time_step_model()
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
+    step = tf.function(
+        lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, global_batch_size=32,
+            estimator=estimator).gradient_norms,
+        input_signature=[tf.TensorSpec([None, 9, 9, 3]),
+                         tf.TensorSpec([None], tf.int32)])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="layer `rows` is applied to rows that are not"):
+        step(x, y)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda: clars_tf.CLARS(0.1, loss_scale_factor=128.0),
+    lambda: keras.optimizers.LossScaleOptimizer(clars_tf.CLARS(0.1),
+                                                initial_scale=64.0),
+], ids=["loss_scale_factor", "loss_scale_optimizer"])
+def test_the_optimizers_loss_scaling_is_undone(optimizer, caplog):
+    model = _model("all")
+    optimizer = optimizer()
+    optimizer.build(model.trainable_variables)
+    x, y = _images()
+    assert _right_or_loud(model, x, y, caplog, optimizer=optimizer) is None
