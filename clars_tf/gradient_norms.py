@@ -225,6 +225,10 @@ class GradientNormEstimator:
                 "statistics, so its gradients (and the estimate) collapse "
                 "to about zero. Use micro_batch_size >= 2 (the reference "
                 "uses 8).")
+        # NumPy inputs cannot be sliced by the tensor starts below.
+        x, y = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
+        if sample_weight is not None:
+            sample_weight = tf.convert_to_tensor(sample_weight)
         _, batch = self.check_batch(x, num_replicas)
         starts = self.micro_batch_starts(batch, num_replicas)
         if loss_scale is None:

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import clars_tf
+import random_models
 from clars_tf import one_pass_norms
 
 
@@ -404,23 +405,12 @@ def test_activity_regularizer_enters_the_gradient_not_the_estimate(caplog):
     assert _right_or_loud(model, x, y, caplog) is None
 
 
-class _TiedConv(keras.layers.Layer):
-    """Convolves with another layer's kernel (weight tying)."""
-
-    def __init__(self, source, **kwargs):
-        super().__init__(**kwargs)
-        self.source = source
-
-    def call(self, inputs):
-        return keras.ops.conv(inputs, self.source.kernel, padding="same")
-
-
 def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((9, 9, 4))
     conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")
     h = keras.layers.ReLU()(conv(inputs))
-    h = _TiedConv(conv, name="tied")(h)
+    h = random_models.TiedConv(conv, name="tied")(h)
     outputs = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(h))
     model = keras.Model(inputs, outputs)
     x = np.random.default_rng(0).normal(size=(32, 9, 9, 4)).astype("float32")
@@ -430,31 +420,19 @@ def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
     assert "1 variable(s)" in warning  # the bias and logits are read
 
 
-class _PerTimeStep(keras.layers.Layer):
-    """A Dense applied to the [batch * time, features] rows."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.dense = keras.layers.Dense(5, name="rows")
-
-    def call(self, inputs):
-        rows = keras.ops.reshape(inputs, (-1, inputs.shape[-1]))
-        return keras.ops.reshape(self.dense(rows),
-                                 (-1, inputs.shape[1], 5))
-
-
 def _per_time_step_model():
     keras.utils.set_random_seed(0)
     return keras.Sequential([
         keras.Input((9, 9, 3)), keras.layers.Reshape((81, 3)),
-        _PerTimeStep(), keras.layers.Flatten(),
+        random_models.PerRowDense(5, name="per_time_step"),
+        keras.layers.Flatten(),
         keras.layers.Dense(3, name="logits")])
 
 
 def test_rows_that_are_not_the_examples_fall_back(caplog):
     x, y = _images()
     warning = _right_or_loud(_per_time_step_model(), x, y, caplog)
-    assert "layer 'rows' (Dense)" in warning
+    assert "layer 'per_time_step_rows' (Dense)" in warning
     assert "leading axis has 2592 rows where the batch has 32" in warning
     assert "logits" not in warning
 
@@ -470,7 +448,7 @@ def test_rows_that_are_not_the_examples_with_unknown_batch_size_fail():
         input_signature=[tf.TensorSpec([None, 9, 9, 3]),
                          tf.TensorSpec([None], tf.int32)])
     with pytest.raises(tf.errors.InvalidArgumentError,
-                       match="layer `rows` is applied to rows that are not"):
+                       match="layer `per_time_step_rows` is applied"):
         step(x, y)
 
 
