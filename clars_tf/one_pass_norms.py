@@ -9,18 +9,12 @@ the same sum restricted to the group:
 
     kernel:  sum_{i in group} patches(x_i)^T dz_i. For an (undilated)
              convolution, the library's own filter-gradient op on each
-             micro-batch (a contiguous slice of the batch) and once on the
-             examples in no micro-batch; the step's kernel gradient is the
-             sum of these pieces, so the tape does not compute it a second
-             time and the estimate costs little more than the step's own
-             filter gradients. Elsewhere (Dense, dilated
-             convolutions, under XLA) the tape builds the gradient and the
-             groups' norms come from one batched einsum over the inputs
-             (image patches for convolutions), or without forming the
-             gradient from the Gram matrices of inputs and output
-             gradients ("ghost norm", Goodfellow 2015; used for
-             per-example norms in differentially private training),
-             whichever costs fewer multiplications;
+             micro-batch. Elsewhere (Dense, dilated convolutions, under
+             XLA) one batched einsum over the inputs (image patches for
+             convolutions), or without forming the gradient from the Gram
+             matrices of inputs and output gradients ("ghost norm",
+             Goodfellow 2015; used for per-example norms in differentially
+             private training), whichever costs fewer multiplications;
     bias:    sum_{i in group} dz_i;
     batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i,
              from per-example sums over positions.
@@ -29,22 +23,36 @@ The main loss is `sum(losses) / global_batch * loss_scale`, so multiplying a
 group's term by `global_batch / (s * loss_scale)` gives the gradient of the
 group's mean loss: the quantity the reference averages.
 
-Exact for models without batch norm (the same micro-batches as the loop
-estimator give the same `a_l` up to rounding). With batch norm it differs by
-design: the main pass normalizes with the statistics of the whole replica
-batch (of the global batch with synchronized batch norm), the loop estimator
-and the reference with each micro-batch's, so a group's gradient here also
-carries the batch-statistics coupling to the rest of the batch. On ResNet-8
-and ResNet-20 with s = 8 it is about 2-3x the loop's estimate
-(`scripts/one_pass_batch_norm.py`), so it is not a drop-in replacement for
-a `trust_coefficient` tuned with the loop.
+The step's gradients are the tape's, of the whole loss, for any model:
+a recorded call reads its kernel and bias as watched tensors with the
+gradient stopped, so the tape's gradient of the variable holds its other
+uses (a kernel regularizer, weight tying) and is added to the call's own;
+the output gradients the norms are read from are those of the data loss
+alone (layer losses and activity regularizers enter the gradients only, as
+the loop estimator leaves them out too).
 
-Supported: `Conv2D`, `DepthwiseConv2D` (channels_last, no activation
-inside the layer, one group), `Dense` (no activation inside the layer), and
-`BatchNormalization` (no renorm, no mask, channels last), each called once
-per forward pass. The variables of any other layer get their estimate from
-the loop estimator (said once in the log); a model without any such
-variable runs no extra forward or backward pass.
+Exact for models without batch norm or dropout (the same micro-batches as
+the loop estimator give the same `a_l` up to rounding). With batch norm it
+differs by design: the main pass normalizes with the statistics of the whole
+replica batch (of the global batch with synchronized batch norm), the loop
+estimator and the reference with each micro-batch's, so a group's gradient
+here also carries the batch-statistics coupling to the rest of the batch. On
+ResNet-8 and ResNet-20 with s = 8 it is about 2-3x the loop's estimate
+(`scripts/one_pass_batch_norm.py`), so it is not a drop-in replacement for
+a `trust_coefficient` tuned with the loop. With dropout the groups keep the
+main pass's dropout masks where the loop draws new ones: another sample of
+the same quantity, not the loop's numbers.
+
+Read: `Conv2D`, `DepthwiseConv2D` (channels_last, one group, activation
+or not), `Dense` (activation or not, inputs of any rank whose leading axis
+is the batch) and `BatchNormalization` (no renorm, no mask, channels last),
+each called once per forward pass. Every other trainable variable (other
+layer types such as Conv1D or LayerNormalization, shared layers, layers
+applied to rows that are not the examples, variables also used outside
+their layer's call) gets its estimate from the loop estimator, run for
+those variables alone, and one warning per model names each with its layer
+and the reason; a model without any such variable runs no extra forward or
+backward pass.
 """
 
 import collections
@@ -288,15 +296,14 @@ def _in_xla_context():
         tf.compat.v1.get_default_graph())
 
 
-def _reads_kernel_gradient(kind, layer):
-    """Whether the kernel's gradient is summed from per-group pieces.
+def _squares_by_filter_gradients(kind, layer):
+    """Whether the kernel's group norms come from filter-gradient ops.
 
-    Undilated convolutions outside XLA: the pieces are the library's own
-    filter-gradient ops, on contiguous slices of the batch. The CPU kernels
-    of dilated filter gradients support float32 only (Keras reaches them
-    through space-to-batch instead), and XLA lowers many small convolutions
-    slowly: there the tape builds the kernel's gradient and the norms come
-    from einsums over image patches.
+    Undilated convolutions outside XLA: one filter-gradient op per group,
+    the op the tape itself uses. The CPU kernels of dilated filter
+    gradients support float32 only (Keras reaches them through
+    space-to-batch instead), and XLA lowers many small convolutions slowly:
+    there the norms come from einsums over image patches.
     """
     return (kind in ("conv", "depthwise") and layer.kernel.trainable
             and tuple(layer.dilation_rate) == (1, 1)
@@ -319,25 +326,22 @@ def _filter_gradient(kind, layer, inputs, output_gradients):
     return tf.cast(gradient, layer.kernel.dtype)
 
 
-def _kernel_gradient_from_pieces(kind, layer, micro_batches, rest):
-    """The kernel gradient and the micro-batches' squared norms of theirs.
+def _kernel_squares_from_filter_gradients(kind, layer, inputs,
+                                          output_gradients):
+    """Squared per-group norms of the kernel gradients, one op per group.
 
     Args:
-        micro_batches: `(inputs, output_gradients)` of the layer (output
-            gradients of the pass's loss) for each micro-batch.
-        rest: the same for the examples in no micro-batch, or None.
+        inputs, output_gradients: `[groups, s, ...]` layer inputs and output
+            gradients, in the pass's dtype and loss scale.
 
     Returns:
-        `(gradient, squares)`: the sum of the pieces' gradients (the tape's
-        gradient up to rounding) and the `[groups]` squared norms of the
-        micro-batches' ones, in the pass's loss scale.
+        `[groups]` float32 squared norms, in the pass's loss scale.
     """
-    groups = [_filter_gradient(kind, layer, inputs, output_gradients)
-              for inputs, output_gradients in micro_batches]
-    squares = tf.reduce_sum(tf.square(tf.stack(groups)), axis=[1, 2, 3, 4])
-    if rest is not None:
-        groups.append(_filter_gradient(kind, layer, *rest))
-    return tf.add_n(groups), squares
+    groups = [_filter_gradient(kind, layer, group_inputs, group_gradients)
+              for group_inputs, group_gradients in zip(
+                  tf.unstack(inputs), tf.unstack(output_gradients))]
+    return tf.reduce_sum(tf.square(tf.cast(tf.stack(groups), "float32")),
+                         axis=[1, 2, 3, 4])
 
 
 def _kernel_squares_from_patches(kind, layer, inputs, output_gradients):
@@ -551,46 +555,6 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 reasons[id(layer)] = reason
         return readable, reasons
 
-    def _cutter(self, static_batch, batch, num_replicas):
-        """`cut(tensor) -> (micro_batches, rest)` over the replica's batch.
-
-        The micro-batches (starting where `micro_batch_starts` says) are
-        contiguous slices (`tf.split`, no copies); `rest` gathers the
-        examples in no micro-batch into one tensor (one filter-gradient op
-        over them costs less than one per run between two micro-batches),
-        or is None when the static batch size shows there are none.
-        """
-        count = self.micro_batches_per_replica(num_replicas)
-        size = self.micro_batch_size
-        if static_batch is None:
-            starts = self.micro_batch_starts(batch, num_replicas)
-            ends = tf.concat([starts[1:], [batch]], 0)
-            sizes = tf.reshape(tf.stack(
-                [tf.fill([count], size), ends - starts - size], axis=1), [-1])
-            is_group = [True, False] * count
-            offsets = tf.range(batch)[:, None] - starts
-            in_group = tf.reduce_any((offsets >= 0) & (offsets < size), 1)
-            rest = tf.where(tf.logical_not(in_group))[:, 0]
-        else:
-            sizes, is_group, rest = [], [], []
-            for j in range(count):
-                start = j * static_batch // count
-                end = (j + 1) * static_batch // count
-                sizes.append(size)
-                is_group.append(True)
-                if end > start + size:
-                    sizes.append(end - start - size)
-                    is_group.append(False)
-                    rest.extend(range(start + size, end))
-            rest = rest or None
-
-        def cut(tensor):
-            parts = tf.split(tensor, sizes, num=len(is_group))
-            return ([part for part, group in zip(parts, is_group) if group],
-                    None if rest is None else tf.gather(tensor, rest))
-
-        return cut
-
     @tf.autograph.experimental.do_not_convert
     def gradients_and_norms(self, model, recording, data_loss,
                             regularization_loss, global_batch_size,
@@ -625,25 +589,21 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
         tape = recording.tape
         variables = model.trainable_variables
         readable, reasons = self._plan(model, recording, static_batch)
-        read_kernel_gradient = {
-            id(layer): _reads_kernel_gradient(kind, layer)
-            for layer, kind, _ in readable}
         all_reads = [(getattr(layer_of_call, name), read)
                      for layer_of_call, calls in self._calls_by_layer(
                          model, recording)
                      for call in calls for name, read in call.reads.items()]
-        # Every read's gradient comes from the tape, except the kernels
-        # summed from per-group pieces below.
-        pieced = {id(call.reads["kernel"]) for layer, _, call in readable
-                  if read_kernel_gradient[id(layer)]}
-        tape_reads = [(v, r) for v, r in all_reads if id(r) not in pieced]
         checks = []
         if static_batch is None:
             checks = [self._assert_batch_rows(layer, call, batch)
                       for layer, _, call in readable]
         outputs = [call.outputs for _, _, call in readable]
+        # The tape builds every gradient, the kernels' too: summing them
+        # from per-group pieces would save a filter-gradient op per layer,
+        # but the CPU kernels' sums then vary in the last bits from run to
+        # run (train.deterministic=true would not rerun bit for bit).
         data_gradients = tape.gradient(
-            data_loss, variables + outputs + [r for _, r in tape_reads])
+            data_loss, variables + outputs + [r for _, r in all_reads])
         elsewhere = data_gradients[:len(variables)]
         output_gradients = data_gradients[
             len(variables):len(variables) + len(outputs)]
@@ -651,15 +611,12 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
         for variable, gradient in zip(variables, elsewhere):
             parts[id(variable)].append(gradient)
         for (variable, _), gradient in zip(
-                tape_reads, data_gradients[len(variables) + len(outputs):]):
+                all_reads, data_gradients[len(variables) + len(outputs):]):
             parts[id(variable)].append(gradient)
         with tf.control_dependencies(checks):
-            squares, pieces = self._squares(
-                readable, output_gradients, read_kernel_gradient,
-                static_batch, batch, num_replicas, global_batch_size,
-                loss_scale)
-        for variable_id, gradient in pieces.items():
-            parts[variable_id].append(gradient)
+            squares = self._squares(readable, output_gradients, batch,
+                                    num_replicas, global_batch_size,
+                                    loss_scale)
         in_data_loss = {variable_id for variable_id, gradients in parts.items()
                         if any(g is not None for g in gradients)}
         if regularization_loss is not None:
@@ -735,20 +692,15 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 "estimator sees this when tracing and takes this layer "
                 "estimate from the loop estimator instead."))
 
-    def _squares(self, readable, output_gradients, read_kernel_gradient,
-                 static_batch, batch, num_replicas, global_batch_size,
-                 loss_scale):
+    def _squares(self, readable, output_gradients, batch, num_replicas,
+                 global_batch_size, loss_scale):
         """Per-group squared norms of the readable variables' gradients.
 
         Returns:
-            `(squares, pieces)`: `{id(variable): [groups] squared norms}`
-            and `{id(kernel): its call's gradient}` for the kernels summed
-            from per-group pieces (None where the loss does not depend on
-            the layer).
+            `{id(variable): [groups] squared norms}`.
         """
         starts = self.micro_batch_starts(batch, num_replicas)
         indices = starts[:, None] + tf.range(self.micro_batch_size)
-        cut = self._cutter(static_batch, batch, num_replicas)
         # d(group mean loss) = d(main loss) * global_batch / (s * scale).
         factor = tf.cast(global_batch_size, "float32") / float(
             self.micro_batch_size)
@@ -756,43 +708,37 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
             factor /= tf.cast(loss_scale, "float32")
 
         def groups_of(tensor):
-            return tf.gather(tf.cast(tensor, "float32"), indices)
+            """`[groups, s, ...]`: the one way examples are grouped."""
+            return tf.gather(tensor, indices)
 
-        squares, pieces = {}, {}
+        squares = {}
         for (layer, kind, (inputs, outputs, moments, _)), dz in zip(
                 readable, output_gradients):
-            connected = dz is not None
-            if not connected:
+            if dz is None:
                 dz = tf.zeros_like(outputs)
-            if read_kernel_gradient[id(layer)]:
-                group_inputs, rest_inputs = cut(inputs)
-                group_gradients, rest_gradients = cut(dz)
-                gradient, kernel = _kernel_gradient_from_pieces(
-                    kind, layer, list(zip(group_inputs, group_gradients)),
-                    None if rest_inputs is None
-                    else (rest_inputs, rest_gradients))
-                pieces[id(layer.kernel)] = gradient if connected else None
-                per_name = {"kernel": kernel * tf.square(factor)}
-                if layer.bias is not None:
-                    per_name["bias"] = _bias_squares(tf.stack([
-                        tf.cast(part, "float32") * factor
-                        for part in group_gradients]))
-            elif kind == "batch_norm":
-                per_name = {
-                    name: value * tf.square(factor)
-                    for name, value in _batch_norm_squares(
-                        layer, inputs, dz, moments, indices).items()}
+            if kind == "batch_norm":
+                per_name = _batch_norm_squares(layer, inputs, dz, moments,
+                                               indices)
+                per_name = {name: value * tf.square(factor)
+                            for name, value in per_name.items()}
             else:
-                group_gradients = groups_of(dz) * factor
-                per_name = {"kernel": _kernel_squares_from_patches(
-                    kind, layer, groups_of(inputs), group_gradients)}
+                group_gradients = tf.cast(groups_of(dz), "float32") * factor
+                if _squares_by_filter_gradients(kind, layer):
+                    kernel = _kernel_squares_from_filter_gradients(
+                        kind, layer, groups_of(inputs), groups_of(dz)
+                    ) * tf.square(factor)
+                else:
+                    kernel = _kernel_squares_from_patches(
+                        kind, layer, tf.cast(groups_of(inputs), "float32"),
+                        group_gradients)
+                per_name = {"kernel": kernel}
                 if layer.bias is not None:
                     per_name["bias"] = _bias_squares(group_gradients)
             for name, value in per_name.items():
                 variable = getattr(layer, name)
                 if variable.trainable:
                     squares[id(variable)] = value
-        return squares, pieces
+        return squares
 
     def _report_fallback(self, model, variables, fallback, why, layer_of):
         if id(model) in self._reported_models:

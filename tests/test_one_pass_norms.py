@@ -105,10 +105,10 @@ def _assert_gradients_close(actual, expected, mixed):
 @pytest.mark.parametrize("groups", [(4, 8), (3, 5)],
                          ids=["every_example", "uneven_gaps"])
 def test_step_gradients_are_the_tapes(groups, kind, mixed):
-    """Kernels summed from per-group pieces give the plain step's gradients.
+    """The one-pass step's gradients are the plain step's.
 
     Conv (strided, dilated, valid), depthwise, dense and bias variables,
-    with sample weights and float16 loss scaling; J*s = B (the pieces are
+    with sample weights and float16 loss scaling; J*s = B (the groups are
     the micro-batches) and J*s < B with gaps of 3 and 4 examples.
     """
     x, y = _images()
