@@ -43,11 +43,12 @@ a `trust_coefficient` tuned with the loop. With dropout the groups keep the
 main pass's dropout masks where the loop draws new ones: another sample of
 the same quantity, not the loop's numbers.
 
-Read: `Conv2D`, `DepthwiseConv2D` (channels_last, one group, activation
-or not), `Dense` (activation or not, inputs of any rank whose leading axis
-is the batch) and `BatchNormalization` (no renorm, no mask, channels last),
-each called once per forward pass. Every other trainable variable (other
-layer types such as Conv1D or LayerNormalization, shared layers, layers
+Read: `Conv1D` (causal padding too), `Conv2D`, `DepthwiseConv2D`
+(channels_last, one group, activation or not), `Dense` (activation or not,
+inputs of any rank whose leading axis is the batch) and
+`BatchNormalization` (no renorm, no mask, channels last), each called once
+per forward pass. Every other trainable variable (other
+layer types such as LayerNormalization or Conv3D, shared layers, layers
 applied to rows that are not the examples, variables also used outside
 their layer's call) gets its estimate from the loop estimator, run for
 those variables alone, and one warning per model names each with its layer
@@ -72,7 +73,8 @@ _HOOKS_LOCK = threading.Lock()
 # id(layer) -> [number of active recordings, attributes replaced].
 _INSTALLED = {}
 # The layer attributes holding the variables a layer's call reads, per kind.
-_READ_VARIABLES = {"conv": ("kernel", "bias"), "depthwise": ("kernel", "bias"),
+_READ_VARIABLES = {"conv": ("kernel", "bias"),
+                   "depthwise": ("kernel", "bias"),
                    "dense": ("kernel", "bias"), "batch_norm": ()}
 
 
@@ -84,7 +86,8 @@ def _plain(layer):
 def _kind(layer):
     """The handler for `layer`, or None when it needs the loop estimator."""
     kind = type(layer)
-    if kind in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
+    if kind in (keras.layers.Conv1D, keras.layers.Conv2D,
+                keras.layers.DepthwiseConv2D):
         if (layer.data_format == "channels_last" and _plain(layer)
                 and getattr(layer, "groups", 1) == 1):
             return "depthwise" if kind is keras.layers.DepthwiseConv2D else (
@@ -276,6 +279,39 @@ def _squared_norms_of_products(inputs, output_gradients):
     return tf.reduce_sum(tf.square(gradients), axis=[1, 2])
 
 
+_Geometry = collections.namedtuple(
+    "_Geometry", ["kernel_size", "strides", "dilations", "padding",
+                  "kernel_shape"])
+
+
+def _geometry(layer):
+    """The convolution as a 2D one over `[batch, h, w, channels]` images.
+
+    A Conv1D over `[batch, steps, channels]` is a 2D convolution of height
+    1; its causal padding, the left padding its call adds before a valid
+    convolution (see `_as_images`).
+    """
+    if len(layer.kernel.shape) == 3:
+        return _Geometry(
+            (1, layer.kernel_size[0]), (1, layer.strides[0]),
+            (1, layer.dilation_rate[0]),
+            "VALID" if layer.padding == "causal" else layer.padding.upper(),
+            (1, *layer.kernel.shape))
+    return _Geometry(tuple(layer.kernel_size), tuple(layer.strides),
+                     tuple(layer.dilation_rate), layer.padding.upper(),
+                     tuple(layer.kernel.shape))
+
+
+def _as_images(layer, inputs, output_gradients):
+    """A Conv1D's inputs and output gradients as images of height 1."""
+    if len(layer.kernel.shape) != 3:
+        return inputs, output_gradients
+    if layer.padding == "causal":
+        left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+        inputs = tf.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+    return inputs[:, None], output_gradients[:, None]
+
+
 def _patches(layer, inputs):
     """`[groups * s, out_h, out_w, kh * kw * channels]`, in kernel order.
 
@@ -283,12 +319,13 @@ def _patches(layer, inputs):
         inputs: `[groups, s, h, w, channels]`.
     """
     inputs = tf.reshape(inputs, [-1, *inputs.shape[2:]])
-    kh, kw = layer.kernel_size
-    if (kh, kw) == (1, 1) and tuple(layer.strides) == (1, 1):
+    geometry = _geometry(layer)
+    if geometry.kernel_size == (1, 1) and geometry.strides == (1, 1):
         return inputs
     return tf.image.extract_patches(
-        inputs, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
-        rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
+        inputs, sizes=[1, *geometry.kernel_size, 1],
+        strides=[1, *geometry.strides, 1],
+        rates=[1, *geometry.dilations, 1], padding=geometry.padding)
 
 
 def _in_xla_context():
@@ -306,7 +343,7 @@ def _squares_by_filter_gradients(kind, layer):
     there the norms come from einsums over image patches.
     """
     return (kind in ("conv", "depthwise") and layer.kernel.trainable
-            and tuple(layer.dilation_rate) == (1, 1)
+            and _geometry(layer).dilations == (1, 1)
             and not _in_xla_context())
 
 
@@ -316,13 +353,14 @@ def _filter_gradient(kind, layer, inputs, output_gradients):
     In the layer's compute dtype (float16 under mixed_float16, as the
     backward pass of the convolution computes it), cast to the kernel's.
     """
-    options = dict(strides=[1, *layer.strides, 1],
-                   padding=layer.padding.upper(),
-                   dilations=[1, *layer.dilation_rate, 1])
+    geometry = _geometry(layer)
     backprop = (tf.raw_ops.DepthwiseConv2dNativeBackpropFilter
                 if kind == "depthwise" else tf.raw_ops.Conv2DBackpropFilter)
-    gradient = backprop(input=inputs, filter_sizes=layer.kernel.shape,
-                        out_backprop=output_gradients, **options)
+    gradient = backprop(input=inputs, filter_sizes=geometry.kernel_shape,
+                        out_backprop=output_gradients,
+                        strides=[1, *geometry.strides, 1],
+                        padding=geometry.padding,
+                        dilations=[1, *geometry.dilations, 1])
     return tf.cast(gradient, layer.kernel.dtype)
 
 
@@ -514,8 +552,9 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
     def _layer_reason(self, layer, kind, calls, static_batch):
         """Why the layer's calls cannot be read, or None."""
         if kind is None:
-            return (f"a {type(layer).__name__} is not read (read: Conv2D, "
-                    "DepthwiseConv2D and Dense, channels last, one group, "
+            return (f"a {type(layer).__name__} is not read (read: Conv1D, "
+                    "Conv2D, DepthwiseConv2D and Dense, channels last, one "
+                    "group, "
                     "no LoRA or quantization; BatchNormalization without "
                     "renorm)")
         if len(calls) > 1:
@@ -723,6 +762,8 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                             for name, value in per_name.items()}
             else:
                 group_gradients = tf.cast(groups_of(dz), "float32") * factor
+                if kind != "dense":
+                    inputs, dz = _as_images(layer, inputs, dz)
                 if _squares_by_filter_gradients(kind, layer):
                     kernel = _kernel_squares_from_filter_gradients(
                         kind, layer, groups_of(inputs), groups_of(dz)

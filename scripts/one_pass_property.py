@@ -39,7 +39,7 @@ def _reasons(warning):
     reasons = []
     for line in warning.splitlines()[1:]:
         reason = line.split(": ", 1)[1]
-        reasons.append(re.sub(r"\d+", "N", reason.split(" (")[0]))
+        reasons.append(re.sub(r"\b\d+\b", "N", reason.split(" (")[0]))
     return reasons
 
 

@@ -41,6 +41,15 @@ def _model(kind, seed=0):
         "dense": [keras.layers.Reshape((81, 3)), keras.layers.Dense(6),
                   keras.layers.ReLU(), keras.layers.Flatten(),
                   keras.layers.Dense(40), keras.layers.ReLU()],
+        # Conv1D over the 9 * 9 positions: causal (left padding), strided,
+        # dilated (einsums over patches) and valid.
+        "conv1d": [keras.layers.Reshape((81, 3)),
+                   keras.layers.Conv1D(4, 3, padding="causal",
+                                       activation="relu"),
+                   keras.layers.Conv1D(5, 2, strides=3, padding="same"),
+                   keras.layers.Conv1D(3, 3, dilation_rate=2,
+                                       padding="causal", use_bias=False),
+                   keras.layers.Conv1D(2, 4, padding="valid")],
         "all": [keras.layers.Conv2D(4, 3, padding="same"),
                 keras.layers.ReLU(),
                 keras.layers.DepthwiseConv2D(3, strides=2, use_bias=True),
@@ -61,7 +70,8 @@ def _one_pass(model, x, y, estimator, global_batch_size=None, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "kind", ["conv", "conv_valid_dilated", "depthwise", "dense", "all"])
+    "kind", ["conv", "conv_valid_dilated", "depthwise", "dense", "conv1d",
+             "all"])
 def test_equals_the_loop_estimator_without_batch_norm(kind):
     model = _model(kind)
     x, y = _images()
@@ -101,7 +111,8 @@ def _assert_gradients_close(actual, expected, mixed):
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
-@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise"])
+@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise",
+                                  "conv1d"])
 @pytest.mark.parametrize("groups", [(4, 8), (3, 5)],
                          ids=["every_example", "uneven_gaps"])
 def test_step_gradients_are_the_tapes(groups, kind, mixed):
@@ -213,7 +224,8 @@ def test_standalone_call_equals_the_loop_estimator():
         clars_tf.GradientNormEstimator(4, 8)(model, _loss, x, y), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise"])
+@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise",
+                                  "conv1d"])
 def test_under_xla(kind):
     """XLA takes the einsum-over-patches path for convolutions."""
     model = _model(kind)
