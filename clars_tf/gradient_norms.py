@@ -176,8 +176,8 @@ class GradientNormEstimator:
                 message=(
                     f"The estimator needs {count} micro-batches of "
                     f"{self.micro_batch_size} examples per replica "
-                    f"({count * self.micro_batch_size}), more than this "
-                    "replica's batch: lower `num_micro_batches` or "
+                    f"({count * self.micro_batch_size}), more than the batch "
+                    "on this replica: lower `num_micro_batches` or "
                     "`micro_batch_size`, or raise the global batch size "
                     "(a last partial batch: `drop_remainder=True`)."))]):
             return static_batch, tf.identity(batch)

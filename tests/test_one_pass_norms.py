@@ -216,6 +216,33 @@ def test_gram_and_product_norms_match_numpy(rows):
         rtol=1e-5)
 
 
+def test_gram_norms_of_cancelling_groups_are_not_nan():
+    """Two rows whose products nearly cancel: the Gram matrices' sum is a
+    difference of large terms and rounds below zero in about 40% of the
+    trials; the squares stay >= 0 (their sqrt finite) and within rounding
+    of the exact value."""
+    rng = np.random.default_rng(3)
+    trials, p, k = 200, 40, 40  # 2 * (p + k) < p * k: the Gram branch
+    x1 = rng.normal(size=(trials, 1, p))
+    dz1 = rng.normal(size=(trials, 1, k))
+    inputs = np.concatenate(
+        [x1, x1 * (1 + 1e-6 * rng.normal(size=x1.shape))], 1)
+    gradients = np.concatenate([dz1, -dz1], 1)
+    inputs32, gradients32 = (tf.constant(a, "float32")
+                             for a in (inputs, gradients))
+    unclamped = tf.reduce_sum(
+        tf.einsum("gnp,gmp->gnm", inputs32, inputs32)
+        * tf.einsum("gnk,gmk->gnm", gradients32, gradients32), axis=[1, 2])
+    assert np.sum(unclamped.numpy() < 0) > 20  # the case is a real one
+    squares = one_pass_norms._squared_norms_of_products(inputs32,
+                                                        gradients32).numpy()
+    assert np.all(squares >= 0) and np.all(np.isfinite(np.sqrt(squares)))
+    exact = np.array([np.sum((a.T @ b) ** 2)
+                      for a, b in zip(inputs, gradients)])
+    scale = np.sum(x1 ** 2, axis=(1, 2)) * np.sum(dz1 ** 2, axis=(1, 2))
+    assert np.all(np.abs(squares - exact) <= 1e-5 * scale)
+
+
 def test_standalone_call_equals_the_loop_estimator():
     model = _model("all")
     x, y = _images()
@@ -475,3 +502,22 @@ def test_the_optimizers_loss_scaling_is_undone(optimizer, caplog):
     optimizer.build(model.trainable_variables)
     x, y = _images()
     assert _right_or_loud(model, x, y, caplog, optimizer=optimizer) is None
+
+
+def test_a_run_time_batch_too_small_for_the_micro_batches_says_so():
+    """Unknown batch size at tracing: the check runs with the step, before
+    any gather (on a GPU an out-of-range gather reads zeros)."""
+    model = _model("all")
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 8)
+    step = tf.function(
+        lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, global_batch_size=16,
+            estimator=estimator).gradient_norms,
+        input_signature=[tf.TensorSpec([None, 9, 9, 3]),
+                         tf.TensorSpec([None], tf.int32)])
+    x, y = _images(n=16)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"needs 8 micro-batches of 4 examples per "
+                             r"replica \(32\), more than the batch on this "
+                             r"replica: lower `num_micro_batches`"):
+        step(x, y)
