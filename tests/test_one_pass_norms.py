@@ -476,16 +476,21 @@ def test_rows_that_are_not_the_examples_fall_back(caplog):
     assert "logits" not in warning
 
 
-def test_rows_that_are_not_the_examples_with_unknown_batch_size_fail():
-    x, y = _images()
-    model = _per_time_step_model()
-    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
-    step = tf.function(
+def _step_of_unknown_batch_size(model, estimator, global_batch_size):
+    """The one-pass norms, traced with an unknown batch size."""
+    return tf.function(
         lambda x, y: clars_tf.compute_loss_gradients_and_norms(
-            model, _loss, x, y, global_batch_size=32,
+            model, _loss, x, y, global_batch_size=global_batch_size,
             estimator=estimator).gradient_norms,
         input_signature=[tf.TensorSpec([None, 9, 9, 3]),
                          tf.TensorSpec([None], tf.int32)])
+
+
+def test_rows_that_are_not_the_examples_with_unknown_batch_size_fail():
+    x, y = _images()
+    step = _step_of_unknown_batch_size(
+        _per_time_step_model(), clars_tf.OnePassGradientNormEstimator(4, 4),
+        32)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match="layer `per_time_step_rows` is applied"):
         step(x, y)
@@ -507,14 +512,8 @@ def test_the_optimizers_loss_scaling_is_undone(optimizer, caplog):
 def test_a_run_time_batch_too_small_for_the_micro_batches_says_so():
     """Unknown batch size at tracing: the check runs with the step, before
     any gather (on a GPU an out-of-range gather reads zeros)."""
-    model = _model("all")
-    estimator = clars_tf.OnePassGradientNormEstimator(4, 8)
-    step = tf.function(
-        lambda x, y: clars_tf.compute_loss_gradients_and_norms(
-            model, _loss, x, y, global_batch_size=16,
-            estimator=estimator).gradient_norms,
-        input_signature=[tf.TensorSpec([None, 9, 9, 3]),
-                         tf.TensorSpec([None], tf.int32)])
+    step = _step_of_unknown_batch_size(
+        _model("all"), clars_tf.OnePassGradientNormEstimator(4, 8), 16)
     x, y = _images(n=16)
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"needs 8 micro-batches of 4 examples per "
