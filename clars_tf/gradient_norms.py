@@ -12,6 +12,7 @@ import threading
 import keras
 import tensorflow as tf
 
+from clars_tf import layer_patches
 from clars_tf import layerwise
 
 
@@ -25,7 +26,6 @@ class _SynchronizedExceptWhileEstimating:
 
     def __init__(self):
         self._local = threading.local()
-        self.users = 0
 
     def __bool__(self):
         return not getattr(self._local, "estimating", False)
@@ -35,7 +35,6 @@ class _SynchronizedExceptWhileEstimating:
 
 
 _SWITCH = _SynchronizedExceptWhileEstimating()
-_SWITCH_LOCK = threading.Lock()
 
 
 def _check_positive_int(name, value):
@@ -56,20 +55,13 @@ def _local_batch_norm_statistics(model):
         for layer in model._flatten_layers(include_self=False)
         if getattr(layer, "synchronized", False) is not False
     ]
-    with _SWITCH_LOCK:
-        for layer in layers:
-            layer.synchronized = _SWITCH
-        _SWITCH.users += 1
-    _SWITCH.set_estimating(True)
-    try:
-        yield
-    finally:
-        _SWITCH.set_estimating(False)
-        with _SWITCH_LOCK:
-            _SWITCH.users -= 1
-            if not _SWITCH.users:
-                for layer in layers:
-                    layer.synchronized = True
+    with layer_patches.patched(layers, "local_batch_norm_statistics",
+                               lambda layer: {"synchronized": _SWITCH}):
+        _SWITCH.set_estimating(True)
+        try:
+            yield
+        finally:
+            _SWITCH.set_estimating(False)
 
 
 def _has_batch_normalization(model):

@@ -66,12 +66,10 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
 from clars_tf import gradient_norms
+from clars_tf import layer_patches
 
 _LOG = logging.getLogger(__name__)
 _THREAD = threading.local()
-_HOOKS_LOCK = threading.Lock()
-# id(layer) -> [number of active recordings, attributes replaced].
-_INSTALLED = {}
 # The layer attributes holding the variables a layer's call reads, per kind.
 _READ_VARIABLES = {"conv": ("kernel", "bias"),
                    "depthwise": ("kernel", "bias"),
@@ -194,25 +192,14 @@ def _recording_moments(layer, moments):
     return recorded
 
 
-def _install(layer):
-    replaced = {"call": _recording_call(layer, layer.call)}
+def _recording_hooks(layer):
+    """The attributes that make a layer record its calls."""
+    hooks = {"call": _recording_call(layer, layer.call)}
     if _kind(layer) == "batch_norm":
-        replaced["_moments"] = _recording_moments(layer, layer._moments)
+        hooks["_moments"] = _recording_moments(layer, layer._moments)
     elif layer.activation is not None:
-        replaced["activation"] = _recording_activation(layer,
-                                                       layer.activation)
-    previous = {name: layer.__dict__.get(name) for name in replaced}
-    for name, value in replaced.items():
-        object.__setattr__(layer, name, value)
-    return previous
-
-
-def _uninstall(layer, previous):
-    for name, value in previous.items():
-        if value is None:
-            object.__delattr__(layer, name)
-        else:
-            object.__setattr__(layer, name, value)
+        hooks["activation"] = _recording_activation(layer, layer.activation)
+    return hooks
 
 
 @contextlib.contextmanager
@@ -233,26 +220,15 @@ def recording_layers(model, tape):
     """
     layers = [layer for layer in model._flatten_layers(include_self=False)
               if _kind(layer)]
-    with _HOOKS_LOCK:
-        for layer in layers:
-            entry = _INSTALLED.setdefault(id(layer), [0, None])
-            if not entry[0]:
-                entry[1] = _install(layer)
-            entry[0] += 1
     recording = _Recording(tape)
     outer = getattr(_THREAD, "recording", None)
-    _THREAD.recording = recording
-    try:
-        yield recording
-    finally:
-        _THREAD.recording = outer
-        with _HOOKS_LOCK:
-            for layer in layers:
-                entry = _INSTALLED[id(layer)]
-                entry[0] -= 1
-                if not entry[0]:
-                    _uninstall(layer, entry[1])
-                    del _INSTALLED[id(layer)]
+    with layer_patches.patched(layers, "one_pass_recording",
+                               _recording_hooks):
+        _THREAD.recording = recording
+        try:
+            yield recording
+        finally:
+            _THREAD.recording = outer
 
 
 def _squared_norms_of_products(inputs, output_gradients):
