@@ -14,10 +14,44 @@ StepGradients = collections.namedtuple(
     ["loss", "predictions", "gradients", "gradient_norms", "state_updates"],
     defaults=[None],
 )
+StepGradients.__doc__ = """What `compute_loss_gradients_and_norms` returns.
+
+Args:
+    loss: this replica's share of the global mean loss (regularization
+        losses included), unscaled.
+    predictions: the model's outputs on this replica's batch.
+    gradients: one per `model.trainable_variables` (None where the loss
+        does not depend on it), of the loss times the optimizer's loss
+        scale, as Keras's own train step computes them.
+    gradient_norms: one float32 `a_l` per trainable variable, or None
+        without an estimator.
+    state_updates: `(variable, value)` pairs deferred from the forward
+        pass with `defer_state_updates=True`, else None.
+
+Returns:
+    A namedtuple; pass `gradients` and `gradient_norms` to
+    `optimizer.apply`.
+"""
 
 
 def apply_state_updates(state_updates):
-    """Assigns the deferred (variable, value) updates of a forward pass."""
+    """Assigns the deferred (variable, value) updates of a forward pass.
+
+    Args:
+        state_updates: `StepGradients.state_updates`, or any iterable of
+            `(variable, value)` pairs.
+
+    Returns:
+        None.
+
+    Example:
+
+    ```python
+    out = clars_tf.compute_loss_gradients_and_norms(
+        model, loss, x, y, global_batch_size=B, defer_state_updates=True)
+    clars_tf.apply_state_updates(out.state_updates)
+    ```
+    """
     for variable, value in state_updates:
         variable.assign(value)
 
@@ -33,6 +67,21 @@ def per_example_loss_of(loss):
     Args:
         loss: a `keras.losses.Loss`, a loss function or its name, as given to
             `model.compile`.
+
+    Returns:
+        `fn(y_true, y_pred) -> [batch]` float32 losses, computed in the
+        loss's dtype (float32) even for a mixed-precision model's outputs.
+
+    Raises:
+        ValueError: for a loss with no per-example form (e.g. a list or
+            dict of losses for several outputs).
+
+    Example:
+
+    ```python
+    per_example = clars_tf.per_example_loss_of(
+        "sparse_categorical_crossentropy")
+    ```
     """
     if isinstance(loss, str) or callable(loss):
         loss = keras.losses.get(loss)
@@ -110,7 +159,10 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     Call it inside the function given to `strategy.run`. The loss is scaled
     for the sum all-reduce that Keras optimizers perform: per-example losses
     summed and divided by the *global* batch size, model regularization
-    losses divided by the number of replicas. Then apply with
+    losses (weight and activity regularizers, `add_loss`) divided by the
+    number of replicas. The gradients are those of this loss times the
+    optimizer's `scale_loss`, whichever estimator is used; the norms are
+    of the per-example losses alone, unscaled. Then apply with
     `optimizer.apply(out.gradients, model.trainable_variables,
     gradient_norms=out.gradient_norms)` (LARS/SGD take no norms).
 
