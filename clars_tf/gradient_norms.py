@@ -12,7 +12,9 @@ import threading
 import keras
 import tensorflow as tf
 
+from clars_tf import layer_patches
 from clars_tf import layerwise
+
 
 class _SynchronizedExceptWhileEstimating:
     """Stands in for `BatchNormalization.synchronized` while estimating.
@@ -24,7 +26,6 @@ class _SynchronizedExceptWhileEstimating:
 
     def __init__(self):
         self._local = threading.local()
-        self.users = 0
 
     def __bool__(self):
         return not getattr(self._local, "estimating", False)
@@ -34,7 +35,6 @@ class _SynchronizedExceptWhileEstimating:
 
 
 _SWITCH = _SynchronizedExceptWhileEstimating()
-_SWITCH_LOCK = threading.Lock()
 
 
 def _check_positive_int(name, value):
@@ -55,20 +55,13 @@ def _local_batch_norm_statistics(model):
         for layer in model._flatten_layers(include_self=False)
         if getattr(layer, "synchronized", False) is not False
     ]
-    with _SWITCH_LOCK:
-        for layer in layers:
-            layer.synchronized = _SWITCH
-        _SWITCH.users += 1
-    _SWITCH.set_estimating(True)
-    try:
-        yield
-    finally:
-        _SWITCH.set_estimating(False)
-        with _SWITCH_LOCK:
-            _SWITCH.users -= 1
-            if not _SWITCH.users:
-                for layer in layers:
-                    layer.synchronized = True
+    with layer_patches.patched(layers, "local_batch_norm_statistics",
+                               lambda layer: {"synchronized": _SWITCH}):
+        _SWITCH.set_estimating(True)
+        try:
+            yield
+        finally:
+            _SWITCH.set_estimating(False)
 
 
 def _has_batch_normalization(model):
@@ -168,9 +161,41 @@ class GradientNormEstimator:
         count = self.micro_batches_per_replica(num_replicas)
         return tf.range(count) * batch // count
 
+    def check_batch(self, x, num_replicas):
+        """Checks that the micro-batches fit this replica's batch of `x`.
+
+        At trace time when the batch size is static, else at run time (an
+        out-of-range slice or gather would otherwise fail with a generic
+        error, or on a GPU silently read zeros).
+
+        Args:
+            x: this replica's inputs (any structure; the first tensor's
+                leading axis is the batch).
+            num_replicas: replicas in sync.
+
+        Returns:
+            `(static_batch, batch)`: the static batch size or None, and the
+            batch size as a scalar tensor that carries the run-time check.
+        """
+        static_batch, batch = _batch_size(x)
+        if static_batch is not None:
+            self.check_fits(static_batch, num_replicas)
+            return static_batch, batch
+        count = self.micro_batches_per_replica(num_replicas)
+        with tf.control_dependencies([tf.debugging.assert_greater_equal(
+                batch, count * self.micro_batch_size,
+                message=(
+                    f"The estimator needs {count} micro-batches of "
+                    f"{self.micro_batch_size} examples per replica "
+                    f"({count * self.micro_batch_size}), more than the batch "
+                    "on this replica: lower `num_micro_batches` or "
+                    "`micro_batch_size`, or raise the global batch size "
+                    "(a last partial batch: `drop_remainder=True`)."))]):
+            return static_batch, tf.identity(batch)
+
     def __call__(self, model, per_example_loss, x, y, sample_weight=None,
-                 loss_scale=None):
-        """Returns one float32 scalar per `model.trainable_variables`.
+                 loss_scale=None, variables=None):
+        """Returns one float32 scalar per variable.
 
         Args:
             model: a built Keras model.
@@ -184,6 +209,22 @@ class GradientNormEstimator:
                 float16 gradients underflow or overflow only where the main
                 pass's would, and the norms are divided by that weight in
                 float32.
+            variables: the variables to estimate, by default
+                `model.trainable_variables`. With fewer, each micro-batch's
+                backward pass computes only their gradients (the forward
+                pass is the whole model's either way).
+
+        Returns:
+            A list of float32 scalars, `a_l` of each of `variables` on this
+            replica.
+
+        Example:
+
+        ```python
+        estimator = clars_tf.GradientNormEstimator(micro_batch_size=8,
+                                                   num_micro_batches=4)
+        norms = estimator(model, per_example_loss, x, y)
+        ```
         """
         context = tf.distribute.get_replica_context()
         num_replicas = context.num_replicas_in_sync if context else 1
@@ -195,15 +236,11 @@ class GradientNormEstimator:
                 "statistics, so its gradients (and the estimate) collapse "
                 "to about zero. Use micro_batch_size >= 2 (the reference "
                 "uses 8).")
-        static_batch, batch = _batch_size(x)
-        if static_batch is not None:
-            self.check_fits(static_batch, num_replicas)
-        else:
-            tf.debugging.assert_greater_equal(
-                batch, count * self.micro_batch_size,
-                message="The estimator's micro-batches don't fit the "
-                        "per-replica batch; lower num_micro_batches or "
-                        "micro_batch_size.")
+        # NumPy inputs cannot be sliced by the tensor starts below.
+        x, y = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
+        if sample_weight is not None:
+            sample_weight = tf.convert_to_tensor(sample_weight)
+        _, batch = self.check_batch(x, num_replicas)
         starts = self.micro_batch_starts(batch, num_replicas)
         if loss_scale is None:
             loss_weight = tf.constant(1.0)
@@ -211,7 +248,9 @@ class GradientNormEstimator:
             global_batch = tf.cast(batch * num_replicas, "float32")
             loss_weight = (tf.cast(loss_scale, "float32")
                            * self.micro_batch_size / global_batch)
-        variables = model.trainable_variables
+        if variables is None:
+            variables = model.trainable_variables
+        variables = list(variables)
 
         def norms_of_micro_batch(start):
             def take(tensor):

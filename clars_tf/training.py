@@ -14,19 +14,21 @@ class StepGradients(collections.namedtuple(
         ["loss", "predictions", "gradients", "gradient_norms",
          "state_updates"],
         defaults=[None])):
-    """One replica's step, as `compute_loss_gradients_and_norms` returns it.
+    """What `compute_loss_gradients_and_norms` returns for one replica.
+
+    Pass `gradients` and `gradient_norms` to `optimizer.apply`.
 
     Attributes:
         loss: this replica's share of the global mean loss (regularization
-            included), so summing over replicas gives the global loss.
-        predictions: the model's outputs for this replica's batch.
-        gradients: one gradient per `model.trainable_variables`, scaled for
-            the sum all-reduce of Keras optimizers.
-        gradient_norms: one float32 estimate `a` per trainable variable, or
-            None without an estimator.
-        state_updates: the forward pass's deferred `(variable, value)`
-            updates (batch-norm moving statistics), or None when they were
-            applied during the pass.
+            losses included), unscaled.
+        predictions: the model's outputs on this replica's batch.
+        gradients: one per `model.trainable_variables` (None where the loss
+            does not depend on it), of the loss times the optimizer's loss
+            scale, as Keras's own train step computes them.
+        gradient_norms: one float32 `a_l` per trainable variable, or None
+            without an estimator.
+        state_updates: `(variable, value)` pairs deferred from the forward
+            pass with `defer_state_updates=True`, else None.
     """
 
     __slots__ = ()
@@ -36,8 +38,19 @@ def apply_state_updates(state_updates):
     """Assigns the deferred (variable, value) updates of a forward pass.
 
     Args:
-        state_updates: `(variable, value)` pairs, e.g.
-            `StepGradients.state_updates`.
+        state_updates: `StepGradients.state_updates`, or any iterable of
+            `(variable, value)` pairs.
+
+    Returns:
+        None.
+
+    Example:
+
+    ```python
+    out = clars_tf.compute_loss_gradients_and_norms(
+        model, loss, x, y, global_batch_size=B, defer_state_updates=True)
+    clars_tf.apply_state_updates(out.state_updates)
+    ```
     """
     for variable, value in state_updates:
         variable.assign(value)
@@ -56,8 +69,19 @@ def per_example_loss_of(loss):
             `model.compile`.
 
     Returns:
-        A function of `(y_true, y_pred)` returning one loss per example, in
-        the loss's dtype, without the loss's reduction.
+        `fn(y_true, y_pred) -> [batch]` float32 losses, computed in the
+        loss's dtype (float32) even for a mixed-precision model's outputs.
+
+    Raises:
+        ValueError: for a loss with no per-example form (e.g. a list or
+            dict of losses for several outputs).
+
+    Example:
+
+    ```python
+    per_example = clars_tf.per_example_loss_of(
+        "sparse_categorical_crossentropy")
+    ```
     """
     if isinstance(loss, str) or callable(loss):
         loss = keras.losses.get(loss)
@@ -81,11 +105,26 @@ def per_example_loss_of(loss):
 
 
 def loss_scale_of(optimizer):
-    """The factor a `LossScaleOptimizer` multiplies the loss by, else None."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return (optimizer.dynamic_scale if optimizer.built
-                else optimizer.initial_scale)
-    return None
+    """The factor the optimizer multiplies the loss by, else None.
+
+    Read off `optimizer.scale_loss` (a `LossScaleOptimizer`'s dynamic
+    scale, an optimizer's `loss_scale_factor`), so any linear scaling an
+    optimizer applies is undone, not only the ones known here.
+
+    Args:
+        optimizer: a Keras optimizer or None.
+
+    Returns:
+        A float32 scalar tensor, or None when there is no optimizer or it
+        does not scale the loss.
+    """
+    if optimizer is None:
+        return None
+    one = tf.constant(1.0)
+    scale = optimizer.scale_loss(one)
+    if scale is one:
+        return None
+    return tf.cast(scale, "float32")
 
 
 def gradient_norms_for_step(optimizer, estimator, model, per_example_loss, x,
@@ -120,7 +159,10 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     Call it inside the function given to `strategy.run`. The loss is scaled
     for the sum all-reduce that Keras optimizers perform: per-example losses
     summed and divided by the *global* batch size, model regularization
-    losses divided by the number of replicas. Then apply with
+    losses (weight and activity regularizers, `add_loss`) divided by the
+    number of replicas. The gradients are those of this loss times the
+    optimizer's `scale_loss`, whichever estimator is used; the norms are
+    of the per-example losses alone, unscaled. Then apply with
     `optimizer.apply(out.gradients, model.trainable_variables,
     gradient_norms=out.gradient_norms)` (LARS/SGD take no norms).
 
@@ -151,33 +193,38 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     num_replicas = context.num_replicas_in_sync if context else 1
     variables = model.trainable_variables
     one_pass = getattr(estimator, "records_main_pass", False)
-    with tf.GradientTape() as tape:
+    # Persistent for the one-pass estimator: it differentiates the data
+    # loss (the norms are read from it alone) and the regularization loss
+    # separately.
+    with tf.GradientTape(persistent=one_pass) as tape:
         with (keras.StatelessScope(collect_losses=True) if defer_state_updates
               else contextlib.nullcontext()) as scope, (
-                estimator.recording(model) if one_pass
+                estimator.recording(model, tape) if one_pass
                 else contextlib.nullcontext()) as recording:
             predictions = model(x, training=True)
-        regularization = scope.losses if defer_state_updates else model.losses
+        # In a stateless scope the layers' `add_loss` losses go to the
+        # scope; `model.losses` then holds the weight regularizers only.
+        regularization = model.losses
+        if defer_state_updates:
+            regularization = scope.losses + regularization
         losses = tf.cast(per_example_loss(y, predictions), "float32")
         if sample_weight is not None:
             losses *= tf.cast(sample_weight, "float32")
-        loss = tf.reduce_sum(losses) / tf.cast(global_batch_size, "float32")
+        data_loss = tf.reduce_sum(losses) / tf.cast(global_batch_size,
+                                                    "float32")
+        regularization_loss = None
         if regularization:
-            loss += tf.add_n(regularization) / num_replicas
+            regularization_loss = tf.add_n(
+                [tf.cast(r, "float32") for r in regularization]
+            ) / num_replicas
+        loss = (data_loss if regularization_loss is None
+                else data_loss + regularization_loss)
+        if one_pass and optimizer is not None:
+            data_loss = optimizer.scale_loss(data_loss)
+            if regularization_loss is not None:
+                regularization_loss = optimizer.scale_loss(
+                    regularization_loss)
         scaled_loss = optimizer.scale_loss(loss) if optimizer else loss
-    # The one-pass estimator reads its norms off the recorded layers'
-    # output gradients, computed by the same backward pass, and sums the
-    # gradients of the kernels it reads from the per-group pieces it forms:
-    # the tape builds only the others.
-    recorded, differentiated = [], set()
-    if one_pass:
-        recorded = recording.outputs
-        differentiated = set(map(id, estimator.variables_differentiated(
-            model, recording)))
-    requested = [v for v in variables if id(v) not in differentiated]
-    gradients = tape.gradient(scaled_loss, requested + recorded)
-    gradients, output_gradients = (gradients[:len(requested)],
-                                   gradients[len(requested):])
     state_updates = None
     if defer_state_updates:
         state_updates = [
@@ -187,14 +234,14 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
         ]
     norms = None
     if one_pass:
-        norms, read_gradients = estimator.norms_from_pass(
-            model, recording, output_gradients, global_batch_size,
-            loss_scale_of(optimizer),
-            per_example_loss, x, y, sample_weight)
-        from_tape = iter(gradients)
-        gradients = [read_gradients[id(v)] if id(v) in differentiated
-                     else next(from_tape) for v in variables]
-    elif estimator is not None:
+        gradients, norms = estimator.gradients_and_norms(
+            model, recording, data_loss, regularization_loss,
+            global_batch_size, loss_scale_of(optimizer), per_example_loss,
+            x, y, sample_weight)
+        del tape
+    else:
+        gradients = tape.gradient(scaled_loss, variables)
+    if estimator is not None and not one_pass:
         if estimator.refresh_every > 1 and optimizer is None:
             raise ValueError(
                 "`optimizer` is required when the estimator refreshes less "

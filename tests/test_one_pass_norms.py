@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import clars_tf
+import random_models
 from clars_tf import one_pass_norms
 
 
@@ -40,6 +41,15 @@ def _model(kind, seed=0):
         "dense": [keras.layers.Reshape((81, 3)), keras.layers.Dense(6),
                   keras.layers.ReLU(), keras.layers.Flatten(),
                   keras.layers.Dense(40), keras.layers.ReLU()],
+        # Conv1D over the 9 * 9 positions: causal (left padding), strided,
+        # dilated (einsums over patches) and valid.
+        "conv1d": [keras.layers.Reshape((81, 3)),
+                   keras.layers.Conv1D(4, 3, padding="causal",
+                                       activation="relu"),
+                   keras.layers.Conv1D(5, 2, strides=3, padding="same"),
+                   keras.layers.Conv1D(3, 3, dilation_rate=2,
+                                       padding="causal", use_bias=False),
+                   keras.layers.Conv1D(2, 4, padding="valid")],
         "all": [keras.layers.Conv2D(4, 3, padding="same"),
                 keras.layers.ReLU(),
                 keras.layers.DepthwiseConv2D(3, strides=2, use_bias=True),
@@ -60,7 +70,8 @@ def _one_pass(model, x, y, estimator, global_batch_size=None, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "kind", ["conv", "conv_valid_dilated", "depthwise", "dense", "all"])
+    "kind", ["conv", "conv_valid_dilated", "depthwise", "dense", "conv1d",
+             "all"])
 def test_equals_the_loop_estimator_without_batch_norm(kind):
     model = _model(kind)
     x, y = _images()
@@ -100,14 +111,15 @@ def _assert_gradients_close(actual, expected, mixed):
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["float32", "mixed"])
-@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise"])
+@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise",
+                                  "conv1d"])
 @pytest.mark.parametrize("groups", [(4, 8), (3, 5)],
                          ids=["every_example", "uneven_gaps"])
 def test_step_gradients_are_the_tapes(groups, kind, mixed):
-    """Kernels summed from per-group pieces give the plain step's gradients.
+    """The one-pass step's gradients are the plain step's.
 
     Conv (strided, dilated, valid), depthwise, dense and bias variables,
-    with sample weights and float16 loss scaling; J*s = B (the pieces are
+    with sample weights and float16 loss scaling; J*s = B (the groups are
     the micro-batches) and J*s < B with gaps of 3 and 4 examples.
     """
     x, y = _images()
@@ -204,6 +216,33 @@ def test_gram_and_product_norms_match_numpy(rows):
         rtol=1e-5)
 
 
+def test_gram_norms_of_cancelling_groups_are_not_nan():
+    """Two rows whose products nearly cancel: the Gram matrices' sum is a
+    difference of large terms and rounds below zero in about 40% of the
+    trials; the squares stay >= 0 (their sqrt finite) and within rounding
+    of the exact value."""
+    rng = np.random.default_rng(3)
+    trials, p, k = 200, 40, 40  # 2 * (p + k) < p * k: the Gram branch
+    x1 = rng.normal(size=(trials, 1, p))
+    dz1 = rng.normal(size=(trials, 1, k))
+    inputs = np.concatenate(
+        [x1, x1 * (1 + 1e-6 * rng.normal(size=x1.shape))], 1)
+    gradients = np.concatenate([dz1, -dz1], 1)
+    inputs32, gradients32 = (tf.constant(a, "float32")
+                             for a in (inputs, gradients))
+    unclamped = tf.reduce_sum(
+        tf.einsum("gnp,gmp->gnm", inputs32, inputs32)
+        * tf.einsum("gnk,gmk->gnm", gradients32, gradients32), axis=[1, 2])
+    assert np.sum(unclamped.numpy() < 0) > 20  # the case is a real one
+    squares = one_pass_norms._squared_norms_of_products(inputs32,
+                                                        gradients32).numpy()
+    assert np.all(squares >= 0) and np.all(np.isfinite(np.sqrt(squares)))
+    exact = np.array([np.sum((a.T @ b) ** 2)
+                      for a, b in zip(inputs, gradients)])
+    scale = np.sum(x1 ** 2, axis=(1, 2)) * np.sum(dz1 ** 2, axis=(1, 2))
+    assert np.all(np.abs(squares - exact) <= 1e-5 * scale)
+
+
 def test_standalone_call_equals_the_loop_estimator():
     model = _model("all")
     x, y = _images()
@@ -212,7 +251,8 @@ def test_standalone_call_equals_the_loop_estimator():
         clars_tf.GradientNormEstimator(4, 8)(model, _loss, x, y), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise"])
+@pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise",
+                                  "conv1d"])
 def test_under_xla(kind):
     """XLA takes the einsum-over-patches path for convolutions."""
     model = _model(kind)
@@ -269,9 +309,12 @@ def test_unreadable_layers_fall_back_to_the_loop_said_once(caplog):
         _one_pass(model, x, y, estimator)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
-    for name in ("relu_conv", "layer_norm", "shared"):
+    for name in ("layer_norm", "shared"):
         assert name in warnings[0]
-    assert "readable" not in warnings[0]
+    assert "called 2 times" in warnings[0]
+    # An activation inside the layer: the norms are read before it.
+    for name in ("readable", "relu_conv"):
+        assert name not in warnings[0]
     np.testing.assert_allclose(
         norms, clars_tf.GradientNormEstimator(4, 4)(model, _loss, x, y),
         rtol=1e-5)
@@ -336,3 +379,144 @@ def test_trainer_runs_one_pass_on_two_replicas(tmp_path, fashion_mnist_dir):
     assert results["num_replicas"] == 2
     assert results["config"]["estimator"]["method"] == "one_pass"
     assert np.isfinite(results["epochs"][-1]["train_loss"])
+
+
+# Right or loud on the models users write: the five cases of issue 17. The
+# references are independent of the one-pass code: the tape's gradient of
+# the whole loss (regularization losses included, times the optimizer's loss
+# scale) and the loop estimator, each micro-batch its own forward pass.
+
+def _right_or_loud(model, x, y, caplog, optimizer=None, groups=(4, 4),
+                   input_signature=None):
+    """One compiled step; returns the warning (or None) after checking.
+
+    Every gradient equals the tape's, every estimate the loop's.
+    """
+    estimator = clars_tf.OnePassGradientNormEstimator(*groups)
+    step = tf.function(
+        lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, global_batch_size=len(x),
+            optimizer=optimizer, estimator=estimator),
+        input_signature=input_signature)
+    with caplog.at_level(logging.WARNING, logger=one_pass_norms.__name__):
+        out = step(x, y)
+    scale = 1.0 if optimizer is None else float(optimizer.scale_loss(1.0))
+    with tf.GradientTape() as tape:
+        predictions = model(x, training=True)
+        loss = tf.reduce_mean(_loss(y, predictions))
+        if model.losses:
+            loss += tf.add_n(model.losses)
+        loss *= scale
+    expected = tape.gradient(loss, model.trainable_variables)
+    for variable, a, b in zip(model.trainable_variables, out.gradients,
+                              expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5,
+                                   atol=1e-6 * np.max(np.abs(b)),
+                                   err_msg=variable.path)
+    np.testing.assert_allclose(
+        out.gradient_norms,
+        clars_tf.GradientNormEstimator(*groups)(model, _loss, x, y),
+        rtol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == one_pass_norms.__name__]
+    assert len(warnings) <= 1
+    return warnings[0] if warnings else None
+
+
+def _conv_model(layer, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((9, 9, 3)), layer,
+                             keras.layers.ReLU(), keras.layers.Flatten(),
+                             keras.layers.Dense(3, name="logits")])
+
+
+def test_kernel_regularizer_enters_the_gradient_not_the_estimate(caplog):
+    model = _conv_model(keras.layers.Conv2D(
+        4, 3, name="conv", kernel_regularizer=keras.regularizers.L2(0.5)))
+    x, y = _images()
+    assert _right_or_loud(model, x, y, caplog) is None
+
+
+def test_activity_regularizer_enters_the_gradient_not_the_estimate(caplog):
+    model = _conv_model(keras.layers.Conv2D(
+        4, 3, name="conv", activity_regularizer=keras.regularizers.L2(0.1)))
+    x, y = _images()
+    assert _right_or_loud(model, x, y, caplog) is None
+
+
+def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((9, 9, 4))
+    conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")
+    h = keras.layers.ReLU()(conv(inputs))
+    h = random_models.TiedConv(conv, name="tied")(h)
+    outputs = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).normal(size=(32, 9, 9, 4)).astype("float32")
+    warning = _right_or_loud(model, x, _images()[1], caplog)
+    assert "conv/kernel of layer 'conv' (Conv2D)" in warning
+    assert "also used outside its layer's call" in warning
+    assert "1 variable(s)" in warning  # the bias and logits are read
+
+
+def _per_time_step_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((9, 9, 3)), keras.layers.Reshape((81, 3)),
+        random_models.PerRowDense(5, name="per_time_step"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, name="logits")])
+
+
+def test_rows_that_are_not_the_examples_fall_back(caplog):
+    x, y = _images()
+    warning = _right_or_loud(_per_time_step_model(), x, y, caplog)
+    assert "layer 'per_time_step_rows' (Dense)" in warning
+    assert "leading axis has 2592 rows where the batch has 32" in warning
+    assert "logits" not in warning
+
+
+def _step_of_unknown_batch_size(model, estimator, global_batch_size):
+    """The one-pass norms, traced with an unknown batch size."""
+    return tf.function(
+        lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+            model, _loss, x, y, global_batch_size=global_batch_size,
+            estimator=estimator).gradient_norms,
+        input_signature=[tf.TensorSpec([None, 9, 9, 3]),
+                         tf.TensorSpec([None], tf.int32)])
+
+
+def test_rows_that_are_not_the_examples_with_unknown_batch_size_fail():
+    x, y = _images()
+    step = _step_of_unknown_batch_size(
+        _per_time_step_model(), clars_tf.OnePassGradientNormEstimator(4, 4),
+        32)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="layer `per_time_step_rows` is applied"):
+        step(x, y)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda: clars_tf.CLARS(0.1, loss_scale_factor=128.0),
+    lambda: keras.optimizers.LossScaleOptimizer(clars_tf.CLARS(0.1),
+                                                initial_scale=64.0),
+], ids=["loss_scale_factor", "loss_scale_optimizer"])
+def test_the_optimizers_loss_scaling_is_undone(optimizer, caplog):
+    model = _model("all")
+    optimizer = optimizer()
+    optimizer.build(model.trainable_variables)
+    x, y = _images()
+    assert _right_or_loud(model, x, y, caplog, optimizer=optimizer) is None
+
+
+def test_a_run_time_batch_too_small_for_the_micro_batches_says_so():
+    """Unknown batch size at tracing: the check runs with the step, before
+    any gather (on a GPU an out-of-range gather reads zeros)."""
+    step = _step_of_unknown_batch_size(
+        _model("all"), clars_tf.OnePassGradientNormEstimator(4, 8), 16)
+    x, y = _images(n=16)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"needs 8 micro-batches of 4 examples per "
+                             r"replica \(32\), more than the batch on this "
+                             r"replica: lower `num_micro_batches`"):
+        step(x, y)

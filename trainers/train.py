@@ -573,11 +573,18 @@ class Trainer:
         return results
 
     def _make_diagnostics(self):
-        """Per-layer trust ratios and gradient-noise ratios a_l / ||g_l||."""
+        """Per-layer trust ratios and gradient-noise ratios a_l / ||g_l||.
+
+        The estimates come from the estimator that trains (the one-pass
+        one's differ from the loop's with batch norm), fresh on every
+        probe; the loop's when training uses none (LARS, SGD).
+        """
         tf, strategy = self._tf, self.strategy
         est = self.config["estimator"]
-        estimator = self._clars_tf.GradientNormEstimator(
-            est["micro_batch_size"], est["num_micro_batches"])
+        estimator = self.estimator
+        if not getattr(estimator, "records_main_pass", False):
+            estimator = self._clars_tf.GradientNormEstimator(
+                est["micro_batch_size"], est["num_micro_batches"])
         variables = self.model.trainable_variables
 
         def replica_fn(images, labels):
@@ -786,8 +793,12 @@ class Trainer:
                 f"{evaluation[prefix + '_accuracy']:.4f}"
                 for prefix in ("validation", "eval")
                 if prefix + "_loss" in evaluation))
-        self.epoch_sums.assign([0.0, 0.0, 0.0])
-        return history + [entry]
+        # A run stopped by train.max_steps mid-epoch reports the epoch so
+        # far and keeps its sums (checkpointed): extended later, the run
+        # replaces that entry with the whole epoch's, one entry per epoch.
+        if step % self.steps_per_epoch == 0:
+            self.epoch_sums.assign([0.0, 0.0, 0.0])
+        return [past for past in history if past["epoch"] != epoch] + [entry]
 
     def _log_diagnostics(self, outputs, paths, step):
         tf = self._tf

@@ -1,0 +1,158 @@
+"""What a variable the one-pass estimator falls back on costs.
+
+The one-pass estimator takes a variable it cannot read off the main pass
+from the loop estimator, run for the falling-back variables alone: each
+micro-batch's forward pass is the whole model's, its backward pass only
+reaches as deep as the deepest falling-back variable. This benchmark times
+one CLARS step (forward, backward, estimate, update, in one `tf.function`)
+of a ResNet (default ResNet-8, 32x32x3 inputs, 10 classes) at batch B on
+synthetic data, side by side in one process:
+
+  * `sgd`: momentum SGD, the unit;
+  * `one_pass`: the one-pass estimator, every variable read off the pass;
+  * `one_pass_fallback_output`: the same network with one per-class scale
+    variable (a custom layer, not read) after the logits: the loop runs
+    for that variable only, its backward pass stops at the logits;
+  * `one_pass_fallback_input`: the scale on the input channels instead:
+    the backward pass of every micro-batch goes through the whole network
+    (for the input's gradient only, no weight gradients);
+  * `loop`: the loop estimator for every variable.
+
+Every variant's step is timed against the same SGD step; the table gives
+the median step time and the median per-round ratio to SGD (min..max).
+
+    TF_ENABLE_ONEDNN_OPTS=1 python3 -m benchmarks.one_pass_fallback \\
+        --output=/tmp/one_pass_fallback.json
+"""
+
+import json
+import logging
+import statistics
+
+from absl import app
+from absl import flags
+
+from benchmarks import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "resnet8", "Model name for models.build_model.")
+flags.DEFINE_integer("batch_size", 256, "Batch size B.")
+flags.DEFINE_integer("micro_batch_size", 8, "s.")
+flags.DEFINE_integer("num_micro_batches", 32, "J.")
+flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
+flags.DEFINE_integer("steps", 2, "Timed steps per candidate per round.")
+flags.DEFINE_string("output", None, "Write the results as JSON here.")
+
+
+def _scale_layer():
+    import keras
+
+    class Scale(keras.layers.Layer):
+        """One trainable factor per channel: a type the estimator does not
+        read."""
+
+        def build(self, input_shape):
+            self.scale = self.add_weight(shape=(input_shape[-1],),
+                                         initializer="ones", name="scale")
+
+        def call(self, inputs):
+            return inputs * self.scale
+
+    return Scale()
+
+
+def _models():
+    import keras
+
+    from clars_tf import models
+
+    keras.utils.set_random_seed(0)
+    network = models.build_model(FLAGS.model, (32, 32, 3), 10)
+    inputs = keras.Input((32, 32, 3))
+    return {
+        "plain": network,
+        "fallback_output": keras.Model(inputs,
+                                       _scale_layer()(network(inputs))),
+        "fallback_input": keras.Model(inputs,
+                                      network(_scale_layer()(inputs))),
+    }
+
+
+def main(argv):
+    del argv
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import clars_tf
+
+    # The fallback warning is expected here.
+    logging.getLogger("clars_tf.one_pass_norms").setLevel(logging.ERROR)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(FLAGS.batch_size, 32, 32, 3)),
+                    "float32")
+    y = tf.constant(rng.integers(0, 10, FLAGS.batch_size), "int32")
+
+    def loss(labels, logits):
+        return keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=True)
+
+    groups = (FLAGS.micro_batch_size, FLAGS.num_micro_batches)
+    built = _models()
+    candidates = {
+        "sgd": ("plain", None),
+        "one_pass": ("plain", clars_tf.OnePassGradientNormEstimator(*groups)),
+        "one_pass_fallback_output": (
+            "fallback_output",
+            clars_tf.OnePassGradientNormEstimator(*groups)),
+        "one_pass_fallback_input": (
+            "fallback_input", clars_tf.OnePassGradientNormEstimator(*groups)),
+        "loop": ("plain", clars_tf.GradientNormEstimator(*groups)),
+    }
+    steps = {}
+    for name, (model_name, estimator) in candidates.items():
+        model = built[model_name]
+        optimizer = (keras.optimizers.SGD(0.01, momentum=0.9)
+                     if estimator is None else clars_tf.CLARS(0.01))
+        optimizer.build(model.trainable_variables)
+
+        def step(model=model, optimizer=optimizer, estimator=estimator):
+            out = clars_tf.compute_loss_gradients_and_norms(
+                model, loss, x, y, global_batch_size=FLAGS.batch_size,
+                optimizer=optimizer, estimator=estimator)
+            kwargs = ({} if estimator is None
+                      else {"gradient_norms": out.gradient_norms})
+            optimizer.apply(out.gradients, model.trainable_variables,
+                            **kwargs)
+            return out.loss
+
+        compiled = tf.function(step)
+        steps[name] = lambda compiled=compiled: float(compiled())
+        for _ in range(3):  # tracing and warm-up
+            steps[name]()
+    times, cpu_times, shares = common.interleave(
+        steps, FLAGS.rounds, {name: FLAGS.steps for name in steps})
+    rows = {}
+    print(f"\n{FLAGS.model}, B={FLAGS.batch_size}, s={groups[0]}, "
+          f"J={groups[1]}; ratio = step time / SGD step time, per round")
+    print(f"{'candidate':28s} {'step s':>8s} {'ratio':>6s} {'min..max':>12s}"
+          f" {'cpu':>5s}")
+    for name in steps:
+        ratios = [t / s for t, s in zip(times[name], times["sgd"])]
+        rows[name] = {"seconds": times[name], "cpu_seconds": cpu_times[name],
+                      "cpu_share": shares[name], "ratios": ratios}
+        print(f"{name:28s} {statistics.median(times[name]):8.3f} "
+              f"{statistics.median(ratios):6.2f} "
+              f"{min(ratios):5.2f}..{max(ratios):<5.2f} "
+              f"{statistics.median(shares[name]):5.2f}")
+    if FLAGS.output:
+        with open(FLAGS.output, "w", encoding="utf-8") as f:
+            json.dump({"environment": common.environment_info(
+                model=FLAGS.model, batch_size=FLAGS.batch_size,
+                micro_batch_size=groups[0], num_micro_batches=groups[1],
+                rounds=FLAGS.rounds, steps=FLAGS.steps),
+                "candidates": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
