@@ -139,7 +139,9 @@ def pilot_section(plan, outcomes):
              f"SGD + momentum with a {pilot['warmup_epochs']:g}-epoch linear "
              f"warmup vs without, batch {pilot['batch_size']}, "
              f"{pilot['epochs']} epochs, seed {plan['tuning_seed']}; final "
-             "validation accuracy (%) after batch-norm recomputation, final "
+             "validation accuracy (%)" + (
+                 "" if "gate" in plan else " after batch-norm recomputation")
+             + ", final "
              "training loss, and the mean training loss over the first 20 % "
              "of steps (from train.log).", ""]
     verdicts = []
@@ -528,8 +530,10 @@ def figures(outcomes, results_dir, plan):
         key = (record["stage"], record.get("model"), record["batch_size"])
         groups.setdefault(key, []).append(outcome)
     tuning_seed = plan["tuning_seed"]
-    main_warmup = {"pilot": plan["pilot"]["warmup_epochs"],
-                   "compare": plan["comparison"]["warmup_epochs"]}
+    main_warmup = {stage: plan[section]["warmup_epochs"]
+                   for stage, section in (("pilot", "pilot"),
+                                          ("compare", "comparison"))
+                   if section in plan}
     lines = []
     for (stage, model, batch_size), group in sorted(groups.items()):
         name = f"{stage}_{model}_b{batch_size}"
@@ -594,19 +598,8 @@ def _pairing_note(outcomes):
             else "")
 
 
-def main(argv=None):
-    import yaml
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plan", default=PLAN)
-    parser.add_argument("--results_dir", default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    os.chdir(runs_lib.REPO_ROOT)
-    with open(args.plan, encoding="utf-8") as f:
-        plan = yaml.safe_load(f)
-    outcomes = runs_lib.load_archived(os.path.join(args.results_dir, "runs"))
-    pilot_lines, pilot_verdicts = pilot_section(plan, outcomes)
-    compare_lines, verdict, compared = comparison_section(plan, outcomes)
+def _second_study_summary(plan, pilot_verdicts, verdict, compared,
+                          outcomes):
     summary = ["## Verdict", "", _RULE + _pairing_note(outcomes), ""]
     threshold = plan["pilot"]["gap_points"]
     for model, gap, shows, paired in pilot_verdicts:
@@ -623,18 +616,158 @@ def main(argv=None):
                      + "): " + _reading(list(paired.values()),
                                         "SGD + warmup"))
         summary.append(line if line.endswith(".") else line + ".")
-    summary += (verdict + multiplicity_lines(compared)) or [
-        "- Comparison: not run yet."]
+    return summary + ((verdict + multiplicity_lines(compared)) or [
+        "- Comparison: not run yet."])
+
+
+def gate_verdict(plan, outcomes, model):
+    """The gate of `plan["gate"]` for `model`, from the pilot's runs.
+
+    Returns:
+        dict with best_warm and best_cold (tuning runs), paired ({seed:
+        test-accuracy difference in points, warmup minus none}), by_margin
+        (rule a), largest_warm, largest_cold (rates that train, or None),
+        warm_at_top (the warmup arm trains at its grid's top rate),
+        by_rate (rule b) and passed; None without both tuning bests.
+    """
+    gate, tuning_seed = plan["gate"], plan["tuning_seed"]
+    arms = {}
+    for method in ("sgd_warmup", "sgd_nowarmup"):
+        runs = _group(outcomes, stage="pilot", model=model, method=method)
+        tuning = [o for o in runs if o.record["seed"] == tuning_seed]
+        arms[method] = (runs, tuning, best(tuning))
+    (warm_runs, warm_tuning, best_warm), (cold_runs, cold_tuning,
+                                          best_cold) = arms.values()
+    if best_warm is None or best_cold is None:
+        return None
+    warm_test = _accuracy_by_seed(_at_rate(warm_runs, best_warm),
+                                  "test_accuracy")
+    cold_test = _accuracy_by_seed(_at_rate(cold_runs, best_cold),
+                                  "test_accuracy")
+    paired = {seed: 100 * (warm_test[seed] - cold_test[seed])
+              for seed in sorted(set(warm_test) & set(cold_test))}
+    interval = paired_interval(list(paired.values()))
+    by_margin = bool(interval and interval[0] > gate["margin_points"]
+                     and interval[2] > 0)
+    bar = max(best_warm.validation_accuracy, best_cold.validation_accuracy
+              ) - gate["trains_within_points"] / 100
+
+    def largest(tuning):
+        rates = [o.record["base_learning_rate"] for o in tuning
+                 if o.status == "done" and o.validation_accuracy >= bar]
+        return max(rates) if rates else None
+
+    largest_warm, largest_cold = largest(warm_tuning), largest(cold_tuning)
+    by_rate = largest_warm is not None and (
+        largest_cold is None
+        or largest_cold <= gate["rate_ratio"] * largest_warm)
+    return {"best_warm": best_warm, "best_cold": best_cold, "paired": paired,
+            "by_margin": by_margin, "largest_warm": largest_warm,
+            "largest_cold": largest_cold, "bar": bar,
+            "warm_at_top": largest_warm is not None and largest_warm == max(
+                o.record["base_learning_rate"] for o in warm_tuning),
+            "by_rate": by_rate, "passed": by_margin or by_rate}
+
+
+def gate_lines(plan, outcomes, sharpness_path):
+    """The gate's verdict per model, in the plan's own terms."""
+    gate = plan["gate"]
+    lines = [
+        f"Rule (fixed in the plan before the runs): passes if (a) SGD + "
+        "warmup minus SGD without, test accuracy paired over the fresh "
+        f"seeds, has a mean above {gate['margin_points']:g} points and a "
+        "95 % t-interval above 0, or (b) the largest grid rate that trains "
+        f"without warmup is at most {gate['rate_ratio']:g} times the largest "
+        "with it (trains: finishes within "
+        f"{gate['trains_within_points']:g} points of the better arm's best "
+        "validation accuracy, tuning seed).", ""]
+    sharpness = runs_lib.read_json(sharpness_path)
+    if sharpness:
+        limits = [s["base_rate_limit"] for s in sharpness["seeds"].values()]
+        values = [s["lambda_0"] for s in sharpness["seeds"].values()]
+        lines += [
+            f"- Initial sharpness lambda_0 {min(values):.3g}-"
+            f"{max(values):.3g} (seeds {', '.join(sharpness['seeds'])}, "
+            f"{sharpness['examples']} examples): the stability limit "
+            f"2(1 + {sharpness['momentum']:g})/lambda_0 is a base rate of "
+            f"{min(limits):.3g}-{max(limits):.3g} at batch "
+            f"{sharpness['batch_size']} (`python3 -m experiments.sharpness "
+            f"--config {sharpness['config']} --seeds "
+            f"{','.join(sharpness['seeds'])}`)."]
+    for model in plan["pilot"]["models"]:
+        verdict = gate_verdict(plan, outcomes, model)
+        if verdict is None:
+            lines.append(f"- {model}: the tuning runs are not done.")
+            continue
+        warm, cold = verdict["best_warm"], verdict["best_cold"]
+        lines.append(
+            f"- {model}: chosen rates (validation, seed "
+            f"{plan['tuning_seed']}): with warmup {_rate(warm)} "
+            f"({_percent(warm.validation_accuracy)} %), without "
+            f"{_rate(cold)} ({_percent(cold.validation_accuracy)} %).")
+        paired = verdict["paired"]
+        if len(paired) > 1:
+            lines.append(
+                "- (a) SGD + warmup minus SGD, no warmup, test accuracy "
+                "paired by seed (" + ", ".join(
+                    f"{seed}: {d:+.1f}" for seed, d in paired.items())
+                + "): " + _reading(list(paired.values()), "SGD + warmup")
+                + f" Rule (a): {'met' if verdict['by_margin'] else 'not met'}"
+                ".")
+        else:
+            lines.append("- (a) the fresh seeds are not done.")
+        show = (lambda rate: "none" if rate is None
+                else runs_lib.format_rate(rate))
+        lines.append(
+            f"- (b) largest rate that trains (validation >= "
+            f"{_percent(verdict['bar'])} %): with warmup "
+            f"{show(verdict['largest_warm'])}"
+            + (" (the top of its grid: a lower bound)"
+               if verdict["warm_at_top"] else "")
+            + f", without {show(verdict['largest_cold'])}. Rule (b): "
+            + ("met." if verdict["by_rate"] else "not met."))
+        lines.append(f"- **Gate, {model}: "
+                     f"{'passed' if verdict['passed'] else 'not passed'}**"
+                     + ("" if len(paired) > 1 else " (so far)") + ".")
+    return lines
+
+
+def main(argv=None):
+    import yaml
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default=PLAN)
+    parser.add_argument("--results_dir", default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    os.chdir(runs_lib.REPO_ROOT)
+    with open(args.plan, encoding="utf-8") as f:
+        plan = yaml.safe_load(f)
+    outcomes = runs_lib.load_archived(os.path.join(args.results_dir, "runs"))
+    pilot_lines, pilot_verdicts = pilot_section(plan, outcomes)
+    compare_lines, verdict, compared = (
+        comparison_section(plan, outcomes) if "comparison" in plan
+        else ([], [], []))
+    if "gate" in plan:
+        summary = ["## The gate", ""] + gate_lines(
+            plan, outcomes, os.path.join(args.results_dir, "sharpness.json"))
+        method = ("No batch norm; every run with train.deterministic=true "
+                  "(reruns bit-identical, seeds paired exactly).")
+    else:
+        summary = _second_study_summary(plan, pilot_verdicts, verdict,
+                                        compared, outcomes)
+        method = ("Batch-norm statistics recomputed on 4,096 training "
+                  "examples before each evaluation.")
     unfinished = [o.run_id for o in outcomes.values()
                   if o.status not in ("done", "diverged")]
-    text = ["# Second warmup study: results", "",
-            "Written by `python3 -m experiments.warmup_report` from "
+    command = "python3 -m experiments.warmup_report" + (
+        "" if args.plan == PLAN else
+        f" --plan {args.plan} --results_dir {args.results_dir}")
+    text = [f"# {plan.get('title', 'Second warmup study')}: results", "",
+            f"Written by `{command}` from "
             f"`{args.results_dir}/runs/` (each run's command is in its "
             "run.json). Rates chosen on validation accuracy (5,000 held-out "
-            "training examples, batch-norm statistics recomputed on 4,096 "
-            "training examples before each evaluation); test accuracy only "
-            "for fresh seeds.", ""] + summary + [""] + pilot_lines \
-        + compare_lines
+            "training examples); test accuracy only for fresh seeds. "
+            + method, ""] + summary + [""] + pilot_lines + compare_lines
     text += ["## Figures", ""] + figures(outcomes, args.results_dir, plan) + [""]
     if unfinished:
         text += ["## Unfinished runs", ""] + [f"- {r}" for r in

@@ -27,6 +27,7 @@ runs are kept, an interrupted run resumes from its last epoch checkpoint).
 """
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -55,17 +56,23 @@ def load_plan(path):
 def rate_beyond_edge(rates, best_rate):
     """The next rate past the edge where the best sits, at the grid's step.
 
-    The step is the ratio of the two rates at that edge (2 for a factor-2
-    grid, sqrt(2) for a sqrt(2) grid), rounded to 3 significant digits.
+    The step is the ratio of the two rates at that edge snapped to the
+    nearest power of sqrt(2) (grid rates are rounded: 0.025 / 0.0177 is a
+    sqrt(2) step), so a factor-2 grid extends by 2 and a sqrt(2) grid by
+    sqrt(2); the new rate is rounded to 3 significant digits, as the plans
+    write them.
     """
     rates = sorted(rates)
     if len(rates) < 2:
         return None
     if best_rate == rates[0]:
-        return float(f"{rates[0] * rates[0] / rates[1]:.3g}")
-    if best_rate == rates[-1]:
-        return float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")
-    return None
+        edge, ratio = rates[0], rates[0] / rates[1]
+    elif best_rate == rates[-1]:
+        edge, ratio = rates[-1], rates[-1] / rates[-2]
+    else:
+        return None
+    step = 2 ** (round(2 * math.log2(ratio)) / 2)
+    return float(f"{edge * step:.3g}")
 
 
 class Study:

@@ -52,6 +52,11 @@ def test_rate_beyond_edge():
     assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.1) == 0.05
     assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.4) == 0.8
     assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.2) is None
+    # A sqrt(2) grid of rounded rates: 0.0707 * 1.41421 = 0.09998,
+    # 0.0125 / 1.41421 = 0.008839.
+    grid = [0.0125, 0.0177, 0.025, 0.0354, 0.05, 0.0707]
+    assert warmup_study.rate_beyond_edge(grid, 0.0707) == 0.1
+    assert warmup_study.rate_beyond_edge(grid, 0.0125) == 0.00884
 
 
 def test_max_hours_stops_before_a_run_and_rerun_continues(tmp_path):
@@ -289,3 +294,53 @@ def test_pilot_verdict_rules():
     # Warmup's best more than 2 points higher: yes.
     assert _verdict([(0.1, 0.75)], [(0.1, 0.72)])["shows"]
     assert _verdict([(0.1, 0.75)], [(0.1, None, "failed")]) is None
+
+
+def test_gate_from_the_plans_rule(tmp_path):
+    gate_plan = dict(PLAN, gate={"margin_points": 2.0, "rate_ratio": 0.5,
+                                 "trains_within_points": 5.0},
+                     pilot=dict(PLAN["pilot"], confirm_seeds=[1, 2, 3],
+                                confirm_splits="validation+test"))
+    del gate_plan["comparison"]
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(gate_plan))
+    assert warmup_study.main([
+        f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
+        f"--archive_dir={tmp_path / 'results' / 'runs'}",
+        "--trainer=tests.stand_in_trainer", "--stage=pilot"]) == 0
+    verdict = warmup_report.gate_verdict(gate_plan, _archived(tmp_path),
+                                         "small_cnn")
+    # Chosen: 0.4 with warmup (90 %), 0.2 without (85 %); test accuracy at
+    # seeds 1-3 differs by exactly 5 points: rule (a) holds.
+    assert sorted(verdict["paired"]) == [1, 2, 3]
+    assert all(abs(d - 5.0) < 1e-9 for d in verdict["paired"].values())
+    assert verdict["by_margin"]
+    # Trains: validation >= 90 - 5 = 85 %. With warmup every grid rate
+    # (85-90 %) up to the top, 0.8; without only 0.2 (85 %, 1 point lower
+    # per factor 2): 0.2 <= 0.5 * 0.8, rule (b) holds too.
+    assert (verdict["largest_warm"], verdict["largest_cold"]) == (0.8, 0.2)
+    assert verdict["warm_at_top"] and verdict["by_rate"] and verdict["passed"]
+    warmup_report.main([f"--plan={plan_path}",
+                        f"--results_dir={tmp_path / 'results'}"])
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "- **Gate, small_cnn: passed**." in text
+    assert ("with warmup 0.8 (the top of its grid: a lower bound), without "
+            "0.2. Rule (b): met.") in text
+
+
+def test_sharpness_of_a_quadratic_is_its_top_eigenvalue():
+    import keras
+    import numpy as np
+
+    from experiments import sharpness
+
+    # A linear model under half the squared error has the Hessian X^T X / n
+    # in its weights, whatever the weights are.
+    inputs = np.random.default_rng(0).standard_normal((64, 3)) * [3, 1, 0.5]
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.Dense(1, use_bias=False)])
+    expected = np.linalg.eigvalsh(inputs.T @ inputs / 64)[-1]
+    estimates = sharpness.top_hessian_eigenvalue(
+        model, lambda y, out: 0.5 * (out[:, 0] - y) ** 2,
+        inputs.astype("float32"), np.zeros(64, "float32"), iterations=30)
+    assert abs(estimates[-1] / expected - 1) < 1e-4
