@@ -174,7 +174,8 @@ class Study:
                     rate, warmup, seed, pilot["epochs"],
                     splits=(pilot.get("confirm_splits", "validation")
                             if seed != self.plan["tuning_seed"]
-                            else "validation"))
+                            else "validation"),
+                    extra=pilot.get("overrides", ()))
 
             # Both methods rate by rate first, so that a pilot cut short by
             # --max_hours still compares them on the same rates.

@@ -300,7 +300,8 @@ def test_gate_from_the_plans_rule(tmp_path):
     gate_plan = dict(PLAN, gate={"margin_points": 2.0, "rate_ratio": 0.5,
                                  "trains_within_points": 5.0},
                      pilot=dict(PLAN["pilot"], confirm_seeds=[1, 2, 3],
-                                confirm_splits="validation+test"))
+                                confirm_splits="validation+test",
+                                overrides=["model.options.hidden_layers=8"]))
     del gate_plan["comparison"]
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(gate_plan))
@@ -308,8 +309,10 @@ def test_gate_from_the_plans_rule(tmp_path):
         f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
         f"--archive_dir={tmp_path / 'results' / 'runs'}",
         "--trainer=tests.stand_in_trainer", "--stage=pilot"]) == 0
-    verdict = warmup_report.gate_verdict(gate_plan, _archived(tmp_path),
-                                         "small_cnn")
+    outcomes = _archived(tmp_path)
+    assert all("model.options.hidden_layers=8" in o.record["overrides"]
+               for o in outcomes.values())
+    verdict = warmup_report.gate_verdict(gate_plan, outcomes, "small_cnn")
     # Chosen: 0.4 with warmup (90 %), 0.2 without (85 %); test accuracy at
     # seeds 1-3 differs by exactly 5 points: rule (a) holds.
     assert sorted(verdict["paired"]) == [1, 2, 3]
