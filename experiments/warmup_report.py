@@ -135,7 +135,8 @@ def at_edge(outcomes):
 
 def pilot_section(plan, outcomes):
     pilot = plan["pilot"]
-    lines = ["## Stage 1: pilot (is there a warmup gap?)", "",
+    lines = ["## Tuning and fresh seeds of SGD" if "gate" in plan
+             else "## Stage 1: pilot (is there a warmup gap?)", "",
              f"SGD + momentum with a {pilot['warmup_epochs']:g}-epoch linear "
              f"warmup vs without, batch {pilot['batch_size']}, "
              f"{pilot['epochs']} epochs, seed {plan['tuning_seed']}; final "
@@ -200,17 +201,19 @@ def pilot_section(plan, outcomes):
                 f"{_rate(best_cold)}"
                 f" [{best_cold.run_id}] (seed {tuning_seed}).",
                 f"- At these rates, mean over {verdict['seeds'][0]} and "
-                f"{verdict['seeds'][1]} seed(s): gap {gap:+.1f} points "
-                f"(threshold {pilot['gap_points']:g})" + "".join(
+                f"{verdict['seeds'][1]} seed(s): gap {gap:+.1f} points"
+                + ("" if "gate" in plan
+                   else f" (threshold {pilot['gap_points']:g})") + "".join(
                     f"; {o.run_id}: {_percent(o.validation_accuracy)} %"
                     for o in warm_all + cold_all
                     if o.record["seed"] != tuning_seed) + ".",
                 f"- Rates of the shared grid that diverged or ended at chance "
                 f"(<= {100 * runs_lib.CHANCE:.0f} %): {bad_warm} of {shared} "
-                f"with warmup, {bad_cold} of {shared} without.",
+                f"with warmup, {bad_cold} of {shared} without."]
+            # Under a gate the plan's gate rule decides, not this one.
+            lines += ([""] if "gate" in plan else [
                 f"- **Warmup gap in this setting: {'yes' if shows else 'no'}"
-                "** (a pilot finding, not a result).",
-                ""]
+                "** (a pilot finding, not a result).", ""])
     return lines, verdicts
 
 
@@ -264,7 +267,8 @@ def diagnostics_table(outcome, eta, clip, fraction=0.2):
 
 def comparison_section(plan, outcomes):
     compare = plan["comparison"]
-    labels = {m: s["label"] for m, s in compare["methods"].items()}
+    labels = {"sgd_warmup": "SGD + warmup", "sgd_nowarmup": "SGD, no warmup"}
+    labels.update({m: s["label"] for m, s in compare["methods"].items()})
     labels.update({m: s["label"] for m, s in compare["ablations"].items()})
     lines = ["## Stage 2: comparison", ""]
     verdict, compared = [], []
@@ -321,7 +325,10 @@ def comparison_section(plan, outcomes):
                       for t in compare["targets"]) + " |",
                   "|---" * (6 + len(compare["targets"])) + "|"]
         seeds_by_method = {}
-        for outcome in runs:
+        # A gate's SGD arms ran their fresh seeds in the pilot stage.
+        gate_arms = _group(outcomes, stage="pilot", batch_size=batch_size,
+                           model=compare["model"]) if "gate" in plan else []
+        for outcome in runs + gate_arms:
             if outcome.record["seed"] in seed_set:
                 seeds_by_method.setdefault(outcome.record["method"],
                                            []).append(outcome)
@@ -357,15 +364,17 @@ def comparison_section(plan, outcomes):
                     lines += [f"| {path} | {unclipped:.3f} | "
                               f"{100 * clipped:.0f} % | {noise:.2f} | {n} |"
                               for path, unclipped, clipped, noise, n in rows]
-        batch_verdict, batch_compared = _verdict(batch_size, seeds_by_method,
-                                                 labels)
+        batch_verdict, batch_compared = _verdict(
+            batch_size, seeds_by_method, labels,
+            compare.get("noninferiority_points"))
         verdict += batch_verdict
         compared += batch_compared
         lines.append("")
     return lines, verdict, compared
 
 
-def _difference(heading, first, second, seeds_by_method, labels):
+def _difference(heading, first, second, seeds_by_method, labels,
+                margin=None):
     """`first` minus `second` in test accuracy, paired by fresh seed.
 
     Each fresh seed fixes the initialisation and the data order for every
@@ -385,16 +394,23 @@ def _difference(heading, first, second, seeds_by_method, labels):
                                  zip(seeds, differences)) + ")")
     if len(differences) < 2:
         return [line + ": one pair, no interval."], differences
-    return [line + ": " + _reading(differences, name)], differences
+    return [line + ": " + _reading(differences, name, margin)], differences
 
 
-def _reading(differences, name):
-    """What the paired 95 % interval of `differences` allows, in words."""
+def _reading(differences, name, margin=None):
+    """What the paired 95 % interval of `differences` allows, in words.
+
+    With `margin` (points, fixed in the plan), also whether `name` is shown
+    no worse: the interval's lower end above -margin.
+    """
     mean, _, low, high = paired_interval(differences)
     degrees = len(differences) - 1
     text = (f"mean {mean:+.1f} points, 95 % interval [{low:+.1f}, "
             f"{high:+.1f}] ({degrees} degree{'s' * (degrees != 1)} of "
             "freedom): ")
+    if margin is not None:
+        text += (f"no worse within the plan's {margin:g}-point margin: "
+                 f"{'shown' if low > -margin else 'not shown'}; ")
     if low > 0:
         return text + f"{name} higher."
     if high < 0:
@@ -431,13 +447,17 @@ def _mechanism(batch_size, clars_runs):
     return []
 
 
-def _verdict(batch_size, seeds_by_method, labels):
-    """Verdict lines and the [(name, differences)] they compared."""
+def _verdict(batch_size, seeds_by_method, labels, margin=None):
+    """Verdict lines and the [(name, differences)] they compared.
+
+    `margin`: the plan's non-inferiority margin for CLARS, if any.
+    """
     compared = []
 
     def add(heading, first, second):
-        lines, differences = _difference(heading, first, second,
-                                         seeds_by_method, labels)
+        lines, differences = _difference(
+            heading, first, second, seeds_by_method, labels,
+            margin if first == "clars" else None)
         if differences:
             compared.append((f"{heading}: {labels.get(first, first)} minus "
                              f"{labels.get(second, second)}", differences))

@@ -347,3 +347,16 @@ def test_sharpness_of_a_quadratic_is_its_top_eigenvalue():
         model, lambda y, out: 0.5 * (out[:, 0] - y) ** 2,
         inputs.astype("float32"), np.zeros(64, "float32"), iterations=30)
     assert abs(estimates[-1] / expected - 1) < 1e-4
+
+
+def test_noninferiority_reads_the_lower_end_against_the_margin():
+    # +0.5, +1, +1.5: mean 1, s = 0.5, half-width 4.303 * 0.5 / sqrt(3) =
+    # 1.24, so [-0.2, +2.2]: above -1, not above 0.
+    shown = warmup_report._reading([0.5, 1.0, 1.5], "CLARS", margin=1.0)
+    assert shown.startswith(
+        "mean +1.0 points, 95 % interval [-0.2, +2.2] (2 degrees of "
+        "freedom): no worse within the plan's 1-point margin: shown; not "
+        "detectable with 3 seeds")
+    # -1, +1, +3: [-4.0, +6.0], whose lower end is below -1.
+    assert "1-point margin: not shown;" in warmup_report._reading(
+        [-1.0, 1.0, 3.0], "CLARS", margin=1.0)
