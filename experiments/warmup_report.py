@@ -283,7 +283,7 @@ def comparison_section(plan, outcomes):
             "Tuning (seed "
             f"{plan['tuning_seed']}, validation %, best in bold). Rate "
             "range: the largest over the smallest grid rate whose accuracy "
-            "is within the window of the best (one seed, a factor-2 grid: "
+            "is within the window of the best (one seed, the plan's grid: "
             "x1 means no neighbour within the window).", "",
             "| method | rates: val % | " + " | ".join(
                 f"range within {w:g} point{'s' * (w != 1)}" for w in RANGE_WINDOWS) + " |",
