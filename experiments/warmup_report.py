@@ -303,7 +303,7 @@ def comparison_section(plan, outcomes):
             widths = [rate_range_width(grid, w) for w in RANGE_WINDOWS]
             edge = " (best at grid edge)" if at_edge(grid) else ""
             lines.append(f"| {labels[method]} | {cells}{edge} | " + " | ".join(
-                "-" if width is None else f"x{width:g}" for width in widths)
+                "-" if width is None else f"x{width:.3g}" for width in widths)
                 + " |")
         variants = [o for o in runs if o.record["method"] == "sgd_warmup"
                     and o.record["seed"] == plan["tuning_seed"]
@@ -770,6 +770,13 @@ def main(argv=None):
     if "gate" in plan:
         summary = ["## The gate", ""] + gate_lines(
             plan, outcomes, os.path.join(args.results_dir, "sharpness.json"))
+        if verdict:
+            summary += ["", "## Comparison verdict", "", _RULE.replace(
+                "No non-inferiority margin was set before these runs, so "
+                "\"no worse\" is not shown for any method.",
+                "CLARS is \"no worse\" only against the plan's "
+                "non-inferiority margin.") + _pairing_note(outcomes), ""] + (
+                verdict + multiplicity_lines(compared))
         method = ("No batch norm; every run with train.deterministic=true "
                   "(reruns bit-identical, seeds paired exactly).")
     else:
