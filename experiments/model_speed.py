@@ -1,8 +1,9 @@
 r"""Training speed of the study's candidate models, side by side.
 
 One SGD (momentum 0.9) training step, forward and backward, at global batch
-`--batch_size` on fixed random Fashion-MNIST-shaped inputs (32x32x1, as the
-trainer feeds them), each model in its own `tf.function`. After 2 warm-up
+`--batch_size` on fixed random Fashion-MNIST-shaped inputs (`--image_size`, 32x32x1 by
+default, as the trainer feeds them; a model whose smallest input is larger
+gets its smallest), each model in its own `tf.function`. After 2 warm-up
 steps per model, `--rounds` rounds time every model for `--steps` steps,
 starting at a different model each round; the table gives the median
 images/s (min..max) and the median per-round ratio to the first model.
@@ -10,6 +11,8 @@ Input pipeline, evaluation and start-up are not included. Run from the
 repository root:
 
     python3 -m experiments.model_speed --models resnet8,small_cnn
+    python3 -m experiments.model_speed --image_size 28 --batch_size 2048 \
+        --models small_cnn,sigmoid_mlp,sigmoid_cnn,plain_cnn
 """
 
 import argparse
@@ -50,11 +53,17 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--image_size", type=int, default=32,
+                        help="input side (the trainer feeds Fashion-MNIST at "
+                             "task.image_size; 28 for the models without "
+                             "batch norm)")
     args = parser.parse_args(argv)
     names = args.models.split(",")
-    steps = {}
+    steps, sides = {}, {}
     for name in names:
-        model = models.build_model(name, (32, 32, 1), 10)
+        side = max(args.image_size, models.min_input_size(name))
+        model = models.build_model(name, (side, side, 1), 10)
+        sides[name] = side
         steps[name] = _step_function(model, args.batch_size)
         for _ in range(2):
             float(steps[name]())
@@ -73,7 +82,8 @@ def main(argv=None):
           f"steps; images/s median (min..max), ratio to {names[0]}")
     for name in names:
         ratios = [r / b for r, b in zip(rates[name], rates[names[0]])]
-        print(f"{name:12s} {statistics.median(rates[name]):8.0f} "
+        print(f"{name:12s} {sides[name]:3d} px "
+              f"{statistics.median(rates[name]):8.0f} "
               f"({min(rates[name]):.0f}..{max(rates[name]):.0f})  "
               f"x{statistics.median(ratios):.2f} "
               f"({min(ratios):.2f}..{max(ratios):.2f})")

@@ -91,9 +91,6 @@ class Run:
     def record(self):
         return read_json(os.path.join(self.archive, "run.json")) or {}
 
-    def results(self):
-        return read_json(os.path.join(self.archive, "results.json"))
-
     def status(self):
         """'done', 'diverged', 'failed', 'interrupted' or 'pending'."""
         return self.record().get("status", "pending")

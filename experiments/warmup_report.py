@@ -15,6 +15,8 @@ import math
 import os
 import statistics
 
+from scipy import stats
+
 from experiments import runs as runs_lib
 
 PLAN = "configs/warmup_study/plan.yaml"
@@ -69,6 +71,44 @@ def _by_rate(outcomes):
 
 
 best = runs_lib.best
+# Windows (points of validation accuracy below the best) for the rate range.
+RANGE_WINDOWS = (1.0, 2.0, 5.0)
+
+
+def paired_interval(differences, confidence=0.95):
+    """Mean and two-sided t-interval of paired differences.
+
+    Returns:
+        (mean, half_width, low, high), or None for fewer than two pairs.
+    """
+    if len(differences) < 2:
+        return None
+    mean = statistics.mean(differences)
+    half_width = (stats.t.ppf(0.5 + confidence / 2, len(differences) - 1)
+                  * statistics.stdev(differences)
+                  / math.sqrt(len(differences)))
+    return mean, half_width, mean - half_width, mean + half_width
+
+
+def detectable_gap(differences, confidence=0.95, power=0.8):
+    """Smallest true paired gap found with `power` by a `confidence` t-test.
+
+    (t_{1-alpha/2} + t_{power}) * s / sqrt(n), with n - 1 degrees of
+    freedom and the observed spread s standing in for the true one.
+    """
+    degrees = len(differences) - 1
+    return ((stats.t.ppf(0.5 + confidence / 2, degrees)
+             + stats.t.ppf(power, degrees))
+            * statistics.stdev(differences) / math.sqrt(len(differences)))
+
+
+def run_length(outcome):
+    """(total steps, warmup steps) of a run, as the trainer rounds them."""
+    per_epoch = outcome.results.get("steps_per_epoch")
+    total = outcome.total_steps()
+    if not per_epoch or not total:
+        return None
+    return total, round(outcome.record["warmup_epochs"] * per_epoch)
 
 
 def rate_range_width(outcomes, points=1.0):
@@ -95,11 +135,14 @@ def at_edge(outcomes):
 
 def pilot_section(plan, outcomes):
     pilot = plan["pilot"]
-    lines = ["## Stage 1: pilot (is there a warmup gap?)", "",
+    lines = ["## Tuning and fresh seeds of SGD" if "gate" in plan
+             else "## Stage 1: pilot (is there a warmup gap?)", "",
              f"SGD + momentum with a {pilot['warmup_epochs']:g}-epoch linear "
              f"warmup vs without, batch {pilot['batch_size']}, "
              f"{pilot['epochs']} epochs, seed {plan['tuning_seed']}; final "
-             "validation accuracy (%) after batch-norm recomputation, final "
+             "validation accuracy (%)" + (
+                 "" if "gate" in plan else " after batch-norm recomputation")
+             + ", final "
              "training loss, and the mean training loss over the first 20 % "
              "of steps (from train.log).", ""]
     verdicts = []
@@ -136,13 +179,19 @@ def pilot_section(plan, outcomes):
                              "its grid; the optimum may lie beyond it.")
         verdict = runs_lib.pilot_verdict(warm_all, cold_all,
                                          pilot["gap_points"], tuning_seed)
+        lines += _length_line(warm_all, pilot["warmup_epochs"])
         if verdict:
             gap, shows = verdict["gap"], verdict["shows"]
             shared = len(verdict["shared"])
             bad_warm, bad_cold = verdict["bad_warm"], verdict["bad_cold"]
-            ranges = [_values_at_rate(group, top) for group, top in
-                      ((warm_all, best_warm), (cold_all, best_cold))]
-            verdicts.append((model, gap, shows, ranges))
+            warm_seeds = _accuracy_by_seed(
+                _at_rate(warm_all, best_warm), "validation_accuracy")
+            cold_seeds = _accuracy_by_seed(
+                _at_rate(cold_all, best_cold), "validation_accuracy")
+            paired = {seed: 100 * (warm_seeds[seed] - cold_seeds[seed])
+                      for seed in sorted(set(warm_seeds) & set(cold_seeds))
+                      if seed != tuning_seed}
+            verdicts.append((model, gap, shows, paired))
             lines += [
                 "- Best with warmup: "
                 f"{_percent(best_warm.validation_accuracy)} % at "
@@ -152,26 +201,46 @@ def pilot_section(plan, outcomes):
                 f"{_rate(best_cold)}"
                 f" [{best_cold.run_id}] (seed {tuning_seed}).",
                 f"- At these rates, mean over {verdict['seeds'][0]} and "
-                f"{verdict['seeds'][1]} seed(s): gap {gap:+.1f} points "
-                f"(threshold {pilot['gap_points']:g})" + "".join(
+                f"{verdict['seeds'][1]} seed(s): gap {gap:+.1f} points"
+                + ("" if "gate" in plan
+                   else f" (threshold {pilot['gap_points']:g})") + "".join(
                     f"; {o.run_id}: {_percent(o.validation_accuracy)} %"
                     for o in warm_all + cold_all
                     if o.record["seed"] != tuning_seed) + ".",
                 f"- Rates of the shared grid that diverged or ended at chance "
                 f"(<= {100 * runs_lib.CHANCE:.0f} %): {bad_warm} of {shared} "
-                f"with warmup, {bad_cold} of {shared} without.",
+                f"with warmup, {bad_cold} of {shared} without."]
+            # Under a gate the plan's gate rule decides, not this one.
+            lines += ([""] if "gate" in plan else [
                 f"- **Warmup gap in this setting: {'yes' if shows else 'no'}"
-                "** (a pilot finding, not a result).",
-                ""]
+                "** (a pilot finding, not a result).", ""])
     return lines, verdicts
 
 
-def _values_at_rate(group, chosen):
-    """Validation accuracies of every seed run at `chosen`'s rate."""
-    return [o.validation_accuracy for o in group
+def _length_line(runs, warmup_epochs):
+    """How many steps the runs took and their warmup, from results.json."""
+    warm = [o for o in runs if o.record["warmup_epochs"] == warmup_epochs
+            and run_length(o)]
+    if not warm:
+        return []
+    total, warmup_steps = run_length(warm[0])
+    return [f"Each run: {total} steps ({warm[0].results['steps_per_epoch']} "
+            f"per epoch); a {warmup_epochs:g}-epoch warmup is "
+            f"{warmup_steps} steps [{warm[0].run_id}].", ""]
+
+
+def _at_rate(group, chosen):
+    """The runs of `group` at `chosen`'s rate and warmup length."""
+    return [o for o in group
             if o.record["base_learning_rate"]
             == chosen.record["base_learning_rate"]
-            and o.validation_accuracy is not None]
+            and o.record["warmup_epochs"] == chosen.record["warmup_epochs"]]
+
+
+def _accuracy_by_seed(group, key):
+    """{seed: accuracy} of the finished runs in `group` (`key`: property)."""
+    return {o.record["seed"]: getattr(o, key) for o in group
+            if getattr(o, key) is not None}
 
 
 def diagnostics_table(outcome, eta, clip, fraction=0.2):
@@ -198,20 +267,27 @@ def diagnostics_table(outcome, eta, clip, fraction=0.2):
 
 def comparison_section(plan, outcomes):
     compare = plan["comparison"]
-    labels = {m: s["label"] for m, s in compare["methods"].items()}
+    labels = {"sgd_warmup": "SGD + warmup", "sgd_nowarmup": "SGD, no warmup"}
+    labels.update({m: s["label"] for m, s in compare["methods"].items()})
     labels.update({m: s["label"] for m, s in compare["ablations"].items()})
     lines = ["## Stage 2: comparison", ""]
-    verdict = []
+    verdict, compared = [], []
     seed_set = set(compare["seeds"])
     for batch_size in compare["batch_sizes"]:
         runs = _group(outcomes, stage="compare", batch_size=batch_size)
         if not runs:
             lines += [f"Batch {batch_size}: no runs yet.", ""]
             continue
-        lines += [f"### Batch {batch_size}", "", "Tuning (seed "
-                  f"{plan['tuning_seed']}, validation %, best in bold):", "",
-                  "| method | rates: val % | rate range within 1 point |",
-                  "|---|---|---|"]
+        lines += [f"### Batch {batch_size}", ""] + _length_line(
+            runs, compare["warmup_epochs"]) + [
+            "Tuning (seed "
+            f"{plan['tuning_seed']}, validation %, best in bold). Rate "
+            "range: the largest over the smallest grid rate whose accuracy "
+            "is within the window of the best (one seed, the plan's grid: "
+            "x1 means no neighbour within the window).", "",
+            "| method | rates: val % | " + " | ".join(
+                f"range within {w:g} point{'s' * (w != 1)}" for w in RANGE_WINDOWS) + " |",
+            "|---|---|" + "---|" * len(RANGE_WINDOWS)]
         for method, spec in compare["methods"].items():
             warmup = compare["warmup_epochs"] if spec["warmup"] else 0.0
             grid = [o for o in runs if o.record["method"] == method
@@ -224,10 +300,11 @@ def comparison_section(plan, outcomes):
                 f"{runs_lib.format_rate(r)}: "
                 + (f"**{_result(o)}**" if o is top else _result(o))
                 for r, o in sorted(_by_rate(grid).items()))
-            width = rate_range_width(grid)
+            widths = [rate_range_width(grid, w) for w in RANGE_WINDOWS]
             edge = " (best at grid edge)" if at_edge(grid) else ""
-            lines.append(f"| {labels[method]} | {cells}{edge} | "
-                         f"{'-' if width is None else f'x{width:g}'} |")
+            lines.append(f"| {labels[method]} | {cells}{edge} | " + " | ".join(
+                "-" if width is None else f"x{width:.3g}" for width in widths)
+                + " |")
         variants = [o for o in runs if o.record["method"] == "sgd_warmup"
                     and o.record["seed"] == plan["tuning_seed"]
                     and o.record["warmup_epochs"]
@@ -236,7 +313,10 @@ def comparison_section(plan, outcomes):
             lines += ["", "SGD + warmup at its best rate, other warmup "
                       "lengths: " + ", ".join(
                           f"{o.record['warmup_epochs']:g} epochs: "
-                          f"{_result(o)} % [{o.run_id}]" for o in variants)]
+                          f"{_result(o)} % [{o.run_id}]" for o in variants)
+                      + f" (the fresh seeds ran the plan's "
+                      f"{compare['warmup_epochs']:g} epoch whichever scored "
+                      "higher)."]
         lines += ["", f"Fresh seeds {sorted(seed_set)} at the chosen rates "
                   "(mean (min-max)):", "",
                   "| method | rate | val % | test % | early loss | final "
@@ -245,7 +325,10 @@ def comparison_section(plan, outcomes):
                       for t in compare["targets"]) + " |",
                   "|---" * (6 + len(compare["targets"])) + "|"]
         seeds_by_method = {}
-        for outcome in runs:
+        # A gate's SGD arms ran their fresh seeds in the pilot stage.
+        gate_arms = _group(outcomes, stage="pilot", batch_size=batch_size,
+                           model=compare["model"]) if "gate" in plan else []
+        for outcome in runs + gate_arms:
             if outcome.record["seed"] in seed_set:
                 seeds_by_method.setdefault(outcome.record["method"],
                                            []).append(outcome)
@@ -281,37 +364,63 @@ def comparison_section(plan, outcomes):
                     lines += [f"| {path} | {unclipped:.3f} | "
                               f"{100 * clipped:.0f} % | {noise:.2f} | {n} |"
                               for path, unclipped, clipped, noise, n in rows]
-        verdict += _verdict(batch_size, seeds_by_method, labels)
+        batch_verdict, batch_compared = _verdict(
+            batch_size, seeds_by_method, labels,
+            compare.get("noninferiority_points"))
+        verdict += batch_verdict
+        compared += batch_compared
         lines.append("")
-    return lines, verdict
+    return lines, verdict, compared
 
 
-def _test_accuracy_by_seed(group):
-    return {o.record["seed"]: o.test_accuracy for o in group
-            if o.test_accuracy is not None}
+def _difference(heading, first, second, seeds_by_method, labels,
+                margin=None):
+    """`first` minus `second` in test accuracy, paired by fresh seed.
+
+    Each fresh seed fixes the initialisation and the data order for every
+    method alike, so the per-seed differences are paired; the verdict reads
+    their 95 % t-interval. Returns (lines, differences in points).
+    """
+    mine = _accuracy_by_seed(seeds_by_method.get(first, []), "test_accuracy")
+    theirs = _accuracy_by_seed(seeds_by_method.get(second, []),
+                               "test_accuracy")
+    seeds = sorted(set(mine) & set(theirs))
+    if not seeds:
+        return [], []
+    differences = [100 * (mine[seed] - theirs[seed]) for seed in seeds]
+    name, other = labels.get(first, first), labels.get(second, second)
+    line = (f"- {heading}: {name} minus {other}, test accuracy paired by "
+            "seed (" + ", ".join(f"{seed}: {d:+.1f}" for seed, d in
+                                 zip(seeds, differences)) + ")")
+    if len(differences) < 2:
+        return [line + ": one pair, no interval."], differences
+    return [line + ": " + _reading(differences, name, margin)], differences
 
 
-def _difference(heading, first, second, seeds_by_method, labels):
-    """One line: `first` minus `second` in test accuracy over fresh seeds."""
-    mine = _test_accuracy_by_seed(seeds_by_method.get(first, []))
-    theirs = _test_accuracy_by_seed(seeds_by_method.get(second, []))
-    if not mine or not theirs:
-        return []
-    difference = 100 * (statistics.mean(mine.values())
-                        - statistics.mean(theirs.values()))
-    separated = (min(mine.values()) > max(theirs.values())
-                 or max(mine.values()) < min(theirs.values()))
-    overlap = ("overlap (no evidence either way)" if not separated
-               else "do not overlap" if min(len(mine), len(theirs)) > 1
-               else "cannot be compared (one seed)")
-    # Each fresh seed fixes the initialization and the data order for
-    # every method alike, so per-seed differences are paired.
-    paired = sorted(set(mine) & set(theirs))
-    return [f"- {heading}: {labels.get(first, first)} minus "
-            f"{labels.get(second, second)}: {difference:+.1f} points of test "
-            f"accuracy; the seed ranges {overlap}; paired by seed ("
-            + ", ".join(f"{seed}: {100 * (mine[seed] - theirs[seed]):+.1f}"
-                        for seed in paired) + ")."]
+def _reading(differences, name, margin=None):
+    """What the paired 95 % interval of `differences` allows, in words.
+
+    With `margin` (points, fixed in the plan), also whether `name` is shown
+    no worse: the interval's lower end above -margin.
+    """
+    mean, _, low, high = paired_interval(differences)
+    degrees = len(differences) - 1
+    text = (f"mean {mean:+.1f} points, 95 % interval [{low:+.1f}, "
+            f"{high:+.1f}] ({degrees} degree{'s' * (degrees != 1)} of "
+            "freedom): ")
+    if margin is not None:
+        text += (f"no worse within the plan's {margin:g}-point margin: "
+                 f"{'shown' if low > -margin else 'not shown'}; ")
+    if low > 0:
+        return text + f"{name} higher."
+    if high < 0:
+        return text + f"{name} lower."
+    return text + (
+        f"not detectable with {len(differences)} seeds (with this spread, "
+        "the smallest true gap found 80 % of the time is about "
+        f"{detectable_gap(differences):.1f} points); the interval allows "
+        f"{name} to be up to {max(0.0, -low):.1f} points lower or "
+        f"{max(0.0, high):.1f} higher.")
 
 
 def _mechanism(batch_size, clars_runs):
@@ -338,18 +447,57 @@ def _mechanism(batch_size, clars_runs):
     return []
 
 
-def _verdict(batch_size, seeds_by_method, labels):
-    out = _difference(f"Batch {batch_size}, the warmup problem",
-                      "sgd_warmup", "sgd_nowarmup", seeds_by_method, labels)
+def _verdict(batch_size, seeds_by_method, labels, margin=None):
+    """Verdict lines and the [(name, differences)] they compared.
+
+    `margin`: the plan's non-inferiority margin for CLARS, if any.
+    """
+    compared = []
+
+    def add(heading, first, second):
+        lines, differences = _difference(
+            heading, first, second, seeds_by_method, labels,
+            margin if first == "clars" else None)
+        if differences:
+            compared.append((f"{heading}: {labels.get(first, first)} minus "
+                             f"{labels.get(second, second)}", differences))
+        return lines
+
+    out = add(f"Batch {batch_size}, the warmup problem", "sgd_warmup",
+              "sgd_nowarmup")
     clars = seeds_by_method.get("clars")
     if not clars:
         return out + [f"- Batch {batch_size}: CLARS's seed runs are not "
-                      "done."]
+                      "done."], compared
     for other in ("sgd_warmup", "lars_warmup", "sgd_nowarmup",
                   "clars_warmup", "clars_clip_only", "clars_adapt_all"):
-        out += _difference(f"Batch {batch_size}", "clars", other,
-                           seeds_by_method, labels)
-    return out + _mechanism(batch_size, clars)
+        out += add(f"Batch {batch_size}", "clars", other)
+    return out + _mechanism(batch_size, clars), compared
+
+
+def multiplicity_lines(compared, confidence=0.95):
+    """How many comparisons the verdict makes, and which survive Bonferroni.
+
+    Args:
+        compared: [(name, differences in points)].
+    """
+    if not compared:
+        return []
+    count = len(compared)
+    corrected = 1 - (1 - confidence) / count
+    survivors = []
+    for name, differences in compared:
+        interval = paired_interval(differences, corrected)
+        if interval and (interval[2] > 0 or interval[3] < 0):
+            survivors.append(f"{name} ({interval[2]:+.1f} to "
+                             f"{interval[3]:+.1f})")
+    return [f"- {count} comparisons above, each with its own 95 % interval "
+            "and no correction for their number: with no real difference "
+            f"anywhere, about {count * (1 - confidence):.1f} of them would "
+            "still exclude 0 by chance. With a Bonferroni correction (each "
+            f"interval at {100 * corrected:.2f} %), the intervals that "
+            "exclude 0: " + ("; ".join(survivors) if survivors else "none")
+            + "."]
 
 
 def plot(path, title, curves, xlabel, ylabel, log_x=False):
@@ -364,7 +512,8 @@ def plot(path, title, curves, xlabel, ylabel, log_x=False):
         axis.plot(xs, ys, marker="o", markersize=3, label=label)
     if log_x:
         axis.set_xscale("log", base=2)
-    axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    axis.set_title(title, fontsize=9)
+    axis.set(xlabel=xlabel, ylabel=ylabel)
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -372,48 +521,234 @@ def plot(path, title, curves, xlabel, ylabel, log_x=False):
     return os.path.basename(path)
 
 
-def figures(outcomes, results_dir):
+def _variant_label(method, warmup_epochs):
+    return f"{method}, " + (f"warmup {warmup_epochs:g} epoch" if warmup_epochs
+                            else "no warmup")
+
+
+def _early_loss_run(members, main_warmup, tuning_seed):
+    """One run per method for the early-loss plot: the first seed run.
+
+    The lowest seed other than the tuning seed at the method's chosen rate
+    and main warmup length (an ablation, never tuned: its lowest seed), so
+    that every curve of a plot starts from the same initialisation.
+    """
+    main = [o for o in members if o.record["warmup_epochs"] in (0.0,
+                                                                main_warmup)]
+    chosen = best([o for o in main if o.record["seed"] == tuning_seed])
+    candidates = (_at_rate(main, chosen) if chosen is not None else main)
+    candidates = [o for o in candidates if o.record["seed"] != tuning_seed
+                  and o.step_losses()]
+    return min(candidates, key=lambda o: o.record["seed"], default=None)
+
+
+def figures(outcomes, results_dir, plan):
     """Rate sensitivity and early training loss, per stage and batch size."""
     groups = {}
     for outcome in outcomes.values():
         record = outcome.record
         key = (record["stage"], record.get("model"), record["batch_size"])
         groups.setdefault(key, []).append(outcome)
+    tuning_seed = plan["tuning_seed"]
+    main_warmup = {stage: plan[section]["warmup_epochs"]
+                   for stage, section in (("pilot", "pilot"),
+                                          ("compare", "comparison"))
+                   if section in plan}
     lines = []
     for (stage, model, batch_size), group in sorted(groups.items()):
         name = f"{stage}_{model}_b{batch_size}"
         by_method = {}
         for outcome in group:
             by_method.setdefault(outcome.record["method"], []).append(outcome)
-        sensitivity, early = {}, {}
+        sensitivity, early, seeds = {}, {}, set()
         for method, members in sorted(by_method.items()):
-            tuning_seed = min(o.record["seed"] for o in members)
-            tuning = sorted(
-                (o.record["base_learning_rate"], o.validation_accuracy)
-                for o in members if o.validation_accuracy is not None
-                and o.record["seed"] == tuning_seed)
-            if len(tuning) > 1:
-                sensitivity[method] = ([r for r, _ in tuning],
-                                       [100 * a for _, a in tuning])
-            top = best(members)
-            if top is not None and top.step_losses():
-                losses = sorted(top.step_losses().items())
-                cut = max(1, round(0.2 * (top.total_steps() or len(losses))))
-                early[f"{method} at "
-                      f"{_rate(top)}"
-                      ] = ([s for s, _ in losses if s <= cut],
-                           [l for s, l in losses if s <= cut])
+            variants = {}
+            for o in members:
+                if o.validation_accuracy is not None and (
+                        o.record["seed"] == tuning_seed):
+                    variants.setdefault(o.record["warmup_epochs"], []).append(
+                        (o.record["base_learning_rate"],
+                         100 * o.validation_accuracy))
+            for warmup, points in sorted(variants.items()):
+                points.sort()
+                sensitivity[_variant_label(method, warmup)] = (
+                    [r for r, _ in points], [a for _, a in points])
+            run = _early_loss_run(members, main_warmup[stage], tuning_seed)
+            if run is not None:
+                losses = sorted(run.step_losses().items())
+                cut = max(1, round(0.2 * (run.total_steps() or len(losses))))
+                seeds.add(run.record["seed"])
+                early[f"{_variant_label(method, run.record['warmup_epochs'])}"
+                      f" at {_rate(run)}"] = (
+                    [s for s, _ in losses if s <= cut],
+                    [l for s, l in losses if s <= cut])
         if sensitivity:
             lines.append("![]({})".format(plot(
                 os.path.join(results_dir, f"{name}_rates.png"),
-                f"{name}: final validation accuracy by rate", sensitivity,
-                "base rate (per 128 examples)", "validation accuracy (%)",
-                log_x=True)))
+                f"{name}: validation accuracy by rate, seed {tuning_seed}",
+                sensitivity, "base rate (per 128 examples)",
+                "validation accuracy (%)", log_x=True)))
         if early:
             lines.append("![]({})".format(plot(
                 os.path.join(results_dir, f"{name}_early_loss.png"),
-                f"{name}: training loss, first 20 % of steps (best run)",
-                early, "step", "training loss")))
+                f"{name}: training loss, first 20 % of steps; seed "
+                + ", ".join(map(str, sorted(seeds))), early, "step",
+                "training loss")))
+    return lines
+
+
+_RULE = (
+    "Rule: each comparison is a difference per fresh seed (a seed fixes the "
+    "initialisation and the data order for both methods), read through its "
+    "95 % t-interval with n - 1 degrees of freedom. A difference is called "
+    "only when its interval excludes 0; otherwise it is not detectable with "
+    "n seeds, and the interval says how large a gap it still allows either "
+    "way. No non-inferiority margin was set before these runs, so \"no "
+    "worse\" is not shown for any method.")
+
+
+def _pairing_note(outcomes):
+    """Whether reruns of one config and seed were bit-identical."""
+    loose = [o for o in outcomes.values() if o.status == "done" and not (
+        (o.results.get("config") or {}).get("train") or {}).get(
+            "deterministic")]
+    return (f" The pairing is not exact: {len(loose)} of the "
+            f"{len(outcomes)} runs ran without train.deterministic, so a "
+            "rerun of one config and seed can differ by itself." if loose
+            else "")
+
+
+def _second_study_summary(plan, pilot_verdicts, verdict, compared,
+                          outcomes):
+    summary = ["## Verdict", "", _RULE + _pairing_note(outcomes), ""]
+    threshold = plan["pilot"]["gap_points"]
+    for model, gap, shows, paired in pilot_verdicts:
+        rule = ("worse than SGD with warmup by the pilot's rule" if shows
+                else "not worse than SGD with warmup by the pilot's rule")
+        line = (f"- Pilot, {model}: SGD without warmup is {rule} (best-rate "
+                f"gap {gap:+.1f} points of validation accuracy on the "
+                f"tuning seed and the confirmation seeds, threshold "
+                f"{threshold:g})")
+        if len(paired) > 1:
+            line += (". SGD + warmup minus SGD, no warmup, validation "
+                     "accuracy paired by confirmation seed (" + ", ".join(
+                         f"{seed}: {d:+.1f}" for seed, d in paired.items())
+                     + "): " + _reading(list(paired.values()),
+                                        "SGD + warmup"))
+        summary.append(line if line.endswith(".") else line + ".")
+    return summary + ((verdict + multiplicity_lines(compared)) or [
+        "- Comparison: not run yet."])
+
+
+def gate_verdict(plan, outcomes, model):
+    """The gate of `plan["gate"]` for `model`, from the pilot's runs.
+
+    Returns:
+        dict with best_warm and best_cold (tuning runs), paired ({seed:
+        test-accuracy difference in points, warmup minus none}), by_margin
+        (rule a), largest_warm, largest_cold (rates that train, or None),
+        warm_at_top (the warmup arm trains at its grid's top rate),
+        by_rate (rule b) and passed; None without both tuning bests.
+    """
+    gate, tuning_seed = plan["gate"], plan["tuning_seed"]
+    arms = {}
+    for method in ("sgd_warmup", "sgd_nowarmup"):
+        runs = _group(outcomes, stage="pilot", model=model, method=method)
+        tuning = [o for o in runs if o.record["seed"] == tuning_seed]
+        arms[method] = (runs, tuning, best(tuning))
+    (warm_runs, warm_tuning, best_warm), (cold_runs, cold_tuning,
+                                          best_cold) = arms.values()
+    if best_warm is None or best_cold is None:
+        return None
+    warm_test = _accuracy_by_seed(_at_rate(warm_runs, best_warm),
+                                  "test_accuracy")
+    cold_test = _accuracy_by_seed(_at_rate(cold_runs, best_cold),
+                                  "test_accuracy")
+    paired = {seed: 100 * (warm_test[seed] - cold_test[seed])
+              for seed in sorted(set(warm_test) & set(cold_test))}
+    interval = paired_interval(list(paired.values()))
+    by_margin = bool(interval and interval[0] > gate["margin_points"]
+                     and interval[2] > 0)
+    bar = max(best_warm.validation_accuracy, best_cold.validation_accuracy
+              ) - gate["trains_within_points"] / 100
+
+    def largest(tuning):
+        rates = [o.record["base_learning_rate"] for o in tuning
+                 if o.status == "done" and o.validation_accuracy >= bar]
+        return max(rates) if rates else None
+
+    largest_warm, largest_cold = largest(warm_tuning), largest(cold_tuning)
+    by_rate = largest_warm is not None and (
+        largest_cold is None
+        or largest_cold <= gate["rate_ratio"] * largest_warm)
+    return {"best_warm": best_warm, "best_cold": best_cold, "paired": paired,
+            "by_margin": by_margin, "largest_warm": largest_warm,
+            "largest_cold": largest_cold, "bar": bar,
+            "warm_at_top": largest_warm is not None and largest_warm == max(
+                o.record["base_learning_rate"] for o in warm_tuning),
+            "by_rate": by_rate, "passed": by_margin or by_rate}
+
+
+def gate_lines(plan, outcomes, sharpness_path):
+    """The gate's verdict per model, in the plan's own terms."""
+    gate = plan["gate"]
+    lines = [
+        f"Rule (fixed in the plan before the runs): passes if (a) SGD + "
+        "warmup minus SGD without, test accuracy paired over the fresh "
+        f"seeds, has a mean above {gate['margin_points']:g} points and a "
+        "95 % t-interval above 0, or (b) the largest grid rate that trains "
+        f"without warmup is at most {gate['rate_ratio']:g} times the largest "
+        "with it (trains: finishes within "
+        f"{gate['trains_within_points']:g} points of the better arm's best "
+        "validation accuracy, tuning seed).", ""]
+    sharpness = runs_lib.read_json(sharpness_path)
+    if sharpness:
+        limits = [s["base_rate_limit"] for s in sharpness["seeds"].values()]
+        values = [s["lambda_0"] for s in sharpness["seeds"].values()]
+        lines += [
+            f"- Initial sharpness lambda_0 {min(values):.3g}-"
+            f"{max(values):.3g} (seeds {', '.join(sharpness['seeds'])}, "
+            f"{sharpness['examples']} examples): the stability limit "
+            f"2(1 + {sharpness['momentum']:g})/lambda_0 is a base rate of "
+            f"{min(limits):.3g}-{max(limits):.3g} at batch "
+            f"{sharpness['batch_size']} (`python3 -m experiments.sharpness "
+            f"--config {sharpness['config']} --seeds "
+            f"{','.join(sharpness['seeds'])}`)."]
+    for model in plan["pilot"]["models"]:
+        verdict = gate_verdict(plan, outcomes, model)
+        if verdict is None:
+            lines.append(f"- {model}: the tuning runs are not done.")
+            continue
+        warm, cold = verdict["best_warm"], verdict["best_cold"]
+        lines.append(
+            f"- {model}: chosen rates (validation, seed "
+            f"{plan['tuning_seed']}): with warmup {_rate(warm)} "
+            f"({_percent(warm.validation_accuracy)} %), without "
+            f"{_rate(cold)} ({_percent(cold.validation_accuracy)} %).")
+        paired = verdict["paired"]
+        if len(paired) > 1:
+            lines.append(
+                "- (a) SGD + warmup minus SGD, no warmup, test accuracy "
+                "paired by seed (" + ", ".join(
+                    f"{seed}: {d:+.1f}" for seed, d in paired.items())
+                + "): " + _reading(list(paired.values()), "SGD + warmup")
+                + f" Rule (a): {'met' if verdict['by_margin'] else 'not met'}"
+                ".")
+        else:
+            lines.append("- (a) the fresh seeds are not done.")
+        show = (lambda rate: "none" if rate is None
+                else runs_lib.format_rate(rate))
+        lines.append(
+            f"- (b) largest rate that trains (validation >= "
+            f"{_percent(verdict['bar'])} %): with warmup "
+            f"{show(verdict['largest_warm'])}"
+            + (" (the top of its grid: a lower bound)"
+               if verdict["warm_at_top"] else "")
+            + f", without {show(verdict['largest_cold'])}. Rule (b): "
+            + ("met." if verdict["by_rate"] else "not met."))
+        lines.append(f"- **Gate, {model}: "
+                     f"{'passed' if verdict['passed'] else 'not passed'}**"
+                     + ("" if len(paired) > 1 else " (so far)") + ".")
     return lines
 
 
@@ -429,42 +764,38 @@ def main(argv=None):
         plan = yaml.safe_load(f)
     outcomes = runs_lib.load_archived(os.path.join(args.results_dir, "runs"))
     pilot_lines, pilot_verdicts = pilot_section(plan, outcomes)
-    compare_lines, verdict = comparison_section(plan, outcomes)
-    summary = ["## Verdict", ""]
-    threshold = plan["pilot"]["gap_points"]
-    for model, gap, shows, (warm, cold) in pilot_verdicts:
-        overlap = "overlap" if (min(warm) <= max(cold)
-                                and min(cold) <= max(warm)) else (
-            "do not overlap")
-        seeds = (f"the seeds' ranges {overlap}: warmup "
-                 f"{_percent(min(warm))}-{_percent(max(warm))} %, no warmup "
-                 f"{_percent(min(cold))}-{_percent(max(cold))} %")
-        if not shows:
-            finding = ("not worse than SGD with warmup by the pilot's rule: "
-                       "in this setting there is no warmup problem for "
-                       "CLARS to remove, and the comparison would not test "
-                       f"the claim ({seeds})")
-        elif gap < 2 * threshold:
-            finding = ("worse than SGD with warmup by the pilot's rule, but "
-                       f"only marginally (under twice the {threshold:g}-point"
-                       f" threshold), and {seeds}")
-        else:
-            finding = f"clearly worse than SGD with warmup ({seeds})"
-        summary.append(
-            f"- Pilot, {model}: SGD without warmup is {finding} (best-rate "
-            f"gap {gap:+.1f} points of validation accuracy).")
-    summary += verdict or ["- Comparison: not run yet."]
+    compare_lines, verdict, compared = (
+        comparison_section(plan, outcomes) if "comparison" in plan
+        else ([], [], []))
+    if "gate" in plan:
+        summary = ["## The gate", ""] + gate_lines(
+            plan, outcomes, os.path.join(args.results_dir, "sharpness.json"))
+        if verdict:
+            summary += ["", "## Comparison verdict", "", _RULE.replace(
+                "No non-inferiority margin was set before these runs, so "
+                "\"no worse\" is not shown for any method.",
+                "CLARS is \"no worse\" only against the plan's "
+                "non-inferiority margin.") + _pairing_note(outcomes), ""] + (
+                verdict + multiplicity_lines(compared))
+        method = ("No batch norm; every run with train.deterministic=true "
+                  "(reruns bit-identical, seeds paired exactly).")
+    else:
+        summary = _second_study_summary(plan, pilot_verdicts, verdict,
+                                        compared, outcomes)
+        method = ("Batch-norm statistics recomputed on 4,096 training "
+                  "examples before each evaluation.")
     unfinished = [o.run_id for o in outcomes.values()
                   if o.status not in ("done", "diverged")]
-    text = ["# Second warmup study: results", "",
-            "Written by `python3 -m experiments.warmup_report` from "
+    command = "python3 -m experiments.warmup_report" + (
+        "" if args.plan == PLAN else
+        f" --plan {args.plan} --results_dir {args.results_dir}")
+    text = [f"# {plan.get('title', 'Second warmup study')}: results", "",
+            f"Written by `{command}` from "
             f"`{args.results_dir}/runs/` (each run's command is in its "
             "run.json). Rates chosen on validation accuracy (5,000 held-out "
-            "training examples, batch-norm statistics recomputed on 4,096 "
-            "training examples before each evaluation); test accuracy only "
-            "for fresh seeds.", ""] + summary + [""] + pilot_lines \
-        + compare_lines
-    text += ["## Figures", ""] + figures(outcomes, args.results_dir) + [""]
+            "training examples); test accuracy only for fresh seeds. "
+            + method, ""] + summary + [""] + pilot_lines + compare_lines
+    text += ["## Figures", ""] + figures(outcomes, args.results_dir, plan) + [""]
     if unfinished:
         text += ["## Unfinished runs", ""] + [f"- {r}" for r in
                                                sorted(unfinished)]

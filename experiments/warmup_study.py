@@ -27,6 +27,7 @@ runs are kept, an interrupted run resumes from its last epoch checkpoint).
 """
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -53,14 +54,25 @@ def load_plan(path):
 
 
 def rate_beyond_edge(rates, best_rate):
-    """Half the smallest or twice the largest rate when the best sits there."""
+    """The next rate past the edge where the best sits, at the grid's step.
+
+    The step is the ratio of the two rates at that edge snapped to the
+    nearest power of sqrt(2) (grid rates are rounded: 0.025 / 0.0177 is a
+    sqrt(2) step), so a factor-2 grid extends by 2 and a sqrt(2) grid by
+    sqrt(2); the new rate is rounded to 3 significant digits, as the plans
+    write them.
+    """
+    rates = sorted(rates)
     if len(rates) < 2:
         return None
-    if best_rate == min(rates):
-        return min(rates) / 2
-    if best_rate == max(rates):
-        return max(rates) * 2
-    return None
+    if best_rate == rates[0]:
+        edge, ratio = rates[0], rates[0] / rates[1]
+    elif best_rate == rates[-1]:
+        edge, ratio = rates[-1], rates[-1] / rates[-2]
+    else:
+        return None
+    step = 2 ** (round(2 * math.log2(ratio)) / 2)
+    return float(f"{edge * step:.3g}")
 
 
 class Study:
@@ -156,9 +168,14 @@ class Study:
 
             def make_spec(rate, method, warmup, seed=self.plan["tuning_seed"],
                           model=model):
-                return self.spec("pilot", model, pilot["batch_size"], method,
-                                 "configs/warmup_study/sgd.yaml", rate,
-                                 warmup, seed, pilot["epochs"])
+                return self.spec(
+                    "pilot", model, pilot["batch_size"], method,
+                    pilot.get("config", "configs/warmup_study/sgd.yaml"),
+                    rate, warmup, seed, pilot["epochs"],
+                    splits=(pilot.get("confirm_splits", "validation")
+                            if seed != self.plan["tuning_seed"]
+                            else "validation"),
+                    extra=pilot.get("overrides", ()))
 
             # Both methods rate by rate first, so that a pilot cut short by
             # --max_hours still compares them on the same rates.
@@ -276,7 +293,8 @@ def main(argv=None):
     args = parse_args(argv)
     os.chdir(runs_lib.REPO_ROOT)
     plan = load_plan(args.plan)
-    known = ["sgd_warmup", "sgd_nowarmup", *plan["comparison"]["methods"]]
+    known = ["sgd_warmup", "sgd_nowarmup",
+             *plan.get("comparison", {}).get("methods", {})]
     unknown = [m for m in args.methods if m not in known]
     if unknown:
         sys.exit(f"[study] --methods: unknown method(s) {', '.join(unknown)}; "

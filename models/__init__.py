@@ -1,9 +1,11 @@
 """Image classification models built with the Keras functional API.
 
-Every model takes normalised float images of any size of at least 32x32 and
-any channel count, and outputs float32 logits (no softmax). Layer names are
-deterministic, so two builds with the same arguments have identical variable
-paths and checkpoints are interchangeable.
+Every model takes normalised float images of any channel count and of any
+size of at least 32x32 (`min_input_size`: smaller for the models without
+batch norm, made for 28x28 Fashion-MNIST; `sigmoid_cnn` takes 28x28 only),
+and outputs float32 logits (no softmax). Layer names are deterministic, so
+two builds with the same arguments have identical variable paths and
+checkpoints are interchangeable.
 
 Example:
 
@@ -15,8 +17,10 @@ import inspect
 
 from clars_tf.models import densenet
 from clars_tf.models import mobilenet
+from clars_tf.models import no_norm
 from clars_tf.models import resnet
 from clars_tf.models import small_cnn
+from clars_tf.models.layers import MIN_INPUT_SIZE
 from clars_tf.models.layers import BatchNormConfig
 
 _BUILDERS = {
@@ -28,7 +32,15 @@ _BUILDERS = {
     "mobilenet_v1": mobilenet.mobilenet_v1,
     "mobilenet_v2": mobilenet.mobilenet_v2,
     "small_cnn": small_cnn.small_cnn,
+    "sigmoid_mlp": no_norm.sigmoid_mlp,
+    "sigmoid_cnn": no_norm.sigmoid_cnn,
+    "plain_cnn": no_norm.plain_cnn,
 }
+# Smallest input side per model (default 32); the models without batch
+# norm are made for 28-pixel Fashion-MNIST.
+_MIN_INPUT_SIZES = {"sigmoid_mlp": 1, "sigmoid_cnn": 28, "plain_cnn": 8}
+# Models without batch normalization: one-example micro-batches are fine.
+WITHOUT_BATCH_NORM = ("sigmoid_mlp", "sigmoid_cnn", "plain_cnn")
 MODEL_NAMES = tuple(_BUILDERS)
 
 # Options accepted by every model, mapped to `BatchNormConfig` fields.
@@ -40,6 +52,16 @@ _BN_OPTIONS = {
 # Builder parameters that are not user options: positional arguments, and
 # `bn`, which is assembled from `_BN_OPTIONS`.
 _NOT_OPTIONS = ("input_shape", "num_classes", "bn")
+
+
+def min_input_size(name):
+    """Returns the smallest image side `name` accepts (32 unless smaller).
+
+    Args:
+        name: One of `MODEL_NAMES`.
+    """
+    _get_builder(name)
+    return _MIN_INPUT_SIZES.get(name, MIN_INPUT_SIZE)
 
 
 def model_options(name):
@@ -59,13 +81,16 @@ def build_model(name, input_shape, num_classes, **options):
     Args:
         name: One of `MODEL_NAMES`.
         input_shape: `(height, width, channels)` of one normalised float
-            image; height and width must be at least 32. Inputs of at most
-            64 pixels per side get a stride-1 stem without max-pooling.
+            image; height and width must be at least
+            `min_input_size(name)` (32 for the models with batch norm).
+            Inputs of at most 64 pixels per side get a stride-1 stem
+            without max-pooling.
         num_classes: Number of output logits.
         **options: Model options (see `model_options(name)`). Every model
-            accepts `use_sync_bn` (default False), `bn_momentum` (0.9),
-            `bn_epsilon` (1e-5) and `dropout_rate` (0.0, dropout before the
-            classifier). ResNets accept `zero_init_residual` (True) and
+            accepts `use_sync_bn` (default False), `bn_momentum` (0.9) and
+            `bn_epsilon` (1e-5), which the models without batch norm
+            (`WITHOUT_BATCH_NORM`) refuse to change; those with batch norm
+            accept `dropout_rate` (0.0, dropout before the classifier). ResNets accept `zero_init_residual` (True) and
             MobileNets accept the width multiplier `alpha` (1.0).
 
     Returns:

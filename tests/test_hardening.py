@@ -52,7 +52,7 @@ BAD_OVERRIDES = [
     ("train.global_batch_size=100000", "larger than the 60000 training"),
     ("train.on_nonfinite=ignore", "'train.on_nonfinite'"),
     ("estimator.micro_batch_size=1", "'estimator.micro_batch_size': must be "
-                                     ">= 2: every model here uses batch"),
+                                     ">= 2 for resnet8: it uses batch"),
     ("estimator.method=ghost", "'estimator.method': unknown method"),
     ("estimator.method=one_pass,estimator.refresh_every=2",
      "applies to the loop estimator only"),

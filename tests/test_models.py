@@ -11,6 +11,11 @@ from clars_tf import models
 
 IMAGENET_SHAPE = (224, 224, 3)
 CIFAR_SHAPE = (32, 32, 3)
+FASHION_SHAPE = (28, 28, 1)
+# The models with batch norm share the tests parametrized over these
+# (stems, dropout, batch-norm options); those without have their own below.
+BATCH_NORM_MODELS = [n for n in models.MODEL_NAMES
+                     if n not in models.WITHOUT_BATCH_NORM]
 
 
 @functools.cache
@@ -61,7 +66,7 @@ def _batch_norms(model):
     return [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", BATCH_NORM_MODELS)
 def test_builds_and_trains_at_32(name):
     model = models.build_model(name, CIFAR_SHAPE, 10)
     assert model.output_shape == (None, 10)
@@ -72,14 +77,14 @@ def test_builds_and_trains_at_32(name):
     _assert_trains(model, 10)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", BATCH_NORM_MODELS)
 def test_builds_and_trains_at_224(name):
     model = _imagenet_model(name)
     assert model.output_shape == (None, 1000)
     _assert_trains(model, 1000)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", BATCH_NORM_MODELS)
 def test_options_and_deterministic_names(name):
     options = dict(use_sync_bn=True, bn_momentum=0.99, bn_epsilon=1e-3, dropout_rate=0.25)
     first = models.build_model(name, CIFAR_SHAPE, 10, **options)
@@ -97,7 +102,7 @@ def test_options_and_deterministic_names(name):
     _assert_trains(first, 10)
 
 
-@pytest.mark.parametrize("name", models.MODEL_NAMES)
+@pytest.mark.parametrize("name", BATCH_NORM_MODELS)
 def test_odd_size_one_channel_input(name):
     # Fashion-MNIST-like single channel, non-square, odd sizes.
     model = models.build_model(name, (33, 47, 1), 7)
@@ -324,3 +329,85 @@ def test_small_cnn_parameter_count_and_width():
     assert not any(isinstance(l, keras.layers.Add) for l in model.layers)
     with pytest.raises(ValueError, match="width must be a positive integer"):
         models.build_model("small_cnn", (32, 32, 1), 10, width=0)
+
+
+# Models without batch norm ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name, params", [
+    # 784*200+200 + 3*(200*200+200) + 200*10+10.
+    ("sigmoid_mlp", 279_610),
+    # 4*4*1*20+20, 2 * (5*5*20*20+20), 3*3*20*20+20, 3*3*20*10+10.
+    ("sigmoid_cnn", 25_810),
+    # Convs 320, 9,248, 18,496, 36,928, 73,856, 147,584; 28 -> 14 -> 7 -> 4
+    # pixels, so the dense layer takes 4*4*128 = 2,048: 524,544; logits 2,570.
+    ("plain_cnn", 813_546),
+])
+def test_no_norm_parameter_counts_and_training(name, params):
+    model = models.build_model(name, FASHION_SHAPE, 10)
+    assert model.count_params() == params
+    assert not _batch_norms(model)
+    before = [v.numpy() for v in model.trainable_variables]
+    assert np.isfinite(_train_step(model, 10))
+    for old, variable in zip(before, model.trainable_variables):
+        assert not np.allclose(old, variable.numpy()), variable.path
+
+
+def test_sigmoid_mlp_matches_numpy_forward_pass():
+    model = models.build_model("sigmoid_mlp", FASHION_SHAPE, 10)
+    images = np.random.default_rng(1).standard_normal((3, *FASHION_SHAPE))
+    x = images.reshape(3, -1)
+    weights = [v.numpy().astype("float64") for v in model.trainable_variables]
+    for kernel, bias in zip(weights[0:-2:2], weights[1:-2:2]):
+        x = 1 / (1 + np.exp(-(x @ kernel + bias)))
+    expected = x @ weights[-2] + weights[-1]
+    np.testing.assert_allclose(model(images.astype("float32")), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_sigmoid_mlp_initialisation_is_the_authors():
+    keras.utils.set_random_seed(0)
+    model = models.build_model("sigmoid_mlp", FASHION_SHAPE, 10)
+    kernel = model.get_layer("dense1").kernel.numpy()
+    # Kaiming normal, not truncated: std sqrt(2 / 784) = 0.0505, and draws
+    # beyond the 2 standard deviations where a truncated normal stops.
+    assert abs(kernel.std() / np.sqrt(2 / 784) - 1) < 0.01
+    assert np.abs(kernel).max() > 3.5 * np.sqrt(2 / 784)
+    biases = np.concatenate([model.get_layer(f"dense{i}").bias.numpy()
+                             for i in range(1, 5)])
+    assert abs(biases.std() - 1) < 0.1  # N(0, 1), 800 draws
+    deeper = models.build_model("sigmoid_mlp", FASHION_SHAPE, 10,
+                                hidden_layers=8)
+    assert deeper.count_params() == 279_610 + 4 * (200 * 200 + 200)
+
+
+def test_sigmoid_cnn_reaches_one_pixel_with_default_torch_init():
+    model = models.build_model("sigmoid_cnn", FASHION_SHAPE, 10)
+    sizes = [model.get_layer(f"conv{i}").output.shape[1] for i in range(1, 6)]
+    assert sizes == [13, 9, 5, 3, 1]
+    # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in 4*4*1 = 16 for conv1.
+    kernel = model.get_layer("conv1").kernel.numpy()
+    assert np.abs(kernel).max() <= 0.25 and np.abs(kernel).max() > 0.2
+    with pytest.raises(ValueError, match="task.image_size=28"):
+        models.build_model("sigmoid_cnn", (32, 32, 1), 10)
+
+
+@pytest.mark.parametrize("name", models.WITHOUT_BATCH_NORM)
+def test_no_norm_models_refuse_batch_norm_options(name):
+    with pytest.raises(ValueError, match="has no batch normalization"):
+        models.build_model(name, FASHION_SHAPE, 10, bn_momentum=0.99)
+    assert models.min_input_size(name) <= 28
+
+
+def test_config_allows_28_pixels_and_single_examples_only_without_bn():
+    from clars_tf.trainers import config
+
+    settings = ("task.image_size=28,estimator.micro_batch_size=1,"
+                "model.name=")
+    built = config.build_config(params_override=settings + "sigmoid_mlp")
+    assert built["task"]["image_size"] == 28
+    with pytest.raises(config.ConfigError, match="must be >= 32"):
+        config.build_config(params_override=settings + "small_cnn")
+    with pytest.raises(config.ConfigError, match="must be >= 2 for small_cnn"):
+        config.build_config(params_override=(
+            "estimator.micro_batch_size=1,model.name=small_cnn"))

@@ -52,6 +52,11 @@ def test_rate_beyond_edge():
     assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.1) == 0.05
     assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.4) == 0.8
     assert warmup_study.rate_beyond_edge([0.1, 0.2, 0.4], 0.2) is None
+    # A sqrt(2) grid of rounded rates: 0.0707 * 1.41421 = 0.09998,
+    # 0.0125 / 1.41421 = 0.008839.
+    grid = [0.0125, 0.0177, 0.025, 0.0354, 0.05, 0.0707]
+    assert warmup_study.rate_beyond_edge(grid, 0.0707) == 0.1
+    assert warmup_study.rate_beyond_edge(grid, 0.0125) == 0.00884
 
 
 def test_max_hours_stops_before_a_run_and_rerun_continues(tmp_path):
@@ -168,9 +173,11 @@ def test_report_from_archive_hand_computed(tmp_path):
     assert "mean over 2 and 2 seed(s): gap +5.0 points" in text
     assert "lr0.4_w1_e2_s10: 91.0 %" in text
     assert "**Warmup gap in this setting: yes**" in text
-    assert ("SGD without warmup is clearly worse than SGD with warmup (the "
-            "seeds' ranges do not overlap: warmup 90.0-91.0 %, no warmup "
-            "85.0-86.0 %)") in text
+    assert ("SGD without warmup is worse than SGD with warmup by the "
+            "pilot's rule (best-rate gap +5.0 points") in text
+    # 2 epochs of 4 steps; a 1-epoch warmup is 4 steps.
+    assert "Each run: 8 steps (4 per epoch); a 1-epoch warmup is 4 steps" in (
+        text)
     # Early loss over the first 20 % of 8 steps (steps 1 and 2) at rate 0.4:
     # mean(2/1 + 0.4, 2/2 + 0.4) = 1.9.
     row = next(line for line in text.splitlines()
@@ -180,13 +187,20 @@ def test_report_from_archive_hand_computed(tmp_path):
     clars = next(line for line in text.splitlines()
                  if line.startswith("| CLARS | 0.2"))
     assert "83.1 (83.1-83.2, n=2)" in clars
-    # CLARS (no warmup) vs SGD + warmup (test 0.88 + ...): -5.0 points.
-    assert ("CLARS minus SGD + warmup: -5.0 points of test "
-            "accuracy; the seed ranges do not overlap; paired by seed "
-            "(1: -5.0, 2: -5.0)") in text
-    # The rate range within 1 point of CLARS's best (0.2 at 85.0): 0.1-0.4.
-    assert "| x4 |" in next(line for line in text.splitlines()
-                           if line.startswith("| CLARS | 0.1:"))
+    # CLARS (no warmup) vs SGD + warmup (test 0.88 + ...): -5.0 points at
+    # both seeds, so the interval has no width.
+    assert ("CLARS minus SGD + warmup, test accuracy paired by seed (1: -5.0, "
+            "2: -5.0): mean -5.0 points, 95 % interval [-5.0, -5.0] (1 degree "
+            "of freedom): CLARS lower.") in text
+    # Two comparisons (CLARS vs SGD + warmup and vs clip only); only the
+    # first excludes 0 at 1 - 0.05/2.
+    assert ("- 2 comparisons above" in text and "the intervals that exclude "
+            "0: Batch 4096: CLARS minus SGD + warmup (-5.0 to -5.0).") in text
+    # CLARS's best is 0.2 at 85.0 %, 1 point lower per factor 2: within 1
+    # point 0.1-0.4, within 2 points 0.1-0.8 (0.05 was not run), within 5
+    # points 0.1-1.6.
+    assert "| x4 | x8 | x16 |" in next(line for line in text.splitlines()
+                                       if line.startswith("| CLARS | 0.1:"))
     # The first CLARS seed logs diagnostics; over steps 1-2 (20 % of 8):
     # conv at the clip both steps, dense's a_l/||g_l|| median of 1.5 and 3.
     assert "| conv/kernel | 0.200 | 100 % | 3.00 | 2 |" in text
@@ -210,16 +224,42 @@ class _SeedRun:
 
 
 def test_verdict_states_the_warmup_problem_before_clars():
-    runs = {"sgd_warmup": [_SeedRun(1, 0.72), _SeedRun(2, 0.74)],
-            "sgd_nowarmup": [_SeedRun(1, 0.70), _SeedRun(2, 0.71)]}
+    runs = {"sgd_warmup": [_SeedRun(1, 0.72), _SeedRun(2, 0.74),
+                           _SeedRun(3, 0.75)],
+            "sgd_nowarmup": [_SeedRun(1, 0.70), _SeedRun(2, 0.71),
+                             _SeedRun(3, 0.71)]}
     labels = {"sgd_warmup": "SGD + warmup", "sgd_nowarmup": "SGD, no warmup"}
-    lines = warmup_report._verdict(8192, runs, labels)
-    # Means 73.0 and 70.5; per seed +2.0 and +3.0; 72-74 vs 70-71 apart.
+    lines, compared = warmup_report._verdict(8192, runs, labels)
+    # Per seed +2, +3, +4: mean 3, s = 1, half-width t(0.975, 2) / sqrt(3)
+    # = 4.303 / 1.732 = 2.48 (a t table), so [+0.5, +5.5].
     assert lines == [
         "- Batch 8192, the warmup problem: SGD + warmup minus SGD, no "
-        "warmup: +2.5 points of test accuracy; the seed ranges do not "
-        "overlap; paired by seed (1: +2.0, 2: +3.0).",
+        "warmup, test accuracy paired by seed (1: +2.0, 2: +3.0, 3: +4.0): "
+        "mean +3.0 points, 95 % interval [+0.5, +5.5] (2 degrees of "
+        "freedom): SGD + warmup higher.",
         "- Batch 8192: CLARS's seed runs are not done."]
+    assert len(compared) == 1
+
+
+def test_undetectable_difference_says_what_it_allows():
+    # Per seed -1, +1, +3: mean 1, s = 2, half-width 4.303 * 2 / sqrt(3) =
+    # 4.97; 80 % power needs (4.303 + 1.061) * 2 / sqrt(3) = 6.19 points.
+    assert warmup_report._reading([-1.0, 1.0, 3.0], "CLARS") == (
+        "mean +1.0 points, 95 % interval [-4.0, +6.0] (2 degrees of "
+        "freedom): not detectable with 3 seeds (with this spread, the "
+        "smallest true gap found 80 % of the time is about 6.2 points); the "
+        "interval allows CLARS to be up to 4.0 points lower or 6.0 higher.")
+
+
+def test_multiplicity_counts_comparisons_and_applies_bonferroni():
+    # At 1 - 0.05/2 with 2 degrees of freedom, t = 6.205 (a t table):
+    # +2, +3, +4 gives 3 +- 3.58 (spans 0); 4.9, 5, 5.1 gives 5 +- 0.36.
+    (line,) = warmup_report.multiplicity_lines(
+        [("A minus B", [2.0, 3.0, 4.0]), ("C minus D", [4.9, 5.0, 5.1])])
+    assert line.startswith("- 2 comparisons above")
+    assert "about 0.1 of them" in line
+    assert line.endswith("(each interval at 97.50 %), the intervals that "
+                         "exclude 0: C minus D (+4.6 to +5.4).")
 
 
 class _Scored:
@@ -254,3 +294,69 @@ def test_pilot_verdict_rules():
     # Warmup's best more than 2 points higher: yes.
     assert _verdict([(0.1, 0.75)], [(0.1, 0.72)])["shows"]
     assert _verdict([(0.1, 0.75)], [(0.1, None, "failed")]) is None
+
+
+def test_gate_from_the_plans_rule(tmp_path):
+    gate_plan = dict(PLAN, gate={"margin_points": 2.0, "rate_ratio": 0.5,
+                                 "trains_within_points": 5.0},
+                     pilot=dict(PLAN["pilot"], confirm_seeds=[1, 2, 3],
+                                confirm_splits="validation+test",
+                                overrides=["model.options.hidden_layers=8"]))
+    del gate_plan["comparison"]
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(gate_plan))
+    assert warmup_study.main([
+        f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
+        f"--archive_dir={tmp_path / 'results' / 'runs'}",
+        "--trainer=tests.stand_in_trainer", "--stage=pilot"]) == 0
+    outcomes = _archived(tmp_path)
+    assert all("model.options.hidden_layers=8" in o.record["overrides"]
+               for o in outcomes.values())
+    verdict = warmup_report.gate_verdict(gate_plan, outcomes, "small_cnn")
+    # Chosen: 0.4 with warmup (90 %), 0.2 without (85 %); test accuracy at
+    # seeds 1-3 differs by exactly 5 points: rule (a) holds.
+    assert sorted(verdict["paired"]) == [1, 2, 3]
+    assert all(abs(d - 5.0) < 1e-9 for d in verdict["paired"].values())
+    assert verdict["by_margin"]
+    # Trains: validation >= 90 - 5 = 85 %. With warmup every grid rate
+    # (85-90 %) up to the top, 0.8; without only 0.2 (85 %, 1 point lower
+    # per factor 2): 0.2 <= 0.5 * 0.8, rule (b) holds too.
+    assert (verdict["largest_warm"], verdict["largest_cold"]) == (0.8, 0.2)
+    assert verdict["warm_at_top"] and verdict["by_rate"] and verdict["passed"]
+    warmup_report.main([f"--plan={plan_path}",
+                        f"--results_dir={tmp_path / 'results'}"])
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "- **Gate, small_cnn: passed**." in text
+    assert ("with warmup 0.8 (the top of its grid: a lower bound), without "
+            "0.2. Rule (b): met.") in text
+
+
+def test_sharpness_of_a_quadratic_is_its_top_eigenvalue():
+    import keras
+    import numpy as np
+
+    from experiments import sharpness
+
+    # A linear model under half the squared error has the Hessian X^T X / n
+    # in its weights, whatever the weights are.
+    inputs = np.random.default_rng(0).standard_normal((64, 3)) * [3, 1, 0.5]
+    model = keras.Sequential([keras.Input((3,)),
+                              keras.layers.Dense(1, use_bias=False)])
+    expected = np.linalg.eigvalsh(inputs.T @ inputs / 64)[-1]
+    estimates = sharpness.top_hessian_eigenvalue(
+        model, lambda y, out: 0.5 * (out[:, 0] - y) ** 2,
+        inputs.astype("float32"), np.zeros(64, "float32"), iterations=30)
+    assert abs(estimates[-1] / expected - 1) < 1e-4
+
+
+def test_noninferiority_reads_the_lower_end_against_the_margin():
+    # +0.5, +1, +1.5: mean 1, s = 0.5, half-width 4.303 * 0.5 / sqrt(3) =
+    # 1.24, so [-0.2, +2.2]: above -1, not above 0.
+    shown = warmup_report._reading([0.5, 1.0, 1.5], "CLARS", margin=1.0)
+    assert shown.startswith(
+        "mean +1.0 points, 95 % interval [-0.2, +2.2] (2 degrees of "
+        "freedom): no worse within the plan's 1-point margin: shown; not "
+        "detectable with 3 seeds")
+    # -1, +1, +3: [-4.0, +6.0], whose lower end is below -1.
+    assert "1-point margin: not shown;" in warmup_report._reading(
+        [-1.0, 1.0, 3.0], "CLARS", margin=1.0)

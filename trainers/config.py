@@ -14,6 +14,8 @@ import os
 import yaml
 
 from clars_tf.models import MODEL_NAMES
+from clars_tf.models import WITHOUT_BATCH_NORM
+from clars_tf.models import min_input_size
 from clars_tf.models import model_options
 
 OPTIMIZERS = ("clars", "lars", "sgd", "lamb")
@@ -324,12 +326,14 @@ def validate(config):
              f"{bn_examples} is not a whole number of training batches of "
              f"{train['global_batch_size']}; use a multiple of it or a "
              "number no larger than it.")
-    _require(task["image_size"] >= 32, "task.image_size",
-             "must be >= 32 (the models' smallest input).")
     _require(model["name"] in MODEL_NAMES, "model.name",
              f"unknown model '{model['name']}'."
              f"{_closest(model['name'], MODEL_NAMES)} Choose one of "
              f"{', '.join(MODEL_NAMES)}.")
+    smallest = min_input_size(model["name"])
+    _require(task["image_size"] >= smallest, "task.image_size",
+             f"must be >= {smallest} (the smallest input of "
+             f"{model['name']}).")
     valid_options = model_options(model["name"])
     for option in model["options"]:
         _require(option in valid_options and option != "use_sync_bn",
@@ -366,11 +370,14 @@ def validate(config):
              f"must be shorter than train.epochs ({train['epochs']}).")
     for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):
         _require(est[key] >= 1, f"estimator.{key}", "must be >= 1.")
-    _require(est["micro_batch_size"] >= 2, "estimator.micro_batch_size",
-             "must be >= 2: every model here uses batch normalization, and "
-             "one example normalized by its own statistics has almost no "
-             "gradient, so the estimate would collapse (the reference uses "
-             "8).")
+    _require(est["micro_batch_size"] >= 2
+             or model["name"] in WITHOUT_BATCH_NORM,
+             "estimator.micro_batch_size",
+             f"must be >= 2 for {model['name']}: it uses batch "
+             "normalization, and one example normalized by its own "
+             "statistics has almost no gradient, so the estimate would "
+             "collapse (the reference uses 8; 1 is allowed for "
+             f"{', '.join(WITHOUT_BATCH_NORM)}).")
     _require(est["method"] in ESTIMATOR_METHODS, "estimator.method",
              f"unknown method '{est['method']}'. Choose one of "
              f"{', '.join(ESTIMATOR_METHODS)}.")
