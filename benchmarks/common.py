@@ -79,3 +79,20 @@ def interleave(steps, rounds, per_round, rewarm=False,
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {format_seconds(times[n][-1])}" for n in names), flush=True)
     return times, cpu_times, shares
+
+
+def synthetic_batch(batch_size, image_shape, num_classes=10, seed=0):
+    """Normal images and uniform integer labels, `(x, y)` as tensors."""
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.normal(size=(batch_size, *image_shape)), "float32")
+    y = tf.constant(rng.integers(0, num_classes, batch_size), "int32")
+    return x, y
+
+
+def logits_loss(labels, logits):
+    """Per-example sparse cross-entropy on logits."""
+    import keras
+    return keras.losses.sparse_categorical_crossentropy(
+        labels, logits, from_logits=True)

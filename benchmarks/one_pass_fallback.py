@@ -81,21 +81,14 @@ def _models():
 def main(argv):
     del argv
     import keras
-    import numpy as np
     import tensorflow as tf
 
     import clars_tf
 
     # The fallback warning is expected here.
     logging.getLogger("clars_tf.one_pass_norms").setLevel(logging.ERROR)
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(FLAGS.batch_size, 32, 32, 3)),
-                    "float32")
-    y = tf.constant(rng.integers(0, 10, FLAGS.batch_size), "int32")
-
-    def loss(labels, logits):
-        return keras.losses.sparse_categorical_crossentropy(
-            labels, logits, from_logits=True)
+    x, y = common.synthetic_batch(FLAGS.batch_size, (32, 32, 3))
+    loss = common.logits_loss
 
     groups = (FLAGS.micro_batch_size, FLAGS.num_micro_batches)
     built = _models()

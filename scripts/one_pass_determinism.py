@@ -20,6 +20,7 @@ from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
+from benchmarks import common  # noqa: E402  (after the path insert)
 
 flags.DEFINE_string("model", "resnet8", "Model name for build_model.")
 flags.DEFINE_integer("batch_size", 128, "Examples in the batch.")
@@ -41,14 +42,8 @@ def main(argv):
     tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(0)
     model = models.build_model(FLAGS.model, (32, 32, 1), 10)
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(FLAGS.batch_size, 32, 32, 1)),
-                    "float32")
-    y = tf.constant(rng.integers(0, 10, FLAGS.batch_size), "int32")
-
-    def loss(labels, logits):
-        return keras.losses.sparse_categorical_crossentropy(
-            labels, logits, from_logits=True)
+    x, y = common.synthetic_batch(FLAGS.batch_size, (32, 32, 1))
+    loss = common.logits_loss
 
     estimator = clars_tf.OnePassGradientNormEstimator(
         FLAGS.micro_batch_size, FLAGS.num_micro_batches)
