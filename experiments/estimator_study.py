@@ -22,6 +22,7 @@ decision.
 import argparse
 import json
 import os
+import signal
 import sys
 
 import yaml
@@ -218,6 +219,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _stop(signum, frame):
+    del frame
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.chdir(runs_lib.REPO_ROOT)
@@ -230,8 +236,15 @@ def main(argv=None):
         sys.exit(f"[estimator] --arms: unknown arm(s) {sorted(unknown)}; "
                  f"the plan's are {', '.join(plan['arms'])}.")
     study = Study(plan, args)
-    for arm in args.arms or plan["arms"]:
-        study.run_arm(arm)
+    # A stopped study leaves its current run marked interrupted (the same
+    # command resumes it from its last checkpoint) and no trainer behind.
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for arm in args.arms or plan["arms"]:
+            study.run_arm(arm)
+    except KeyboardInterrupt:
+        sys.exit("[estimator] interrupted; run the same command again to "
+                 "resume.")
     print("[estimator] done; --report writes the results.", flush=True)
     return 0
 

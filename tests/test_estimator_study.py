@@ -1,0 +1,123 @@
+"""The estimator study: eta choice, grid extension and the plan's decision,
+on hand-written archives (no trainer runs)."""
+
+import json
+import os
+
+import pytest
+
+from experiments import estimator_study
+from experiments import runs as runs_lib
+
+PLAN = {
+    "title": "Estimator study", "config": "c.yaml", "overrides": [],
+    "tuning_seed": 0, "grid": [0.005, 0.01, 0.02], "max_extensions": 2,
+    "seeds": [1, 2, 3],
+    "arms": {"loop": {"label": "loop", "overrides": []},
+             "one_pass": {"label": "one-pass", "overrides": []}},
+    "margin_points": 1.0, "cost_file": "cost.json",
+}
+
+
+def _archive(directory, arm, eta, seed, validation, test=None,
+             status="done"):
+    spec = estimator_study.run_spec(PLAN, arm, eta, seed, final=test is not None)
+    path = os.path.join(directory, "runs", spec["run_id"])
+    os.makedirs(path)
+    runs_lib.write_json(os.path.join(path, "run.json"),
+                        dict(spec, status=status))
+    runs_lib.write_json(os.path.join(path, "results.json"), {"epochs": [
+        {"validation_accuracy": validation, "eval_accuracy": test,
+         "train_loss": 0.5}]})
+
+
+def _outcomes(directory, arm):
+    return [o for o in runs_lib.load_archived(
+        os.path.join(directory, "runs")).values() if o.record["arm"] == arm]
+
+
+def test_next_eta_steps_past_the_edge_only():
+    assert estimator_study.next_eta([0.005, 0.01, 0.02], 0.02) == 0.04
+    assert estimator_study.next_eta([0.005, 0.01, 0.02], 0.005) == 0.0025
+    assert estimator_study.next_eta([0.005, 0.01, 0.02], 0.01) is None
+
+
+def test_chosen_eta_runs_the_grid_then_extends_then_chooses(tmp_path):
+    directory = str(tmp_path)
+    assert estimator_study.chosen_eta(PLAN, []) == (None, 0.005)
+    _archive(directory, "loop", 0.005, 0, 0.80)
+    _archive(directory, "loop", 0.01, 0, 0.82)
+    assert estimator_study.chosen_eta(
+        PLAN, _outcomes(directory, "loop")) == (None, 0.02)
+    _archive(directory, "loop", 0.02, 0, 0.85)
+    # Best at the top edge: one step further.
+    assert estimator_study.chosen_eta(
+        PLAN, _outcomes(directory, "loop")) == (None, 0.04)
+    _archive(directory, "loop", 0.04, 0, 0.84)
+    assert estimator_study.chosen_eta(
+        PLAN, _outcomes(directory, "loop")) == (0.02, None)
+
+
+def test_chosen_eta_stops_after_max_extensions(tmp_path):
+    directory = str(tmp_path)
+    for eta, accuracy in [(0.005, 0.80), (0.01, 0.81), (0.02, 0.82),
+                          (0.04, 0.83), (0.08, 0.84)]:
+        _archive(directory, "loop", eta, 0, accuracy)
+    assert estimator_study.chosen_eta(
+        PLAN, _outcomes(directory, "loop")) == (0.08, None)
+
+
+def _tuned_and_seeded(directory, loop_tests, one_pass_tests):
+    for arm in ("loop", "one_pass"):
+        for eta, accuracy in [(0.005, 0.80), (0.01, 0.85), (0.02, 0.82)]:
+            _archive(directory, arm, eta, 0, accuracy)
+    for seed, (loop, one_pass) in enumerate(zip(loop_tests, one_pass_tests),
+                                            start=1):
+        _archive(directory, "loop", 0.01, seed, 0.85, loop)
+        _archive(directory, "one_pass", 0.01, seed, 0.85, one_pass)
+
+
+def _write_cost(directory, loop_ratio, one_pass_ratio, monkeypatch):
+    with open(os.path.join(directory, "cost.json"), "w") as f:
+        json.dump({"timing": [
+            {"name": "sgd", "median_ratio": 1.0},
+            {"name": "clars_s8_j16", "median_ratio": loop_ratio},
+            {"name": "one_pass_s8_j16", "median_ratio": one_pass_ratio}]}, f)
+    monkeypatch.setattr(runs_lib, "REPO_ROOT", directory)
+
+
+def test_report_makes_one_pass_default_when_no_worse_and_cheaper(
+        tmp_path, monkeypatch):
+    directory = str(tmp_path)
+    # Differences +0.2, -0.2, 0.0 points: mean 0, sd 0.2, t(0.975, 2) =
+    # 4.303: half-width 4.303 * 0.2 / sqrt(3) = 0.497.
+    _tuned_and_seeded(directory, [0.900, 0.910, 0.905],
+                      [0.902, 0.908, 0.905])
+    _write_cost(directory, 1.4, 1.1, monkeypatch)
+    text = open(estimator_study.report(PLAN, directory)).read()
+    assert "mean +0.00 points, 95 % interval [-0.50, +0.50]" in text
+    assert "step cost one-pass / loop: 0.79" in text
+    assert "one-pass becomes the trainer's default, eta 0.01" in text
+
+
+@pytest.mark.parametrize("one_pass_tests, loop_ratio, reason", [
+    # Differences -1, -3, -2: mean -2, interval -2 -/+ 2.48: (a) fails.
+    ([0.89, 0.88, 0.885], 1.4, "(a) is not shown"),
+    ([0.902, 0.908, 0.905], 1.0, "(b) is not shown"),
+])
+def test_report_keeps_the_loop_and_says_why(tmp_path, monkeypatch,
+                                            one_pass_tests, loop_ratio,
+                                            reason):
+    directory = str(tmp_path)
+    _tuned_and_seeded(directory, [0.900, 0.910, 0.905], one_pass_tests)
+    _write_cost(directory, loop_ratio, 1.1, monkeypatch)
+    text = open(estimator_study.report(PLAN, directory)).read()
+    assert f"the loop stays the trainer's default**: {reason}" in text
+
+
+def test_report_waits_for_every_seed(tmp_path, monkeypatch):
+    directory = str(tmp_path)
+    _tuned_and_seeded(directory, [0.90, 0.91], [0.90, 0.91])
+    _write_cost(directory, 1.4, 1.1, monkeypatch)
+    text = open(estimator_study.report(PLAN, directory)).read()
+    assert "Not decided: 2 of 3 seeds paired so far." in text
