@@ -46,7 +46,7 @@ setuptools.setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
         "study": ["matplotlib>=3.5"],
     },

@@ -65,7 +65,7 @@ install_packages() {
   local packages=("tensorflow-datasets>=4.9" "absl-py>=1.0" "pyyaml>=6.0"
                   "tensorboard>=2.16" "importlib_resources")
   if [ "$extras" = test ]; then
-    packages+=("pytest>=7" "hypothesis>=6" "matplotlib>=3.5" "mkdocs>=1.6"
+    packages+=("pytest>=7" "pytest-xdist>=3" "hypothesis>=6" "matplotlib>=3.5" "mkdocs>=1.6"
                "mkdocstrings[python]>=0.26")
   fi
   pip_install "${packages[@]}"

@@ -4,6 +4,7 @@ Logical devices must be configured before TensorFlow initialises its
 runtime, hence at import time of the test session.
 """
 
+import fcntl
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,9 +32,19 @@ def two_replicas():
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory):
-    """Fashion-MNIST prepared through tfds from the Debian files, once."""
+    """Fashion-MNIST prepared through tfds from the Debian files, once.
+
+    Under pytest-xdist (scripts/test.sh runs two workers) the workers share
+    one copy in their common temporary folder: the first to take the lock
+    prepares it, the others find it prepared.
+    """
     from clars_tf.trainers import data
 
-    data_dir = str(tmp_path_factory.mktemp("tensorflow_datasets"))
-    data.prepare("fashion_mnist", data_dir)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    with open(shared / "tensorflow_datasets.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data_dir = str(shared / "tensorflow_datasets")
+        data.prepare("fashion_mnist", data_dir)
     return data_dir

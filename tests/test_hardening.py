@@ -89,7 +89,7 @@ def test_bad_config_values(tmp_path, override, message):
 def test_config_error_from_the_command_line(tmp_path, fashion_mnist_dir):
     _assert_clear_failure(run_trainer(
         str(tmp_path / "run"), fashion_mnist_dir, override="train.epochz=3",
-        timeout=120), "Did you mean 'epochs'")
+        timeout=300), "Did you mean 'epochs'")
 
 
 def _assert_clear_failure(result, message):
@@ -184,7 +184,7 @@ def test_second_trainer_on_the_same_model_dir_is_refused(tmp_path,
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.2)
         second = run_trainer(model_dir, fashion_mnist_dir, "--mode=train",
-                             override=SYNTHETIC, timeout=120)
+                             override=SYNTHETIC, timeout=300)
         _assert_clear_failure(second, "Another trainer is already using")
     finally:
         first.kill()

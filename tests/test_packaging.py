@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,11 +21,35 @@ def _run(command, cwd, env=None, timeout=600):
     return result
 
 
+def _copy_of_tracked_files(destination):
+    """The checkout's git-tracked files (symlinks kept as links).
+
+    The wheel is built from this copy, not the checkout: a stale build/
+    folder there would put deleted files in it, and building in place would
+    rewrite metadata other tests' processes read.
+    """
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout
+    for relative in listed.decode().split("\0"):
+        source = os.path.join(REPO, relative)
+        if not relative or not os.path.lexists(source):
+            continue  # deleted in the work tree, not yet committed
+        target = os.path.join(destination, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+        else:
+            shutil.copy2(source, target)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    source = tmp_path_factory.mktemp("source")
+    _copy_of_tracked_files(str(source))
     out = tmp_path_factory.mktemp("wheel")
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-          "--no-build-isolation", "-q", "-w", str(out), REPO], cwd=REPO)
+          "--no-build-isolation", "-q", "-w", str(out), str(source)],
+         cwd=str(source))
     (path,) = glob.glob(str(out / "clars_tf-*.whl"))
     return path
 

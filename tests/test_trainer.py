@@ -256,7 +256,7 @@ def test_bad_setups_fail_fast_with_a_clear_message(tmp_path,
                                                    override, message):
     start = time.time()
     result = run_trainer(str(tmp_path / "run"), fashion_mnist_dir, *flags,
-                         override=override, timeout=120)
+                         override=override, timeout=300)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -276,7 +276,7 @@ def test_unreachable_tpu_is_one_error_line_within_seconds(tmp_path, tpu):
     # The Cloud TPU client asks the GCE metadata server for the project:
     # point it at the closed loopback port, never at a real address.
     result = run_trainer(str(tmp_path / "run"), str(tmp_path), "--strategy=tpu",
-                         f"--tpu={tpu}", timeout=120,
+                         f"--tpu={tpu}", timeout=300,
                          env={"GCE_METADATA_HOST": f"127.0.0.1:{port}"})
     assert time.time() - start < 60
     assert result.returncode != 0
