@@ -23,10 +23,13 @@ is Python bookkeeping whose cost does not depend on the optimizer; a
 whole `fit` call per step would add the data iterator's set-up). The
 ratio column is the median of the per-round ratios (candidate / SGD) with
 min..max, next to `benchmarks.train_step`'s bounds for the same estimator
-(`1 + 1.1 * J * s / B` for the loop, `1 + 0.3 * J * s / B` for one pass).
+(`1 + 1.1 * J * s / B` for the loop, `1 + 0.3 * J * s / B` for one pass);
+`cpu-t x` is the ratio of the process's CPU time per step, which other
+processes on the machine disturb less than wall time.
 
-Default (B=1024, 2 warm-up calls, 5 rounds x 2 steps) takes about 5
-minutes on a 2-core CPU.
+Default (B=1024, 2 warm-up calls, 5 rounds x 2 steps): 9 min 50 s on a
+2-core CPU of which other jobs left this one about one core (CPU share
+0.50).
 Run from the repository root:
 
     TF_ENABLE_ONEDNN_OPTS=1 python3 -m benchmarks.fit_step \\
@@ -109,7 +112,7 @@ def fit_call(kind, j, data):
 
     # The first fit builds the train function (compiled metrics, optimizer
     # variables) and traces it; fit then calls it once a step, as below.
-    model.fit(data, epochs=1, steps_per_epoch=1, verbose=0)
+    model.fit(data, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0)
     iterator = iter(model.distribute_strategy.experimental_distribute_dataset(
         data))
 
@@ -146,7 +149,9 @@ def main(argv):
     print(f"\nmodel.fit step, {FLAGS.model}, B={FLAGS.batch_size}, "
           f"{FLAGS.rounds} rounds x {FLAGS.steps} steps")
     print(f"{'candidate':<20} {'step (s)':>22} {'ratio to sgd':>22} "
-          f"{'bound':>6} {'cpu share':>9}")
+          f"{'bound':>6} {'cpu-t x':>7} {'cpu share':>9}")
+    cpu_per_step = {name: statistics.median(
+        [c / FLAGS.steps for c in cpu_times[name]]) for name in specs}
     for name, (kind, j) in specs.items():
         ratios = [t / base for t, base in zip(per_step[name],
                                               per_step["sgd"])]
@@ -160,8 +165,10 @@ def main(argv):
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
             "bound": bound,
-            "cpu_seconds_median": statistics.median(
-                [c / FLAGS.steps for c in cpu_times[name]]),
+            "cpu_seconds_median": cpu_per_step[name],
+            # The ratio of process CPU times, which other processes on the
+            # machine disturb less than wall time.
+            "cpu_time_ratio": cpu_per_step[name] / cpu_per_step["sgd"],
             "cpu_share_median": statistics.median(shares[name]),
         }
         print(f"{name:<20} {step:6.3f} ({min(per_step[name]):.3f}.."
@@ -169,6 +176,7 @@ def main(argv):
               f"{statistics.median(ratios):8.3f} ({min(ratios):.3f}.."
               f"{max(ratios):.3f}) "
               f"{'' if bound is None else f'{bound:.3f}':>6} "
+              f"{cpu_per_step[name] / cpu_per_step['sgd']:7.3f} "
               f"{statistics.median(shares[name]):9.2f}")
     if FLAGS.output:
         with open(FLAGS.output, "w", encoding="utf-8") as f:
