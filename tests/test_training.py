@@ -414,3 +414,31 @@ def test_one_pass_fit_is_unchanged_by(setting, two_replicas):
         plain.optimizer.gradient_norm_estimates.numpy(), rtol=1e-5)
     for a, b in zip(model.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _conv_fit(jit_compile):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    y = rng.integers(0, 3, size=64).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.DepthwiseConv2D(3, strides=2), keras.layers.Flatten(),
+        keras.layers.Dense(3)])
+    model.compile(optimizer=clars_tf.CLARS(1.0, trust_clip=1.0), loss=_loss,
+                  jit_compile=jit_compile)
+    clars_tf.attach_gradient_norm_estimator(
+        model, clars_tf.OnePassGradientNormEstimator(4, 4))
+    model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+    return model
+
+
+def test_one_pass_fit_under_xla_matches_the_uncompiled_fit():
+    """fit compiles with XLA: the estimator reads `model.jit_compile` and
+    forms the convolutions' norms from image patches; same values."""
+    compiled, plain = _conv_fit(True), _conv_fit(False)
+    np.testing.assert_allclose(
+        compiled.optimizer.gradient_norm_estimates.numpy(),
+        plain.optimizer.gradient_norm_estimates.numpy(), rtol=1e-4)
+    for a, b in zip(compiled.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
