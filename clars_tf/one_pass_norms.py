@@ -10,11 +10,12 @@ the same sum restricted to the group:
     kernel:  sum_{i in group} patches(x_i)^T dz_i. For an (undilated)
              convolution, the library's own filter-gradient op on each
              micro-batch. Elsewhere (Dense, dilated convolutions, steps
-             compiled with XLA) one batched einsum over the inputs (image patches for
-             convolutions), or without forming the gradient from the Gram
-             matrices of inputs and output gradients ("ghost norm",
-             Goodfellow 2015; used for per-example norms in differentially
-             private training), whichever costs fewer multiplications;
+             compiled with XLA) one batched einsum over the inputs (image
+             patches for convolutions), or without forming the gradient
+             from the Gram matrices of inputs and output gradients ("ghost
+             norm", Goodfellow 2015; used for per-example norms in
+             differentially private training), whichever costs fewer
+             multiplications;
     bias:    sum_{i in group} dz_i;
     batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i,
              from per-example sums over positions.

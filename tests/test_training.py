@@ -395,8 +395,8 @@ def test_one_pass_fit_metrics_are_keras_own():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("setting", ["loss_scale_factor", "steps_per_execution",
-                                     "two_replicas"])
+@pytest.mark.parametrize("setting", [
+    "loss_scale_factor", "steps_per_execution", "two_replicas"])
 def test_one_pass_fit_is_unchanged_by(setting, two_replicas):
     plain, plain_logs = _fit_history(
         clars_tf.OnePassGradientNormEstimator(4, 4))
