@@ -38,6 +38,19 @@ def environment_info(**extra):
     }
 
 
+def estimator_bound(method, micro_batch_size, num_micro_batches,
+                    batch_size):
+    """The step-cost target of a CLARS step, as a ratio to SGD's step.
+
+    The loop estimator may cost 1.1x the main step per extra example it
+    processes, the one-pass estimator 0.3x per example it reads (1.15 at
+    J * s = B / 2, 1.3 at J * s = B).
+    """
+    per_example = 0.3 if method == "one_pass" else 1.1
+    return 1.0 + (per_example * micro_batch_size * num_micro_batches
+                  / batch_size)
+
+
 def interleave(steps, rounds, per_round, rewarm=False,
                format_seconds=lambda s: f"{s:.2f}s"):
     """Per-round per-step seconds of every candidate, rotating the order.

@@ -178,12 +178,11 @@ def candidate_specs():
 
 
 def target_bound(spec):
-    """The loop may cost 1.1x the main step per extra example; the one-pass
-    estimator 0.3x per example read (1.15 at J*s = B/2, 1.3 at J*s = B)."""
+    """`common.estimator_bound` of a CLARS candidate, else None."""
     if spec["optimizer"] != "clars":
         return None
-    per_example = 0.3 if spec.get("method") == "one_pass" else 1.1
-    return 1.0 + per_example * spec["j"] * spec["s"] / FLAGS.batch_size
+    return common.estimator_bound(spec.get("method", "loop"), spec["s"],
+                                  spec["j"], FLAGS.batch_size)
 
 
 def fits(spec):

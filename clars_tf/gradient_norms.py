@@ -144,22 +144,25 @@ class GradientNormEstimator:
                 "global batch size."
             )
 
-    def micro_batch_starts(self, batch, num_replicas):
-        """First example of each of this replica's micro-batches, `[count]`.
+    def micro_batch_indices(self, batch, num_replicas):
+        """The examples of each of this replica's micro-batches.
 
-        `floor(j * B / J)` of the global batch, seen from this replica's
-        contiguous part: the same examples for any replica count that
-        divides J.
+        Micro-batch j holds the s examples from `floor(j * B / J)` of the
+        global batch, seen from this replica's contiguous part: the same
+        examples for any replica count that divides J. The one grouping of
+        examples both estimators use (the loop gathers each micro-batch,
+        the one-pass estimator all groups at once).
 
         Args:
             batch: this replica's batch size, a scalar int tensor.
             num_replicas: replicas in sync.
 
         Returns:
-            An int32 tensor of shape `[count]`.
+            An int32 tensor of shape `[count, micro_batch_size]`.
         """
         count = self.micro_batches_per_replica(num_replicas)
-        return tf.range(count) * batch // count
+        starts = tf.range(count) * batch // count
+        return starts[:, None] + tf.range(self.micro_batch_size)
 
     def check_batch(self, x, num_replicas):
         """Checks that the micro-batches fit this replica's batch of `x`.
@@ -236,12 +239,12 @@ class GradientNormEstimator:
                 "statistics, so its gradients (and the estimate) collapse "
                 "to about zero. Use micro_batch_size >= 2 (the reference "
                 "uses 8).")
-        # NumPy inputs cannot be sliced by the tensor starts below.
+        # NumPy inputs cannot be gathered by the tensor indices below.
         x, y = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
         if sample_weight is not None:
             sample_weight = tf.convert_to_tensor(sample_weight)
         _, batch = self.check_batch(x, num_replicas)
-        starts = self.micro_batch_starts(batch, num_replicas)
+        indices = self.micro_batch_indices(batch, num_replicas)
         if loss_scale is None:
             loss_weight = tf.constant(1.0)
         else:
@@ -252,9 +255,9 @@ class GradientNormEstimator:
             variables = model.trainable_variables
         variables = list(variables)
 
-        def norms_of_micro_batch(start):
+        def norms_of_micro_batch(examples):
             def take(tensor):
-                return tensor[start:start + self.micro_batch_size]
+                return tf.gather(tensor, examples)
 
             xs, ys = tf.nest.map_structure(take, (x, y))
             with tf.GradientTape() as tape:
@@ -275,13 +278,14 @@ class GradientNormEstimator:
 
         with _local_batch_norm_statistics(model):
             if self.micro_batch_size == 1:
-                per_example = tf.vectorized_map(norms_of_micro_batch, starts)
+                per_example = tf.vectorized_map(norms_of_micro_batch,
+                                               indices)
                 total = tf.reduce_sum(per_example, axis=0)
             else:
                 _, total = tf.while_loop(
                     lambda j, _: j < count,
                     lambda j, acc: (
-                        j + 1, acc + norms_of_micro_batch(starts[j])),
+                        j + 1, acc + norms_of_micro_batch(indices[j])),
                     (tf.constant(0), tf.zeros([len(variables)])),
                 )
         return tf.unstack(total / tf.cast(count, "float32"))

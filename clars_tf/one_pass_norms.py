@@ -9,12 +9,13 @@ the same sum restricted to the group:
 
     kernel:  sum_{i in group} patches(x_i)^T dz_i. For an (undilated)
              convolution, the library's own filter-gradient op on each
-             micro-batch. Elsewhere (Dense, dilated convolutions, under
-             XLA) one batched einsum over the inputs (image patches for
-             convolutions), or without forming the gradient from the Gram
-             matrices of inputs and output gradients ("ghost norm",
-             Goodfellow 2015; used for per-example norms in differentially
-             private training), whichever costs fewer multiplications;
+             micro-batch. Elsewhere (Dense, dilated convolutions, steps
+             compiled with XLA) one batched einsum over the inputs (image
+             patches for convolutions), or without forming the gradient
+             from the Gram matrices of inputs and output gradients ("ghost
+             norm", Goodfellow 2015; used for per-example norms in
+             differentially private training), whichever costs fewer
+             multiplications;
     bias:    sum_{i in group} dz_i;
     batch-norm gamma / beta: sum_{i in group} dy_i * x_hat_i / sum dy_i,
              from per-example sums over positions.
@@ -63,7 +64,6 @@ import threading
 
 import keras
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
 
 from clars_tf import gradient_norms
 from clars_tf import layer_patches
@@ -304,23 +304,18 @@ def _patches(layer, inputs):
         rates=[1, *geometry.dilations, 1], padding=geometry.padding)
 
 
-def _in_xla_context():
-    return control_flow_util.GraphOrParentsInXlaContext(
-        tf.compat.v1.get_default_graph())
-
-
-def _squares_by_filter_gradients(kind, layer):
+def _squares_by_filter_gradients(kind, layer, jit_compile):
     """Whether the kernel's group norms come from filter-gradient ops.
 
-    Undilated convolutions outside XLA: one filter-gradient op per group,
-    the op the tape itself uses. The CPU kernels of dilated filter
-    gradients support float32 only (Keras reaches them through
-    space-to-batch instead), and XLA lowers many small convolutions slowly:
-    there the norms come from einsums over image patches.
+    Undilated convolutions in a step not compiled with XLA: one
+    filter-gradient op per group, the op the tape itself uses. The CPU
+    kernels of dilated filter gradients support float32 only (Keras reaches
+    them through space-to-batch instead), and XLA lowers many small
+    convolutions slowly: there the norms come from einsums over image
+    patches.
     """
     return (kind in ("conv", "depthwise") and layer.kernel.trainable
-            and _geometry(layer).dilations == (1, 1)
-            and not _in_xla_context())
+            and _geometry(layer).dilations == (1, 1) and not jit_compile)
 
 
 def _filter_gradient(kind, layer, inputs, output_gradients):
@@ -435,11 +430,11 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
     estimator, which stays the reference): J groups of s examples, evenly
     spaced in each replica's batch, `a_l` the mean norm of the groups'
     mean-loss gradients. Used through
-    `clars_tf.compute_loss_gradients_and_norms`, which records the layers
-    during the main forward pass and differentiates the loss with respect to
-    their outputs along with the variables. Called directly (as `model.fit`
-    with `attach_gradient_norm_estimator` does), it runs one extra forward
-    and backward pass over the replica's batch.
+    `clars_tf.compute_loss_gradients_and_norms` (custom loops) or
+    `clars_tf.attach_gradient_norm_estimator` (`model.fit`), which record
+    the layers during the main forward pass and differentiate the loss with
+    respect to their outputs along with the variables. Called directly, it
+    runs one extra forward and backward pass over the replica's batch.
 
     Right or loud: the step's gradients are the tape's gradients of the same
     loss (regularization losses included) whatever the model, and each
@@ -457,6 +452,13 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
     Args:
         micro_batch_size: `s`, examples per group (>= 1).
         num_micro_batches: `J`, groups per global step (>= 1).
+        jit_compile: whether the step computing the estimates is compiled
+            with XLA (`tf.function(jit_compile=True)`). It picks how the
+            convolution kernels' group norms are computed, not what they
+            are: einsums over image patches, which XLA compiles well,
+            instead of a filter-gradient op per group, which XLA lowers
+            slowly. `attach_gradient_norm_estimator` takes it from
+            `model.jit_compile`. Defaults to False.
 
     Example:
 
@@ -472,8 +474,10 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
 
     records_main_pass = True
 
-    def __init__(self, micro_batch_size=8, num_micro_batches=64):
+    def __init__(self, micro_batch_size=8, num_micro_batches=64,
+                 jit_compile=False):
         super().__init__(micro_batch_size, num_micro_batches)
+        self.jit_compile = bool(jit_compile)
         self._reported_models = set()
 
     @staticmethod
@@ -574,7 +578,7 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
     def gradients_and_norms(self, model, recording, data_loss,
                             regularization_loss, global_batch_size,
                             loss_scale, per_example_loss, x, y,
-                            sample_weight=None):
+                            sample_weight=None, jit_compile=None):
         """The step's gradients and every variable's estimate.
 
         Args:
@@ -594,6 +598,8 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
             x: the replica's inputs, for the loop estimator.
             y: the replica's targets, for the loop estimator.
             sample_weight: the replica's example weights, or None.
+            jit_compile: whether the step is compiled with XLA; defaults
+                to the estimator's `jit_compile`.
 
         Returns:
             `(gradients, norms)`, each one entry per
@@ -632,9 +638,10 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 all_reads, data_gradients[len(variables) + len(outputs):]):
             parts[id(variable)].append(gradient)
         with tf.control_dependencies(checks):
-            squares = self._squares(readable, output_gradients, batch,
-                                    num_replicas, global_batch_size,
-                                    loss_scale)
+            squares = self._squares(
+                readable, output_gradients, batch, num_replicas,
+                global_batch_size, loss_scale,
+                self.jit_compile if jit_compile is None else jit_compile)
         in_data_loss = {variable_id for variable_id, gradients in parts.items()
                         if any(g is not None for g in gradients)}
         if regularization_loss is not None:
@@ -711,14 +718,13 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 "estimate from the loop estimator instead."))
 
     def _squares(self, readable, output_gradients, batch, num_replicas,
-                 global_batch_size, loss_scale):
+                 global_batch_size, loss_scale, jit_compile):
         """Per-group squared norms of the readable variables' gradients.
 
         Returns:
             `{id(variable): [groups] squared norms}`.
         """
-        starts = self.micro_batch_starts(batch, num_replicas)
-        indices = starts[:, None] + tf.range(self.micro_batch_size)
+        indices = self.micro_batch_indices(batch, num_replicas)
         # d(group mean loss) = d(main loss) * global_batch / (s * scale).
         factor = tf.cast(global_batch_size, "float32") / float(
             self.micro_batch_size)
@@ -743,7 +749,7 @@ class OnePassGradientNormEstimator(gradient_norms.GradientNormEstimator):
                 group_gradients = tf.cast(groups_of(dz), "float32") * factor
                 if kind != "dense":
                     inputs, dz = _as_images(layer, inputs, dz)
-                if _squares_by_filter_gradients(kind, layer):
+                if _squares_by_filter_gradients(kind, layer, jit_compile):
                     kernel = _kernel_squares_from_filter_gradients(
                         kind, layer, groups_of(inputs), groups_of(dz)
                     ) * tf.square(factor)

@@ -2,12 +2,16 @@
 
 import collections
 import contextlib
+import logging
 
 import keras
 import tensorflow as tf
 
 from clars_tf import clars
 from clars_tf import gradient_norms
+
+_LOG = logging.getLogger(__name__)
+
 
 class StepGradients(collections.namedtuple(
         "StepGradients",
@@ -256,20 +260,131 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     return StepGradients(loss, predictions, gradients, norms, state_updates)
 
 
+def _why_fit_loss_does_not_split(model, per_example_loss, y_pred,
+                                 losses):
+    """Why Keras's loss is not `compiled loss + model.losses` with the
+    compiled loss the batch mean of `losses`, or None.
+
+    When it is, the norms are read off the compiled loss's own gradients;
+    otherwise they need the per-example loss's (a second backward pass).
+    """
+    if type(model).compute_loss is not keras.Model.compute_loss:
+        return "the model overrides `compute_loss`"
+    if per_example_loss is not None:
+        return ("`per_example_loss` is given, so it may differ from the "
+                "compiled loss")
+    if model._compile_loss is None:
+        return "`compile` was given no loss"
+    if getattr(model._compile_loss, "_user_loss_weights", None) is not None:
+        return "`compile` was given `loss_weights`"
+    reduction = getattr(model.loss, "reduction", "sum_over_batch_size")
+    if reduction != "sum_over_batch_size":
+        return (f"the compiled loss reduces with {reduction!r}, not "
+                "'sum_over_batch_size'")
+    if len(tf.nest.flatten(y_pred)) != 1:
+        return "the model has several outputs"
+    if getattr(y_pred, "_keras_mask", None) is not None:
+        return "the model's output carries a mask"
+    if losses.shape.rank != 1:
+        return (f"the loss gives {losses.shape.rank}-d losses, not one per "
+                "example")
+    return None
+
+
+def _fit_step_in_one_pass(model, estimator, per_example_loss, data,
+                          reported_models):
+    """Keras's train step with the gradients and norms from one pass.
+
+    Mirrors Keras's TensorFlow `train_step` (the loss of `compute_loss`,
+    its tracker, `scale_loss`, `apply_gradients`, `compute_metrics`); only
+    the gradients come from the estimator's recorded pass.
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    optimizer = model.optimizer
+    num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    first = next(t for t in tf.nest.flatten(x) if t is not None)
+    batch = tf.shape(first)[0]
+    global_batch_size = batch * num_replicas
+    variables = model.trainable_variables
+    per_example = per_example_loss or per_example_loss_of(model.loss)
+    with tf.GradientTape(persistent=True) as tape:
+        with estimator.recording(model, tape) as recording:
+            y_pred = (model(x, training=True) if model._call_has_training_arg
+                      else model(x))
+        losses = tf.cast(per_example(y, y_pred), "float32")
+        reason = _why_fit_loss_does_not_split(model, per_example_loss,
+                                              y_pred, losses)
+        if reason is None:
+            # Keras's `compute_loss`, in its two parts: the compiled loss
+            # (already divided by the number of replicas) and the layers'.
+            data_loss = model._compile_loss(y, y_pred, sample_weight)
+            added = [model._aggregate_additional_loss(loss)
+                     for loss in model.losses]
+            regularization_loss = tf.add_n(added) if added else None
+            loss = (data_loss if regularization_loss is None
+                    else data_loss + regularization_loss)
+        else:
+            if id(model) not in reported_models:
+                reported_models.add(id(model))
+                _LOG.warning(
+                    "model.fit with the one-pass gradient-norm estimator: "
+                    "%s, so the norms are read off the per-example loss's "
+                    "own gradients and the step takes a second backward "
+                    "pass (the gradients are still those of Keras's loss).",
+                    reason)
+            loss = model._compute_loss(x=x, y=y, y_pred=y_pred,
+                                       sample_weight=sample_weight,
+                                       training=True)
+            if sample_weight is not None:
+                losses *= tf.cast(sample_weight, "float32")
+            data_loss = tf.reduce_sum(losses) / tf.cast(global_batch_size,
+                                                        "float32")
+            regularization_loss = tf.cast(loss, "float32") - data_loss
+        model._loss_tracker.update_state(loss * num_replicas,
+                                         sample_weight=batch)
+        data_loss = optimizer.scale_loss(data_loss)
+        if regularization_loss is not None:
+            regularization_loss = optimizer.scale_loss(regularization_loss)
+    gradients, norms = estimator.gradients_and_norms(
+        model, recording, data_loss, regularization_loss, global_batch_size,
+        loss_scale_of(optimizer), per_example, x, y, sample_weight,
+        jit_compile=model.jit_compile)
+    del tape
+    _unwrap(optimizer).set_gradient_norms(norms, variables)
+    optimizer.apply_gradients(zip(gradients, variables))
+    return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
 def attach_gradient_norm_estimator(model, estimator=None,
                                    per_example_loss=None):
     """Lets `model.fit` train with CLARS: the one extra line it needs.
 
-    Wraps the model's `train_step` so that each step first estimates the
-    gradient norms on the step's own batch (before the weights change) and
-    hands them to the CLARS optimizer, then runs Keras's own step unchanged
-    (metrics, loss scaling and callbacks included). Call it before or after
-    `compile`, before `fit`.
+    Wraps the model's `train_step` for CLARS (other optimizers run Keras's
+    own step). With a `GradientNormEstimator` (the loop), each step first
+    estimates the gradient norms on the step's own batch (before the
+    weights change) and hands them to the optimizer, then runs Keras's own
+    step unchanged. With a `OnePassGradientNormEstimator`, the step is
+    Keras's own step (its loss from `compute_loss`, regularization losses
+    and sample weights included, its loss tracker, `scale_loss` and
+    `apply_gradients`, its compiled metrics) with the gradients and the
+    norms taken from the same forward and backward pass. Either way
+    callbacks, `steps_per_execution` and distribution strategies work as
+    with any Keras optimizer. Call it before or after `compile`, before
+    `fit`.
+
+    With the one-pass estimator the norms are read off the compiled loss's
+    gradients when Keras's loss is that loss (one per example, reduced
+    with 'sum_over_batch_size', one output, no `loss_weights`, no mask)
+    plus `model.losses`; otherwise (an overridden `compute_loss`, an
+    explicit `per_example_loss`, ...) one warning says why, and the norms
+    are read off the per-example loss's own gradients, which takes a
+    second backward pass.
 
     Args:
         model: a Keras model (functional, Sequential or subclassed).
-        estimator: a `GradientNormEstimator`; defaults to the reference
-            (8 examples x 64 micro-batches, every step).
+        estimator: a `GradientNormEstimator` or
+            `OnePassGradientNormEstimator`; defaults to the reference loop
+            estimator (8 examples x 64 micro-batches, every step).
         per_example_loss: `fn(y_true, y_pred) -> [batch]`; defaults to the
             loss given to `compile`.
 
@@ -278,12 +393,17 @@ def attach_gradient_norm_estimator(model, estimator=None,
     """
     estimator = estimator or gradient_norms.GradientNormEstimator()
     keras_train_step = model.train_step
+    one_pass = getattr(estimator, "records_main_pass", False)
+    reported_models = set()
 
     def train_step(data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         optimizer = _unwrap(model.optimizer)
         if not isinstance(optimizer, clars.CLARS):
             return keras_train_step(data)
+        if one_pass:
+            return _fit_step_in_one_pass(model, estimator, per_example_loss,
+                                         data, reported_models)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss = per_example_loss or per_example_loss_of(model.loss)
         norms = gradient_norms_for_step(model.optimizer, estimator, model,
                                         loss, x, y, sample_weight)

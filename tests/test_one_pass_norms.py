@@ -251,13 +251,19 @@ def test_standalone_call_equals_the_loop_estimator():
         clars_tf.GradientNormEstimator(4, 8)(model, _loss, x, y), rtol=1e-5)
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
 @pytest.mark.parametrize("kind", ["all", "conv_valid_dilated", "depthwise",
                                   "conv1d"])
-def test_under_xla(kind):
-    """XLA takes the einsum-over-patches path for convolutions."""
+def test_under_xla(kind, jit_compile):
+    """Under XLA either way of forming the kernels' norms gives the loop's.
+
+    `jit_compile=True` takes einsums over image patches, False one
+    filter-gradient op per group.
+    """
     model = _model(kind)
     x, y = _images()
-    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
+    estimator = clars_tf.OnePassGradientNormEstimator(
+        4, 4, jit_compile=jit_compile)
     step = tf.function(lambda x, y: clars_tf.compute_loss_gradients_and_norms(
         model, _loss, x, y, global_batch_size=len(x),
         estimator=estimator).gradient_norms, jit_compile=True)
