@@ -69,3 +69,15 @@ def test_config_reference_lists_every_key_with_its_type_and_default():
         kind, default = documented[key]
         assert kind == type(value).__name__, key
         assert default == value, key
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_one_pass_estimator_is_told_whether_the_step_uses_xla(jit_compile):
+    # The trainer compiles its step with XLA exactly when train.jit_compile
+    # is set; the estimator picks its convolution path by it.
+    built = config.build_config(
+        os.path.join(REPO, "configs", "fashion_mnist_resnet8_clars.yaml"),
+        "estimator.method=one_pass,"
+        f"train.jit_compile={str(jit_compile).lower()}")
+    estimator = config.check_against_strategy(built, num_replicas=1)
+    assert estimator.jit_compile is jit_compile

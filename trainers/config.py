@@ -403,7 +403,8 @@ def check_against_strategy(config, num_replicas):
         import clars_tf
         if est["method"] == "one_pass":
             estimator = clars_tf.OnePassGradientNormEstimator(
-                est["micro_batch_size"], est["num_micro_batches"])
+                est["micro_batch_size"], est["num_micro_batches"],
+                jit_compile=train["jit_compile"])
         else:
             estimator = clars_tf.GradientNormEstimator(
                 est["micro_batch_size"], est["num_micro_batches"],
