@@ -490,6 +490,7 @@ def test_evaluation_leaves_training_state_and_counts_splits(tmp_path):
     ("train.eval_splits=val", r"'test', 'validation' or 'validation\+test'"),
     ("train.recompute_bn_examples=100", r"not a whole number of training"),
     ("task.validation_examples=59990", r"larger than the 10 examples left"),
+    ("lars.trust_clip=0", r"lars.trust_clip.*must be > 0 \(.inf for no clip"),
 ])
 def test_validation_and_recompute_options_reject_bad_values(override,
                                                             message):
