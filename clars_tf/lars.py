@@ -1,5 +1,7 @@
 """LARS with MLPerf semantics: the baseline CLARS is compared against."""
 
+import math
+
 import tensorflow as tf
 from keras import ops
 from keras import saving
@@ -17,6 +19,7 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
     d = g + weight_decay_rate * w
     trust = trust_coefficient * ||w|| / (
         ||g|| + weight_decay_rate * ||w|| + epsilon)   # 1 if a norm is 0
+    trust = min(trust_clip, trust)                     # only with a clip
     v = momentum * v + learning_rate * trust * d
     w = w - v                 # nesterov: w - (momentum * v + lr * trust * d)
     ```
@@ -32,6 +35,11 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
         weight_decay_rate: coupled L2 coefficient. Defaults to 0.
         trust_coefficient: `eta` > 0. Defaults to 0.001.
         epsilon: >= 0, added to the denominator. Defaults to 0.
+        trust_clip: optional upper bound `c` > 0 of the trust ratio, as
+            CLARS's `trust_clip` (with CLARS's `trust_coefficient`, LARS then
+            differs from CLARS only in the denominator: `||g||` instead of
+            the micro-batch estimate). None or `inf`: no clip (MLPerf).
+            Defaults to None.
         exclude_from_layer_adaptation: optional regexes on variable paths.
         decay_excluded_variables: whether excluded variables are decayed.
             Defaults to False (MLPerf).
@@ -64,9 +72,13 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
         epsilon=0.0,
         exclude_from_layer_adaptation=None,
         decay_excluded_variables=False,
+        trust_clip=None,
         name="lars",
         **kwargs,
     ):
+        if trust_clip is not None:
+            layerwise._check_float("trust_clip", trust_clip, 0.0,
+                                   low_inclusive=False)
         super().__init__(
             learning_rate=learning_rate,
             momentum=momentum,
@@ -79,6 +91,9 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             name=name,
             **kwargs,
         )
+        # A config file spells "no clip" as .inf; the graph then skips it.
+        self.trust_clip = (None if trust_clip is None or math.isinf(trust_clip)
+                           else float(trust_clip))
 
     def layer_trust_ratio(self, weight_norm, gradient_norm, decay_rate):
         return layerwise.trust_ratio(
@@ -86,6 +101,7 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             gradient_norm,
             gradient_norm + decay_rate * weight_norm + self.epsilon,
             self.trust_coefficient,
+            clip=self.trust_clip,
         )
 
     def update_step(self, gradient, variable, learning_rate):
@@ -107,3 +123,8 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             lr=scaled_rate, grad=update,
             momentum=ops.cast(self.momentum, dtype),
             use_nesterov=self.nesterov)
+
+    def get_config(self):
+        config = super().get_config()
+        config["trust_clip"] = self.trust_clip
+        return config

@@ -13,7 +13,6 @@ from there.
 import json
 import math
 import os
-import re
 import resource
 import shlex
 import shutil
@@ -23,9 +22,9 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Copied from the model dir after every attempt; run.json is written there.
-COPIED_FILES = ("results.json", "train.log", "diagnostics.jsonl")
+COPIED_FILES = ("results.json", "steps.jsonl", "train.log",
+                "diagnostics.jsonl")
 DIVERGENCE_MARKER = "Non-finite gradient"
-_STEP_LINE = re.compile(r"step (\d+)/(\d+) epoch \S+ loss (\S+)")
 
 
 def read_json(path):
@@ -51,14 +50,6 @@ def format_rate(rate):
 def run_id(stage, batch_size, method, rate, warmup_epochs, epochs, seed):
     return (f"{stage}/b{batch_size}/{method}/lr{format_rate(rate)}"
             f"_w{format_rate(warmup_epochs)}_e{epochs}_s{seed}")
-
-
-def step_losses(log_text):
-    """{step: training loss} from a trainer log; a resumed step's last line."""
-    losses = {}
-    for match in _STEP_LINE.finditer(log_text):
-        losses[int(match.group(1))] = float(match.group(3))
-    return losses
 
 
 class Run:
@@ -270,12 +261,9 @@ class Outcome:
                 else -math.inf)
 
     def step_losses(self):
-        try:
-            with open(os.path.join(self.directory, "train.log"),
-                      encoding="utf-8", errors="replace") as f:
-                return step_losses(f.read())
-        except FileNotFoundError:
-            return {}
+        """{step: training loss} from the trainer's steps.jsonl."""
+        return {record["step"]: record["loss"]
+                for record in self._json_lines("steps.jsonl")}
 
     def total_steps(self):
         steps = self.results.get("steps_per_epoch")
@@ -302,7 +290,10 @@ class Outcome:
         return None
 
     def diagnostics(self):
-        path = os.path.join(self.directory, "diagnostics.jsonl")
+        return self._json_lines("diagnostics.jsonl")
+
+    def _json_lines(self, name):
+        path = os.path.join(self.directory, name)
         if not os.path.exists(path):
             return []
         with open(path, encoding="utf-8") as f:

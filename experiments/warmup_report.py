@@ -144,7 +144,7 @@ def pilot_section(plan, outcomes):
                  "" if "gate" in plan else " after batch-norm recomputation")
              + ", final "
              "training loss, and the mean training loss over the first 20 % "
-             "of steps (from train.log).", ""]
+             "of steps (from steps.jsonl).", ""]
     verdicts = []
     for model in pilot["models"]:
         warm_all = _group(outcomes, stage="pilot", model=model,
@@ -288,6 +288,7 @@ def comparison_section(plan, outcomes):
             "| method | rates: val % | " + " | ".join(
                 f"range within {w:g} point{'s' * (w != 1)}" for w in RANGE_WINDOWS) + " |",
             "|---|---|" + "---|" * len(RANGE_WINDOWS)]
+        chosen = {}
         for method, spec in compare["methods"].items():
             warmup = compare["warmup_epochs"] if spec["warmup"] else 0.0
             grid = [o for o in runs if o.record["method"] == method
@@ -296,6 +297,8 @@ def comparison_section(plan, outcomes):
             if not grid:
                 continue
             top = best(grid)
+            if top is not None:
+                chosen[method] = top
             cells = ", ".join(
                 f"{runs_lib.format_rate(r)}: "
                 + (f"**{_result(o)}**" if o is top else _result(o))
@@ -329,7 +332,13 @@ def comparison_section(plan, outcomes):
         gate_arms = _group(outcomes, stage="pilot", batch_size=batch_size,
                            model=compare["model"]) if "gate" in plan else []
         for outcome in runs + gate_arms:
-            if outcome.record["seed"] in seed_set:
+            method = outcome.record["method"]
+            # A tuned method's seeds count at its chosen rate only (seeds
+            # run at an earlier choice stay archived, out of the verdict).
+            if outcome.record["seed"] in seed_set and (
+                    method not in chosen
+                    or outcome.record["base_learning_rate"]
+                    == chosen[method].record["base_learning_rate"]):
                 seeds_by_method.setdefault(outcome.record["method"],
                                            []).append(outcome)
         for method, group in seeds_by_method.items():
@@ -366,7 +375,7 @@ def comparison_section(plan, outcomes):
                               for path, unclipped, clipped, noise, n in rows]
         batch_verdict, batch_compared = _verdict(
             batch_size, seeds_by_method, labels,
-            compare.get("noninferiority_points"))
+            compare.get("noninferiority_points"), compare.get("differences"))
         verdict += batch_verdict
         compared += batch_compared
         lines.append("")
@@ -447,10 +456,13 @@ def _mechanism(batch_size, clars_runs):
     return []
 
 
-def _verdict(batch_size, seeds_by_method, labels, margin=None):
+def _verdict(batch_size, seeds_by_method, labels, margin=None,
+             differences=None):
     """Verdict lines and the [(name, differences)] they compared.
 
     `margin`: the plan's non-inferiority margin for CLARS, if any.
+    `differences`: the plan's [first, second] pairs, fixed before the runs;
+    by default the warmup problem and CLARS against every other method.
     """
     compared = []
 
@@ -463,9 +475,22 @@ def _verdict(batch_size, seeds_by_method, labels, margin=None):
                              f"{labels.get(second, second)}", differences))
         return lines
 
+    clars = seeds_by_method.get("clars")
+    if differences:
+        out = []
+        for first, second in differences:
+            out += add(f"Batch {batch_size}" + (
+                ", the warmup problem" if (first, second) == (
+                    "sgd_warmup", "sgd_nowarmup") else ""), first, second)
+            if not (seeds_by_method.get(first)
+                    and seeds_by_method.get(second)):
+                out.append(f"- Batch {batch_size}: "
+                           f"{labels.get(first, first)} minus "
+                           f"{labels.get(second, second)}: seed runs not "
+                           "done.")
+        return out + (_mechanism(batch_size, clars) if clars else []), compared
     out = add(f"Batch {batch_size}, the warmup problem", "sgd_warmup",
               "sgd_nowarmup")
-    clars = seeds_by_method.get("clars")
     if not clars:
         return out + [f"- Batch {batch_size}: CLARS's seed runs are not "
                       "done."], compared
@@ -475,15 +500,24 @@ def _verdict(batch_size, seeds_by_method, labels, margin=None):
     return out + _mechanism(batch_size, clars), compared
 
 
-def multiplicity_lines(compared, confidence=0.95):
+def _planned_count(plan):
+    """Comparisons the plan fixed (its differences, per batch size), or 0."""
+    compare = plan.get("comparison") or {}
+    return len(compare.get("differences") or []) * len(
+        compare.get("batch_sizes") or [])
+
+
+def multiplicity_lines(compared, confidence=0.95, planned=None):
     """How many comparisons the verdict makes, and which survive Bonferroni.
 
     Args:
         compared: [(name, differences in points)].
+        planned: the number of comparisons the plan fixed, if it did: the
+            correction counts them all, done or not.
     """
     if not compared:
         return []
-    count = len(compared)
+    count = max(planned or 0, len(compared))
     corrected = 1 - (1 - confidence) / count
     survivors = []
     for name, differences in compared:
@@ -491,7 +525,10 @@ def multiplicity_lines(compared, confidence=0.95):
         if interval and (interval[2] > 0 or interval[3] < 0):
             survivors.append(f"{name} ({interval[2]:+.1f} to "
                              f"{interval[3]:+.1f})")
-    return [f"- {count} comparisons above, each with its own 95 % interval "
+    return [f"- {count} comparisons" + (
+        f" fixed in the plan ({len(compared)} of them above)"
+        if count != len(compared) else " above")
+            + ", each with its own 95 % interval "
             "and no correction for their number: with no real difference "
             f"anywhere, about {count * (1 - confidence):.1f} of them would "
             "still exclude 0 by chance. With a Bonferroni correction (each "
@@ -542,8 +579,67 @@ def _early_loss_run(members, main_warmup, tuning_seed):
     return min(candidates, key=lambda o: o.record["seed"], default=None)
 
 
+def accuracy_by_peak_rate(outcomes, path, plan):
+    """Every method's tuning curve and its fresh seeds, on one figure.
+
+    Lines: final validation accuracy of the tuning seed against the peak
+    rate (base rate * batch / 128); points: test accuracy of each fresh
+    seed at the method's chosen rate. Returns the file name.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    compare = plan["comparison"]
+    labels = {"sgd_warmup": "SGD + warmup", "sgd_nowarmup": "SGD, no warmup"}
+    labels.update({m: s["label"] for m, s in compare["methods"].items()})
+    seeds = set(compare["seeds"])
+    figure, axis = pyplot.subplots(figsize=(7, 4.5))
+    for method, label in labels.items():
+        members = [o for o in outcomes.values()
+                   if o.record["method"] == method
+                   and o.record.get("model") == compare["model"]]
+        tuning = sorted(
+            (o.record["base_learning_rate"] * o.record["batch_size"] / 128,
+             100 * o.validation_accuracy) for o in members
+            if o.record["seed"] == plan["tuning_seed"]
+            and o.validation_accuracy is not None)
+        chosen = best([o for o in members
+                       if o.record["seed"] == plan["tuning_seed"]])
+        if not tuning or chosen is None:
+            continue
+        line, = axis.plot(*zip(*tuning), marker="o", markersize=3,
+                          linewidth=1, label=label)
+        fresh = [o for o in _at_rate(members, chosen)
+                 if o.record["seed"] in seeds and o.test_accuracy is not None]
+        axis.scatter([o.record["base_learning_rate"] * o.record["batch_size"]
+                      / 128 for o in fresh],
+                     [100 * o.test_accuracy for o in fresh], marker="x",
+                     s=30, color=line.get_color())
+    axis.set_xscale("log", base=2)
+    axis.set_title(f"{compare['model']}, batch "
+                   f"{compare['batch_sizes'][0]}, {compare['epochs']} "
+                   f"epochs\nlines: validation accuracy (seed "
+                   f"{plan['tuning_seed']}); "
+                   f"crosses: test accuracy (seeds "
+                   f"{min(seeds)}-{max(seeds)}) at the chosen rate",
+                   fontsize=8)
+    axis.set(xlabel="peak learning rate", ylabel="accuracy (%)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return os.path.basename(path)
+
+
 def figures(outcomes, results_dir, plan):
     """Rate sensitivity and early training loss, per stage and batch size."""
+    lines = []
+    if "gate" in plan and "comparison" in plan:
+        lines.append("![]({})".format(accuracy_by_peak_rate(
+            outcomes, os.path.join(results_dir, "accuracy_by_peak_rate.png"),
+            plan)))
     groups = {}
     for outcome in outcomes.values():
         record = outcome.record
@@ -554,7 +650,6 @@ def figures(outcomes, results_dir, plan):
                    for stage, section in (("pilot", "pilot"),
                                           ("compare", "comparison"))
                    if section in plan}
-    lines = []
     for (stage, model, batch_size), group in sorted(groups.items()):
         name = f"{stage}_{model}_b{batch_size}"
         by_method = {}
@@ -636,7 +731,8 @@ def _second_study_summary(plan, pilot_verdicts, verdict, compared,
                      + "): " + _reading(list(paired.values()),
                                         "SGD + warmup"))
         summary.append(line if line.endswith(".") else line + ".")
-    return summary + ((verdict + multiplicity_lines(compared)) or [
+    return summary + ((verdict + multiplicity_lines(
+        compared, planned=_planned_count(plan))) or [
         "- Comparison: not run yet."])
 
 
@@ -776,7 +872,8 @@ def main(argv=None):
                 "\"no worse\" is not shown for any method.",
                 "CLARS is \"no worse\" only against the plan's "
                 "non-inferiority margin.") + _pairing_note(outcomes), ""] + (
-                verdict + multiplicity_lines(compared))
+                verdict + multiplicity_lines(compared,
+                                             planned=_planned_count(plan)))
         method = ("No batch norm; every run with train.deterministic=true "
                   "(reruns bit-identical, seeds paired exactly).")
     else:

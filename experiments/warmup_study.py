@@ -137,14 +137,17 @@ class Study:
         if time.time() - self.started + expected > self.args.max_hours * 3600:
             raise OutOfTime()
 
-    def tune(self, make_spec, grid):
+    def tune(self, make_spec, grid, max_extensions=None):
         """Tries `grid`, extended past an edge holding the best; the best.
 
-        A dry run follows the archived results as far as they go and lists
+        At most `max_extensions` (default: the plan's) rates are added. A
+        dry run follows the archived results as far as they go and lists
         the runs they call for.
         """
+        if max_extensions is None:
+            max_extensions = self.plan["max_extensions"]
         rates = sorted(float(r) for r in grid)
-        for _ in range(self.plan["max_extensions"] + 1):
+        for _ in range(max_extensions + 1):
             outcomes = [self.outcome(make_spec(rate)) for rate in rates]
             best = runs_lib.best(outcomes)
             if best is None:
@@ -220,8 +223,9 @@ class Study:
                     lambda rate, method=method, spec=spec, warmup=warmup:
                     self.spec("compare", plan["model"], batch_size, method,
                               spec["config"], rate, warmup, seed,
-                              plan["epochs"]),
-                    spec["grid"])
+                              plan["epochs"],
+                              extra=spec.get("overrides", ())),
+                    spec["grid"], plan.get("max_extensions"))
                 if best is not None:
                     chosen[method] = (best.record["base_learning_rate"],
                                       warmup)
@@ -239,7 +243,8 @@ class Study:
                 ablation = plan["ablations"].get(method)
                 config = plan["methods"]["clars" if ablation else method][
                     "config"]
-                extra = list(ablation["overrides"]) if ablation else []
+                extra = list(ablation["overrides"] if ablation else
+                             plan["methods"][method].get("overrides", ()))
                 for index, fresh in enumerate(plan["seeds"]):
                     diagnostics = (index == 0 and "clars" in method)
                     self.outcome(self.spec(

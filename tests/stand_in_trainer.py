@@ -1,7 +1,7 @@
 """A stand-in for trainers.train in the study tests: instant, scripted.
 
 Accepts the trainer's flags, "trains" 2 epochs of 4 steps and writes
-results.json and step lines as the trainer does. Validation accuracy is a
+results.json, steps.jsonl and step lines as the trainer does. Validation accuracy is a
 fixed function of the rate (peak at base 0.4 with warmup, 0.2 without,
 1 point lower per factor 2 away; a no-warmup rate >= 3.2 diverges), so tests
 can compute the study's choices by hand.
@@ -28,9 +28,14 @@ def main():
     os.makedirs(model_dir, exist_ok=True)
     print("I1130 stand_in_trainer.py:1] intra-op threads "
           f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}")
-    for step in range(1, 9):
-        print(f"I1130 train.py:1] step {step}/8 epoch {step / 4:.2f} loss "
-              f"{2.0 / step + rate:.4f} accuracy 0.5 lr 1 100 images/s")
+    with open(os.path.join(model_dir, "steps.jsonl"), "w") as f:
+        for step in range(1, 9):
+            print(f"I1130 train.py:1] step {step}/8 epoch {step / 4:.2f} "
+                  f"loss {2.0 / step + rate:.4f} accuracy 0.5 lr 1 100 "
+                  "images/s")
+            f.write(json.dumps({"step": step, "epoch": step / 4,
+                                "loss": 2.0 / step + rate, "accuracy": 0.5,
+                                "learning_rate": 1.0}) + "\n")
     if not warmup and rate >= 3.2:
         print("error: Non-finite gradient or gradient-norm estimate at step 3")
         sys.exit(1)

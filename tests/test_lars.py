@@ -14,6 +14,33 @@ def test_one_step_matches_hand_computed_values():
     np.testing.assert_allclose(w.numpy(), [[2.997, 3.996]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("trust_clip, expected", [
+    # Unclipped trust = 0.01 * ||w|| / ||g|| = 0.01 * 5 / 1 = 0.05.
+    (0.004, [[3.0 - 0.004 * 0.6, 4.0 - 0.004 * 0.8]]),   # the clip binds
+    (0.1, [[3.0 - 0.05 * 0.6, 4.0 - 0.05 * 0.8]]),       # it does not
+    (float("inf"), [[3.0 - 0.05 * 0.6, 4.0 - 0.05 * 0.8]]),  # no clip
+])
+def test_trust_clip_bounds_the_trust_ratio(trust_clip, expected):
+    w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    optimizer = clars_tf.LARS(1.0, momentum=0.9, trust_coefficient=0.01,
+                              trust_clip=trust_clip)
+    optimizer.apply([np.array([[0.6, 0.8]])], [w])
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+
+
+def test_trust_clip_also_bounds_the_zero_gradient_fallback():
+    w = keras.Variable(np.array([[3.0, 4.0]]), dtype="float32")
+    bias = keras.Variable(np.array([1.0, 2.0]), dtype="float32")
+    optimizer = clars_tf.LARS(1.0, momentum=0.9, weight_decay_rate=0.5,
+                              trust_clip=0.25)
+    # ||g|| = 0: trust min(0.25, 1) on d = 0.5 * w; the bias (rank 1,
+    # excluded, not decayed) takes the plain step, unclipped.
+    optimizer.apply([np.zeros((1, 2)), np.array([0.5, 0.5])], [w, bias])
+    np.testing.assert_allclose(w.numpy(), [[3.0 - 0.25 * 1.5,
+                                            4.0 - 0.25 * 2.0]], rtol=1e-6)
+    np.testing.assert_allclose(bias.numpy(), [0.5, 1.5], rtol=1e-6)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_several_steps_match_numpy_reference(nesterov):
     rng = np.random.default_rng(2)
@@ -52,7 +79,8 @@ def test_several_steps_match_numpy_reference(nesterov):
     "kwargs, name",
     [({"learning_rate": -1.0}, "learning_rate"), ({"momentum": 1.5},
                                                    "momentum"),
-     ({"trust_coefficient": -1.0}, "trust_coefficient")],
+     ({"trust_coefficient": -1.0}, "trust_coefficient"),
+     ({"trust_clip": 0.0}, "trust_clip"), ({"trust_clip": "0.1"}, "trust_clip")],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -65,3 +93,11 @@ def test_config_round_trip():
     restored = clars_tf.LARS.from_config(optimizer.get_config())
     assert restored.get_config() == optimizer.get_config()
     assert restored.decay_excluded_variables is False
+    assert restored.trust_clip is None
+
+
+def test_config_round_trip_keeps_the_clip():
+    optimizer = clars_tf.LARS(0.3, trust_coefficient=0.01, trust_clip=0.1)
+    restored = clars_tf.LARS.from_config(optimizer.get_config())
+    assert restored.get_config() == optimizer.get_config()
+    assert restored.trust_clip == 0.1

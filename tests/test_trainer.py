@@ -38,6 +38,11 @@ def run_trainer(model_dir, data_dir, *flags, override="", timeout=600,
     return result
 
 
+def step_records(model_dir):
+    with open(os.path.join(model_dir, "steps.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def checkpoint_values(model_dir):
     """Every saved variable of the latest checkpoint, by checkpoint key."""
     latest = tf.train.latest_checkpoint(os.path.join(model_dir,
@@ -70,6 +75,22 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
                      result.stdout, re.M)
     assert re.search(r"^epoch 1 eval loss \d\.\d{4} accuracy \d\.\d{4}$",
                      result.stdout, re.M)
+    # steps.jsonl: the console's step lines, unrounded.
+    records = step_records(model_dir)
+    assert [r["step"] for r in records] == [4, 8]
+    for record, line in zip(records, [line for line in lines
+                                      if line.startswith("step ")]):
+        assert set(record) == {"step", "epoch", "loss", "accuracy",
+                               "learning_rate", "skipped_steps",
+                               "images_per_second"}
+        assert line.startswith(
+            f"step {record['step']}/8 epoch {record['epoch']:.2f} loss "
+            f"{record['loss']:.4f} accuracy {record['accuracy']:.4f} lr "
+            f"{record['learning_rate']:.4g} ")
+        # 64 examples a step, 4 steps a line: accuracy in 1/256 steps.
+        assert (256 * record["accuracy"]) == pytest.approx(
+            round(256 * record["accuracy"]), abs=1e-6)
+        assert record["skipped_steps"] == 0
     assert json.loads(result.stdout[result.stdout.index("{"):])["final"]
     assert not re.search(r"^(I\d{4} |INFO)", result.stderr, re.M), (
         result.stderr[:3000])
@@ -236,6 +257,11 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path,
         got = json.load(f)["epochs"]
     assert [e["train_loss"] for e in got] == pytest.approx(
         [e["train_loss"] for e in want], rel=1e-6)
+    # One line per logged step, none repeated by the resumed run.
+    want, got = step_records(reference_dir), step_records(model_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [
+        4, 8, 12, 16]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
 
 
 @pytest.mark.parametrize("flags, override, message", [
@@ -490,6 +516,7 @@ def test_evaluation_leaves_training_state_and_counts_splits(tmp_path):
     ("train.eval_splits=val", r"'test', 'validation' or 'validation\+test'"),
     ("train.recompute_bn_examples=100", r"not a whole number of training"),
     ("task.validation_examples=59990", r"larger than the 10 examples left"),
+    ("lars.trust_clip=0", r"lars.trust_clip.*must be > 0 \(.inf for no clip"),
 ])
 def test_validation_and_recompute_options_reject_bad_values(override,
                                                             message):
@@ -540,3 +567,14 @@ def test_recomputed_means_do_not_depend_on_replicas(tmp_path, two_replicas):
         # seed), so its input, and the mean of it, are the same.
         means.append(trainer._batch_norm_statistics()[0][1].numpy())
     np.testing.assert_allclose(means[0], means[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_run_drops_the_step_lines_past_its_checkpoint(tmp_path):
+    """Lines logged after the checkpoint a run resumes from are redone."""
+    trainer = _synthetic_sgd_trainer(tmp_path, "train.steps_per_loop=2")
+    os.makedirs(trainer.model_dir, exist_ok=True)
+    with open(os.path.join(trainer.model_dir, "steps.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": step, "loss": 1.0}) + "\n"
+                     for step in (2, 4, 6))
+    trainer._keep_steps_up_to(4)
+    assert [r["step"] for r in step_records(trainer.model_dir)] == [2, 4]

@@ -360,3 +360,54 @@ def test_noninferiority_reads_the_lower_end_against_the_margin():
     # -1, +1, +3: [-4.0, +6.0], whose lower end is below -1.
     assert "1-point margin: not shown;" in warmup_report._reading(
         [-1.0, 1.0, 3.0], "CLARS", margin=1.0)
+
+
+def test_a_method_with_overrides_extends_as_its_plan_allows(tmp_path):
+    """comparison.max_extensions bounds the grid's extensions; raised, the
+    same command extends on and reruns the seeds at the new choice, and the
+    report counts only those (and the plan's fixed differences)."""
+    import copy
+
+    saved = copy.deepcopy(PLAN)
+    compare = PLAN["comparison"]
+    compare["methods"]["lars_nowarmup"] = {
+        "label": "LARS", "config": "l.yaml", "warmup": False,
+        "grid": [0.8, 1.6], "overrides": ["lars.trust_clip=0.1"]}
+    compare["ablations"] = {}
+    compare["differences"] = [["clars", "lars_nowarmup"],
+                              ["sgd_warmup", "lars_nowarmup"]]
+    try:
+        _study(tmp_path, "--stage=pilot")
+        compare["max_extensions"] = 1
+        assert _study(tmp_path, "--stage=compare",
+                      "--methods=clars,lars_nowarmup") == 0
+        outcomes = _archived(tmp_path)
+        # Best at the lower edge (no warmup peaks at 0.2): one extension.
+        assert _rates(outcomes, "lars_nowarmup") == [0.4, 0.4, 0.4, 0.8, 1.6]
+        seed_run = outcomes["compare/b4096/lars_nowarmup/lr0.4_w0_e2_s1"]
+        assert "lars.trust_clip=0.1" in seed_run.record["overrides"]
+        compare["max_extensions"] = 3
+        assert _study(tmp_path, "--stage=compare",
+                      "--methods=lars_nowarmup") == 0
+        assert _rates(_archived(tmp_path), "lars_nowarmup") == [
+            0.1, 0.2, 0.2, 0.2, 0.4, 0.4, 0.4, 0.8, 1.6]
+        (tmp_path / "plan.yaml").write_text(yaml.safe_dump(PLAN))
+        warmup_report.main([f"--plan={tmp_path / 'plan.yaml'}",
+                            f"--results_dir={tmp_path / 'results'}"])
+    finally:
+        PLAN.clear()
+        PLAN.update(saved)
+    text = (tmp_path / "results" / "results.md").read_text()
+    # Seeds 1 and 2 at 0.2, test 0.85 - 0.02 + 0.001 * seed; those at 0.4
+    # (the first choice) are left out.
+    rows = [line for line in text.splitlines() if line.startswith("| LARS | ")
+            and "n=" in line]
+    assert len(rows) == 1 and rows[0].startswith("| LARS | 0.2 | ")
+    assert "83.1 (83.1-83.2, n=2)" in rows[0]
+    # CLARS stopped at 0.4 (one extension allowed then): test 0.84 - 0.02.
+    assert ("CLARS minus LARS, test accuracy paired by seed (1: -1.0, 2: "
+            "-1.0)") in text
+    assert "SGD + warmup minus LARS: seed runs not done." in text
+    # Bonferroni counts both planned comparisons, done or not.
+    assert "- 2 comparisons fixed in the plan (1 of them above)" in text
+    assert "each interval at 97.50 %" in text

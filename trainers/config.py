@@ -97,6 +97,9 @@ DEFAULTS = {
         "trust_coefficient": 0.001,
         "epsilon": 0.0,
         "decay_excluded_variables": False,
+        # .inf: no clip (MLPerf); CLARS's 0.1 with its eta 0.01 leaves
+        # LARS differing from CLARS only in the trust's denominator.
+        "trust_clip": float("inf"),
     },
     "estimator": {
         # 'loop' (the reference: J extra passes over micro-batches) or
@@ -366,6 +369,8 @@ def validate(config):
              "must be in [0, 1).")
     _require(opt["warmup_epochs"] >= 0, "optimizer.warmup_epochs",
              "must be >= 0.")
+    _require(config["lars"]["trust_clip"] > 0, "lars.trust_clip",
+             "must be > 0 (.inf for no clip, MLPerf's LARS).")
     _require(opt["warmup_epochs"] < train["epochs"], "optimizer.warmup_epochs",
              f"must be shorter than train.epochs ({train['epochs']}).")
     for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):

@@ -238,6 +238,7 @@ class Trainer:
             self.checkpoint, directory, max_to_keep=train["checkpoints_to_keep"])
         self._tf, self._clars_tf, self._data = tf, clars_tf, data
         self._results_path = os.path.join(model_dir, "results.json")
+        self._steps_path = os.path.join(model_dir, "steps.jsonl")
         summary_root = model_dir if self.is_chief else os.path.join(
             directory, "summaries")
         self.train_writer = tf.summary.create_file_writer(
@@ -635,6 +636,28 @@ class Trainer:
             history = json.load(f).get("epochs", [])
         return [entry for entry in history if entry["step"] <= step]
 
+    def _keep_steps_up_to(self, step):
+        """Drops steps.jsonl's lines past `step`, the checkpoint resumed from.
+
+        A run killed after logging steps it had not checkpointed redoes
+        them when resumed: their lines are written again, once each, as
+        results.json keeps one entry per epoch.
+        """
+        if not self.is_chief or not os.path.exists(self._steps_path):
+            return
+        with open(self._steps_path, encoding="utf-8") as f:
+            kept = [line for line in f
+                    if line.strip() and json.loads(line)["step"] <= step]
+        staging = self._steps_path + ".partial"
+        with open(staging, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(staging, self._steps_path)
+
+    def _log_step(self, record):
+        if self.is_chief:
+            with open(self._steps_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
     def _save_results(self, history, final=None):
         if not self.is_chief:
             return
@@ -680,6 +703,7 @@ class Trainer:
         if step >= self.last_step:
             _console(f"Already trained to step {step}.")
             return history
+        self._keep_steps_up_to(step)
         iterator = None
         train_loop = self._make_train_loop()
         diagnostics = None
@@ -736,12 +760,12 @@ class Trainer:
                 [loss_sum, correct, float(applied * self.global_batch)])
             rate = float(self.optimizer.learning_rate)
             images_per_second = steps * self.global_batch / seconds
+            loss = loss_sum / max(applied, 1)
+            accuracy = correct / max(applied * self.global_batch, 1)
             with self.train_writer.as_default(step=step):
-                tf.summary.scalar("loss", loss_sum / max(applied, 1))
+                tf.summary.scalar("loss", loss)
                 tf.summary.scalar("skipped_steps", skipped)
-                tf.summary.scalar("accuracy",
-                                  correct / max(applied * self.global_batch,
-                                                1))
+                tf.summary.scalar("accuracy", accuracy)
                 tf.summary.scalar("learning_rate", rate)
                 tf.summary.scalar("images_per_second", images_per_second)
                 if diagnostics and step % train["diagnostics_every_steps"] < (
@@ -756,11 +780,17 @@ class Trainer:
                                 else seconds / steps)
             _console(
                 f"step {step}/{self.last_step} epoch "
-                f"{step / self.steps_per_epoch:.2f} loss "
-                f"{loss_sum / max(applied, 1):.4f} accuracy "
-                f"{correct / max(applied * self.global_batch, 1):.4f} lr "
-                f"{rate:.4g} {images_per_second:.0f} images/s ETA "
+                f"{step / self.steps_per_epoch:.2f} loss {loss:.4f} accuracy "
+                f"{accuracy:.4f} lr {rate:.4g} {images_per_second:.0f} "
+                "images/s ETA "
                 f"{_duration((self.last_step - step) * seconds_per_step)}")
+            # The machine-readable twin of the console line: the mean loss
+            # and accuracy over the steps since the last line.
+            self._log_step({"step": step,
+                            "epoch": step / self.steps_per_epoch,
+                            "loss": loss, "accuracy": accuracy,
+                            "learning_rate": rate, "skipped_steps": skipped,
+                            "images_per_second": images_per_second})
             at_epoch_end = step == epoch_end
             if (step % train["checkpoint_every_steps"] < steps
                     or step == self.last_step or at_epoch_end):
