@@ -22,7 +22,6 @@ decision.
 import argparse
 import json
 import os
-import signal
 import sys
 
 import yaml
@@ -219,11 +218,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _stop(signum, frame):
-    del frame
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     os.chdir(runs_lib.REPO_ROOT)
@@ -236,9 +230,7 @@ def main(argv=None):
         sys.exit(f"[estimator] --arms: unknown arm(s) {sorted(unknown)}; "
                  f"the plan's are {', '.join(plan['arms'])}.")
     study = Study(plan, args)
-    # A stopped study leaves its current run marked interrupted (the same
-    # command resumes it from its last checkpoint) and no trainer behind.
-    signal.signal(signal.SIGTERM, _stop)
+    runs_lib.interrupt_on_sigterm()
     try:
         for arm in args.arms or plan["arms"]:
             study.run_arm(arm)

@@ -16,6 +16,7 @@ import os
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,17 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPIED_FILES = ("results.json", "steps.jsonl", "train.log",
                 "diagnostics.jsonl")
 DIVERGENCE_MARKER = "Non-finite gradient"
+
+
+def _interrupt(signum, frame):
+    del frame
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm():
+    """A SIGTERM stops a study as Ctrl-C does: its current run is marked
+    interrupted (the same command resumes it) and its trainer stopped."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def read_json(path):

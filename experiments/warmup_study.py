@@ -29,7 +29,6 @@ runs are kept, an interrupted run resumes from its last epoch checkpoint).
 import argparse
 import math
 import os
-import signal
 import sys
 import time
 
@@ -289,11 +288,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _stop(signum, frame):
-    del frame
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     os.chdir(runs_lib.REPO_ROOT)
@@ -305,7 +299,7 @@ def main(argv=None):
         sys.exit(f"[study] --methods: unknown method(s) {', '.join(unknown)}; "
                  f"the plan's are {', '.join(dict.fromkeys(known))}.")
     study = Study(plan, args)
-    signal.signal(signal.SIGTERM, _stop)
+    runs_lib.interrupt_on_sigterm()
     try:
         if args.stage == "pilot":
             findings = study.pilot()
