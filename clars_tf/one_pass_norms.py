@@ -155,11 +155,19 @@ def _recording_call(layer, call):
         # A StatelessScope is per thread: replica threads tracing the same
         # layer concurrently each read their own tensors. A Dense or
         # convolution call reads its kernel and bias only and writes no
-        # state, so no outer scope's values or updates are hidden.
+        # state, so no outer scope's values are hidden.
         with keras.StatelessScope(
                 [(variables[name], read) for name, read in reads.items()],
-                initialize_variables=False):
+                initialize_variables=False) as scope:
             outputs = call(inputs, *args, **kwargs)
+        # What the call wrote (a batch norm's moving statistics) the scope
+        # held back: written here, as the call would have without it, to
+        # the variable or to the caller's own StatelessScope.
+        read_ids = {id(variable) for variable in variables.values()}
+        for variable in layer.weights:
+            written = scope.get_current_value(variable)
+            if id(variable) not in read_ids and written is not None:
+                variable.assign(written)
         pre_activation = recording.pre_activations.pop(id(layer), outputs)
         # A masked batch norm is not read (it falls back to the loop).
         moments = (recording.moments.pop(id(layer), None)

@@ -345,6 +345,26 @@ def test_batch_norm_with_one_group_per_batch_equals_the_loop():
         rtol=1e-5)
 
 
+@pytest.mark.parametrize("defer_state_updates", [False, True])
+def test_batch_norm_moving_statistics_are_updated(defer_state_updates):
+    """The recorded pass writes the moving statistics Keras's own training
+    call writes (they were once lost inside the recording's scope)."""
+    x, y = _images(n=16)
+    reference = _batch_norm_model()
+    reference(x, training=True)
+    model = _batch_norm_model()
+    out, _ = _one_pass(model, x, y, clars_tf.OnePassGradientNormEstimator(4, 4),
+                       defer_state_updates=defer_state_updates)
+    if defer_state_updates:
+        clars_tf.apply_state_updates(out.state_updates)
+    want, got = reference.layers[1], model.layers[1]
+    assert np.abs(want.moving_mean.numpy()).max() > 1e-4  # it moved
+    np.testing.assert_allclose(got.moving_mean.numpy(),
+                               want.moving_mean.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.moving_variance.numpy(),
+                               want.moving_variance.numpy(), rtol=1e-5)
+
+
 def test_float16_loss_scaling_is_undone():
     x, y = _images()
     expected = clars_tf.GradientNormEstimator(4, 4)(_model("all"), _loss, x,
