@@ -97,6 +97,13 @@ class Study:
         status, seconds = run.execute()
         print(f"[estimator] {run.run_id}: {status} in {seconds:.0f} s",
               flush=True)
+        if status == "failed":
+            # A crash is not an outcome of the setting: running on would
+            # retry the same tuning run forever, or skip a paired seed.
+            sys.exit(f"[estimator] {run.run_id} failed: "
+                     f"{run.record().get('error') or 'no error line'}. "
+                     f"Its log is {run.model_dir}/train.log; fix the cause "
+                     f"and rerun this command, which resumes the run.")
 
     def run_arm(self, arm):
         while True:

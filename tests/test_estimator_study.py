@@ -122,3 +122,34 @@ def test_report_waits_for_every_seed(tmp_path, monkeypatch):
     _write_cost(directory, 1.4, 1.1, monkeypatch)
     text = open(estimator_study.report(PLAN, directory)).read()
     assert "Not decided: 2 of 3 seeds paired so far." in text
+
+
+def test_a_failed_run_stops_the_study_instead_of_retrying(tmp_path,
+                                                          monkeypatch):
+    executed = []
+
+    class CrashingRun:
+        def __init__(self, spec, work_dir, archive_dir, threads=0):
+            self.run_id, self.command = spec["run_id"], "python3 -m trainers"
+            self.model_dir = os.path.join(work_dir, spec["run_id"])
+
+        def status(self):
+            return "failed" if executed else "pending"
+
+        def record(self):
+            return {"error": "No module named 'absl'"}
+
+        def execute(self):
+            executed.append(self.run_id)
+            assert len(executed) == 1, f"retried: {executed}"
+            return "failed", 0.0
+
+    monkeypatch.setattr(runs_lib, "Run", CrashingRun)
+    args = estimator_study.parse_args(
+        ["--results_dir", str(tmp_path), "--work_dir", str(tmp_path / "w")])
+    with pytest.raises(SystemExit) as stopped:
+        estimator_study.Study(PLAN, args).run_arm("loop")
+    assert executed == ["loop/eta0.005_s0"]
+    message = str(stopped.value.code)
+    assert "loop/eta0.005_s0 failed: No module named 'absl'" in message
+    assert "train.log" in message and "resumes" in message
