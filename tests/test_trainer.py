@@ -569,12 +569,34 @@ def test_recomputed_means_do_not_depend_on_replicas(tmp_path, two_replicas):
     np.testing.assert_allclose(means[0], means[1], rtol=1e-4, atol=1e-5)
 
 
-def test_a_resumed_run_drops_the_step_lines_past_its_checkpoint(tmp_path):
+def test_a_resumed_run_drops_the_log_lines_past_its_checkpoint(tmp_path):
     """Lines logged after the checkpoint a run resumes from are redone."""
     trainer = _synthetic_sgd_trainer(tmp_path, "train.steps_per_loop=2")
     os.makedirs(trainer.model_dir, exist_ok=True)
-    with open(os.path.join(trainer.model_dir, "steps.jsonl"), "w") as f:
-        f.writelines(json.dumps({"step": step, "loss": 1.0}) + "\n"
-                     for step in (2, 4, 6))
-    trainer._keep_steps_up_to(4)
+    for name in ("steps.jsonl", "diagnostics.jsonl"):
+        with open(os.path.join(trainer.model_dir, name), "w") as f:
+            f.writelines(json.dumps({"step": step, "loss": 1.0}) + "\n"
+                         for step in (2, 4, 6))
+    trainer._keep_logs_up_to(4)
     assert [r["step"] for r in step_records(trainer.model_dir)] == [2, 4]
+    with open(os.path.join(trainer.model_dir, "diagnostics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4]
+
+
+def test_results_are_strict_json(tmp_path):
+    """inf and NaN (lars.trust_clip's .inf, a NaN loss) are written as null:
+    Python's Infinity and NaN are refused by other JSON readers."""
+    from clars_tf.trainers import train as train_lib
+
+    path = str(tmp_path / "results.json")
+    train_lib._write_json_atomically(path, {
+        "lars": {"trust_clip": float("inf")},
+        "epochs": [{"train_loss": float("nan"), "accuracy": 0.5}]})
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    with open(path) as f:
+        content = json.load(f, parse_constant=refuse)
+    assert content == {"lars": {"trust_clip": None},
+                       "epochs": [{"train_loss": None, "accuracy": 0.5}]}

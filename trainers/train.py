@@ -15,6 +15,7 @@ gradient-norm estimates from `clars_tf.compute_loss_gradients_and_norms`.
 
 import fcntl
 import json
+import math
 import os
 import re
 import sys
@@ -119,10 +120,32 @@ def _quiet_unless_verbose():
     tfds.disable_progress_bar()
 
 
+def _finite_or_null(value):
+    """`value` with each inf and NaN replaced by None.
+
+    Python would write them as Infinity and NaN, which strict JSON readers
+    (jq, JavaScript, most other languages) refuse. Non-finite values here
+    are `lars.trust_clip: .inf`, whose null means no clip as in `LARS`,
+    and a NaN metric, whose null means no number.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def _strict_json(content, indent=None):
+    return json.dumps(_finite_or_null(content), indent=indent,
+                      allow_nan=False)
+
+
 def _write_json_atomically(path, content):
     staging = f"{path}.partial-{os.getpid()}"
     with open(staging, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
+        f.write(_strict_json(content, indent=2))
         f.flush()
         os.fsync(f.fileno())
     os.replace(staging, path)
@@ -239,6 +262,7 @@ class Trainer:
         self._tf, self._clars_tf, self._data = tf, clars_tf, data
         self._results_path = os.path.join(model_dir, "results.json")
         self._steps_path = os.path.join(model_dir, "steps.jsonl")
+        self._diagnostics_path = os.path.join(model_dir, "diagnostics.jsonl")
         summary_root = model_dir if self.is_chief else os.path.join(
             directory, "summaries")
         self.train_writer = tf.summary.create_file_writer(
@@ -636,27 +660,31 @@ class Trainer:
             history = json.load(f).get("epochs", [])
         return [entry for entry in history if entry["step"] <= step]
 
-    def _keep_steps_up_to(self, step):
-        """Drops steps.jsonl's lines past `step`, the checkpoint resumed from.
+    def _keep_logs_up_to(self, step):
+        """Drops the step logs' lines past `step`, the checkpoint resumed from.
 
         A run killed after logging steps it had not checkpointed redoes
-        them when resumed: their lines are written again, once each, as
-        results.json keeps one entry per epoch.
+        them when resumed: their lines in steps.jsonl and diagnostics.jsonl
+        are written again, once each, as results.json keeps one entry per
+        epoch.
         """
-        if not self.is_chief or not os.path.exists(self._steps_path):
+        if not self.is_chief:
             return
-        with open(self._steps_path, encoding="utf-8") as f:
-            kept = [line for line in f
-                    if line.strip() and json.loads(line)["step"] <= step]
-        staging = self._steps_path + ".partial"
-        with open(staging, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(staging, self._steps_path)
+        for path in (self._steps_path, self._diagnostics_path):
+            if not os.path.exists(path):
+                continue
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f
+                        if line.strip() and json.loads(line)["step"] <= step]
+            staging = path + ".partial"
+            with open(staging, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+            os.replace(staging, path)
 
     def _log_step(self, record):
         if self.is_chief:
             with open(self._steps_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(_strict_json(record) + "\n")
 
     def _save_results(self, history, final=None):
         if not self.is_chief:
@@ -703,7 +731,7 @@ class Trainer:
         if step >= self.last_step:
             _console(f"Already trained to step {step}.")
             return history
-        self._keep_steps_up_to(step)
+        self._keep_logs_up_to(step)
         iterator = None
         train_loop = self._make_train_loop()
         diagnostics = None
@@ -841,9 +869,8 @@ class Trainer:
                              "weight_norm": float(w), "estimate": float(a),
                              "gradient_norm": float(g)}
         if self.is_chief:
-            with open(os.path.join(self.model_dir, "diagnostics.jsonl"), "a",
-                      encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, "layers": records}) + "\n")
+            with open(self._diagnostics_path, "a", encoding="utf-8") as f:
+                f.write(_strict_json({"step": step, "layers": records}) + "\n")
 
     def export(self, export_dir):
         from clars_tf.trainers import builders
