@@ -24,15 +24,14 @@ def float32_afterwards():
     keras.mixed_precision.set_global_policy("float32")
 
 
-def _batches(steps, seed=0, nan_last=False):
+def _batches(steps, seed=0, nan_last=False, batch=GLOBAL_BATCH):
     rng = np.random.default_rng(seed)
-    images = rng.uniform(-1.7, 1.7, size=(steps * GLOBAL_BATCH, 32, 32, 3))
+    images = rng.uniform(-1.7, 1.7, size=(steps * batch, 32, 32, 3))
     if nan_last:
-        images[-GLOBAL_BATCH:] = np.nan
-    labels = rng.integers(0, 10, size=steps * GLOBAL_BATCH)
+        images[-batch:] = np.nan
+    labels = rng.integers(0, 10, size=steps * batch)
     return tf.data.Dataset.from_tensor_slices(
-        (images.astype("float32"), labels.astype("int32"))).batch(
-            GLOBAL_BATCH)
+        (images.astype("float32"), labels.astype("int32"))).batch(batch)
 
 
 def _train(model_dir, strategy, override, steps, nan_last=False):
@@ -44,7 +43,8 @@ def _train(model_dir, strategy, override, steps, nan_last=False):
     trainer = train.Trainer(config, strategy, str(model_dir), None,
                             estimator=estimator)
     iterator = iter(strategy.experimental_distribute_dataset(
-        _batches(steps, nan_last=nan_last)))
+        _batches(steps, nan_last=nan_last,
+                 batch=config["train"]["global_batch_size"])))
     outputs = trainer._make_train_loop()(iterator, tf.constant(steps))
     return trainer, int(outputs[4])
 
@@ -68,19 +68,23 @@ def _initial(override):
 ])
 def test_mixed_float16_steps_follow_the_float32_steps(
         tmp_path, optimizer, two_replicas_for_float16, request):
-    # Three steps, then one on NaN images: float32 stops there, float16
-    # skips it and halves the loss scale only.
-    steps = 4
+    # Two steps, then one on NaN images: float32 stops there, float16
+    # skips it and halves the loss scale only. Half the other tests' batch
+    # (still J * s), as float16 convolutions are slow on a CPU, and twice
+    # their base rate, for the same learning rate.
+    optimizer += (",train.global_batch_size=32,"
+                  "optimizer.base_learning_rate=0.2")
+    steps = 3
     default = tf.distribute.get_strategy()
     want, skipped = _train(tmp_path / "float32", default, optimizer, steps,
                            nan_last=True)
-    assert skipped == 1 and int(want.optimizer.iterations.numpy()) == 4
+    assert skipped == 1 and int(want.optimizer.iterations.numpy()) == steps
     strategy = (request.getfixturevalue("two_replicas")
                 if two_replicas_for_float16 else default)
     got, skipped = _train(tmp_path / "float16", strategy,
                           f"{optimizer},train.precision=mixed_float16",
                           steps, nan_last=True)
-    assert skipped == 1 and int(got.optimizer.iterations.numpy()) == 4
+    assert skipped == 1 and int(got.optimizer.iterations.numpy()) == steps
     assert got.loss_scaled and got.model.layers[1].compute_dtype == "float16"
     assert float(got.optimizer.dynamic_scale.numpy()) == (
         got.optimizer.initial_scale / 2)
