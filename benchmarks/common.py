@@ -1,7 +1,10 @@
-"""What the benchmark scripts share: the machine record and the timing loop."""
+"""What the benchmark scripts share: the machine record, the timing loop
+and the per-round ratio rows their tables and JSON files are made of."""
 
+import json
 import os
 import platform
+import statistics
 import time
 
 
@@ -92,6 +95,32 @@ def interleave(steps, rounds, per_round, rewarm=False,
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {format_seconds(times[n][-1])}" for n in names), flush=True)
     return times, cpu_times, shares
+
+
+def per_round_rows(times, cpu_times, shares, unit):
+    """Each candidate's per-round step seconds, CPU seconds and CPU share
+    (from `interleave`), and its ratios to `unit`'s step in the same round."""
+    return {name: {"seconds": times[name], "cpu_seconds": cpu_times[name],
+                   "cpu_share": shares[name],
+                   "ratios": [t / u for t, u in zip(times[name],
+                                                    times[unit])]}
+            for name in times}
+
+
+def ratio_columns(row):
+    """A row's median ratio, its min..max and its median CPU share."""
+    ratios = row["ratios"]
+    return (f"{statistics.median(ratios):6.2f} "
+            f"{min(ratios):5.2f}..{max(ratios):<5.2f} "
+            f"{statistics.median(row['cpu_share']):5.2f}")
+
+
+def write_results(path, environment, **results):
+    """Writes `results` beside the `environment_info(**environment)` record
+    as JSON to `path`."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"environment": environment_info(**environment),
+                   **results}, f, indent=1)
 
 
 def synthetic_batch(batch_size, image_shape, num_classes=10, seed=0):

@@ -36,7 +36,6 @@ Run from the repository root:
         --output=/tmp/fit_step.json
 """
 
-import json
 import statistics
 
 from absl import app
@@ -136,9 +135,9 @@ def main(argv):
     calls = {}
     for name, (kind, j) in specs.items():
         calls[name] = fit_call(kind, j, data)
-        for _ in range(FLAGS.warmup):
-            loss = calls[name]()
-        print(f"  {name}: traced and warmed up (loss {loss:.3f})",
+        losses = [calls[name]() for _ in range(FLAGS.warmup)]
+        print(f"  {name}: traced and warmed up ({FLAGS.warmup} calls"
+              + (f", loss {losses[-1]:.3f})" if losses else ")"),
               flush=True)
     times, cpu_times, shares = common.interleave(
         calls, FLAGS.rounds, {name: 1 for name in calls},
@@ -179,11 +178,11 @@ def main(argv):
               f"{cpu_per_step[name] / cpu_per_step['sgd']:7.3f} "
               f"{statistics.median(shares[name]):9.2f}")
     if FLAGS.output:
-        with open(FLAGS.output, "w", encoding="utf-8") as f:
-            json.dump({"environment": common.environment_info(
-                batch_size=FLAGS.batch_size, rounds=FLAGS.rounds,
-                steps=FLAGS.steps, model=FLAGS.model),
-                "results": results}, f, indent=2)
+        common.write_results(
+            FLAGS.output, dict(batch_size=FLAGS.batch_size,
+                               rounds=FLAGS.rounds, steps=FLAGS.steps,
+                               model=FLAGS.model),
+            results=results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Input pipeline, evaluation and start-up are not included.
         --models=small_cnn,sigmoid_mlp,sigmoid_cnn,plain_cnn
 """
 
-import json
 import statistics
 
 from absl import app
@@ -79,24 +78,19 @@ def main(argv):
           f"steps; ratio = step time / {unit}'s, per round")
     print(f"{'model':14s} {'px':>3s} {'step s':>8s} {'images/s':>9s} "
           f"{'ratio':>6s} {'min..max':>12s} {'cpu':>5s}")
-    rows = {}
-    for name in steps:
-        ratios = [t / u for t, u in zip(times[name], times[unit])]
-        seconds = statistics.median(times[name])
-        rows[name] = {"image_size": sides[name], "seconds": times[name],
-                      "cpu_seconds": cpu_times[name],
-                      "cpu_share": shares[name], "ratios": ratios}
+    rows = common.per_round_rows(times, cpu_times, shares, unit)
+    for name, row in rows.items():
+        row["image_size"] = sides[name]
+        seconds = statistics.median(row["seconds"])
         print(f"{name:14s} {sides[name]:3d} {seconds:8.3f} "
-              f"{FLAGS.batch_size / seconds:9.0f} "
-              f"{statistics.median(ratios):6.2f} "
-              f"{min(ratios):5.2f}..{max(ratios):<5.2f} "
-              f"{statistics.median(shares[name]):5.2f}")
+              f"{FLAGS.batch_size / seconds:9.0f} {common.ratio_columns(row)}")
     if FLAGS.output:
-        with open(FLAGS.output, "w", encoding="utf-8") as f:
-            json.dump({"environment": common.environment_info(
-                models=FLAGS.models, batch_size=FLAGS.batch_size,
-                image_size=FLAGS.image_size, rounds=FLAGS.rounds,
-                steps=FLAGS.steps), "models": rows}, f, indent=1)
+        common.write_results(
+            FLAGS.output, dict(models=FLAGS.models,
+                               batch_size=FLAGS.batch_size,
+                               image_size=FLAGS.image_size,
+                               rounds=FLAGS.rounds, steps=FLAGS.steps),
+            models=rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ the median step time and the median per-round ratio to SGD (min..max).
         --output=/tmp/one_pass_fallback.json
 """
 
-import json
 import logging
 import statistics
 
@@ -125,27 +124,21 @@ def main(argv):
             steps[name]()
     times, cpu_times, shares = common.interleave(
         steps, FLAGS.rounds, {name: FLAGS.steps for name in steps})
-    rows = {}
+    rows = common.per_round_rows(times, cpu_times, shares, "sgd")
     print(f"\n{FLAGS.model}, B={FLAGS.batch_size}, s={groups[0]}, "
           f"J={groups[1]}; ratio = step time / SGD step time, per round")
     print(f"{'candidate':28s} {'step s':>8s} {'ratio':>6s} {'min..max':>12s}"
           f" {'cpu':>5s}")
-    for name in steps:
-        ratios = [t / s for t, s in zip(times[name], times["sgd"])]
-        rows[name] = {"seconds": times[name], "cpu_seconds": cpu_times[name],
-                      "cpu_share": shares[name], "ratios": ratios}
-        print(f"{name:28s} {statistics.median(times[name]):8.3f} "
-              f"{statistics.median(ratios):6.2f} "
-              f"{min(ratios):5.2f}..{max(ratios):<5.2f} "
-              f"{statistics.median(shares[name]):5.2f}")
+    for name, row in rows.items():
+        print(f"{name:28s} {statistics.median(row['seconds']):8.3f} "
+              f"{common.ratio_columns(row)}")
     if FLAGS.output:
-        with open(FLAGS.output, "w", encoding="utf-8") as f:
-            json.dump({"environment": common.environment_info(
-                model=FLAGS.model, batch_size=FLAGS.batch_size,
-                micro_batch_size=groups[0], num_micro_batches=groups[1],
-                rounds=FLAGS.rounds, steps=FLAGS.steps),
-                "candidates": rows}, f, indent=1)
-
+        common.write_results(
+            FLAGS.output, dict(model=FLAGS.model, batch_size=FLAGS.batch_size,
+                               micro_batch_size=groups[0],
+                               num_micro_batches=groups[1],
+                               rounds=FLAGS.rounds, steps=FLAGS.steps),
+            candidates=rows)
 
 if __name__ == "__main__":
     app.run(main)
