@@ -2,6 +2,7 @@ r"""Which gradient-norm estimator should the trainer use by default?
 
     python3 -m experiments.estimator_study --arms loop --threads 1
     python3 -m experiments.estimator_study --arms one_pass --threads 1
+    python3 -m experiments.estimator_study --arms one_pass --seeds 4,5 ...
     python3 -m experiments.estimator_study --report
 
 The plan (configs/estimator_study/plan.yaml, written before the runs) fixes
@@ -9,7 +10,8 @@ the setting, the eta grid, the seeds and the decision rule. Each arm (an
 estimator) is tuned on the tuning seed's final validation accuracy over the
 eta grid, extended past an edge where the best sits; then the fresh seeds
 run at the chosen eta with validation and test evaluation. The two arms
-can run in two processes side by side; the same command resumes where it
+can run in two processes side by side, and a tuned arm's seeds split over
+processes with disjoint `--seeds`; the same command resumes where it
 stopped (runs are `experiments.runs.Run`s: trainer subprocesses in
 `--work_dir`, small files archived in `--archive_dir`, committed).
 
@@ -106,15 +108,20 @@ class Study:
                      f"and rerun this command, which resumes the run.")
 
     def run_arm(self, arm):
+        seeds = self.args.seeds or self.plan["seeds"]
         while True:
             eta, pending = chosen_eta(self.plan, self._outcomes(arm))
             if pending is None:
                 break
+            if self.args.seeds:
+                # Two processes tuning one arm would run the same run.
+                sys.exit(f"[estimator] {arm}: --seeds needs the arm's "
+                         f"tuning finished; run it without --seeds first.")
             self._execute(run_spec(self.plan, arm, pending,
                                    self.plan["tuning_seed"], final=False))
         if eta is None:
             sys.exit(f"[estimator] {arm}: no tuning run finished.")
-        for seed in self.plan["seeds"]:
+        for seed in seeds:
             self._execute(run_spec(self.plan, arm, eta, seed, final=True))
 
 
@@ -224,6 +231,10 @@ def parse_args(argv):
     parser.add_argument("--results_dir", default=RESULTS_DIR)
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per trainer run (default: all)")
+    parser.add_argument("--seeds", type=lambda text: [
+        int(seed) for seed in text.split(",")], default=[],
+        help="only these of the plan's fresh seeds, to split a tuned arm "
+             "over processes (default: all)")
     return parser.parse_args(argv)
 
 
@@ -238,6 +249,10 @@ def main(argv=None):
     if unknown:
         sys.exit(f"[estimator] --arms: unknown arm(s) {sorted(unknown)}; "
                  f"the plan's are {', '.join(plan['arms'])}.")
+    unknown = set(args.seeds) - set(plan["seeds"])
+    if unknown:
+        sys.exit(f"[estimator] --seeds: {sorted(unknown)} not in the plan's "
+                 f"fresh seeds {plan['seeds']}.")
     study = Study(plan, args)
     runs_lib.interrupt_on_sigterm()
     try:

@@ -153,3 +153,53 @@ def test_a_failed_run_stops_the_study_instead_of_retrying(tmp_path,
     message = str(stopped.value.code)
     assert "loop/eta0.005_s0 failed: No module named 'absl'" in message
     assert "train.log" in message and "resumes" in message
+
+
+class _RecordingRun:
+    """Stands in for runs_lib.Run: archives a finished run when executed."""
+    executed = []
+
+    def __init__(self, spec, work_dir, archive_dir, threads=0):
+        self.spec, self.archive_dir = spec, archive_dir
+        self.run_id, self.command = spec["run_id"], "python3 -m trainers"
+
+    def status(self):
+        return "pending"
+
+    def execute(self):
+        _RecordingRun.executed.append(self.run_id)
+        _archive(os.path.dirname(self.archive_dir), self.spec["arm"],
+                 self.spec["eta"], self.spec["seed"], 0.8,
+                 0.8 if self.spec["seed"] else None)
+        return "done", 0.0
+
+
+def _study(tmp_path, monkeypatch, *flags):
+    _RecordingRun.executed = []
+    monkeypatch.setattr(runs_lib, "Run", _RecordingRun)
+    args = estimator_study.parse_args(
+        ["--results_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"),
+         *flags])
+    return estimator_study.Study(PLAN, args)
+
+
+def test_seeds_split_a_tuned_arm(tmp_path, monkeypatch):
+    for eta, accuracy in [(0.005, 0.80), (0.01, 0.85), (0.02, 0.82)]:
+        _archive(str(tmp_path), "one_pass", eta, 0, accuracy)
+    _study(tmp_path, monkeypatch, "--seeds", "3,1").run_arm("one_pass")
+    assert _RecordingRun.executed == ["one_pass/eta0.01_s3",
+                                      "one_pass/eta0.01_s1"]
+
+
+def test_seeds_refuse_an_untuned_arm(tmp_path, monkeypatch):
+    _archive(str(tmp_path), "one_pass", 0.005, 0, 0.80)
+    with pytest.raises(SystemExit, match="tuning finished"):
+        _study(tmp_path, monkeypatch, "--seeds", "1").run_arm("one_pass")
+    assert _RecordingRun.executed == []
+
+
+def test_seeds_outside_the_plan_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(runs_lib.REPO_ROOT)  # main's chdir, undone after
+    with pytest.raises(SystemExit, match=r"--seeds: \[7\] not in"):
+        estimator_study.main(["--plan", "configs/estimator_study/plan.yaml",
+                              "--seeds", "7", "--results_dir", str(tmp_path)])
