@@ -291,6 +291,14 @@ def _why_fit_loss_does_not_split(model, per_example_loss, y_pred,
     return None
 
 
+# What Keras's own TensorFlow `train_step` reads off the model, and so does
+# the one-pass fit step. They are private: with a Keras that lacks one, fit
+# takes two passes (the norms, then Keras's own step) and says so once.
+KERAS_TRAIN_STEP_INTERNALS = ("_call_has_training_arg", "_compile_loss",
+                              "_aggregate_additional_loss", "_compute_loss",
+                              "_loss_tracker")
+
+
 def _fit_step_in_one_pass(model, estimator, per_example_loss, data,
                           reported_models):
     """Keras's train step with the gradients and norms from one pass.
@@ -378,7 +386,10 @@ def attach_gradient_norm_estimator(model, estimator=None,
     plus `model.losses`; otherwise (an overridden `compute_loss`, an
     explicit `per_example_loss`, ...) one warning says why, and the norms
     are read off the per-example loss's own gradients, which takes a
-    second backward pass.
+    second backward pass. The one-pass step reads the private attributes
+    Keras's own train step reads (`KERAS_TRAIN_STEP_INTERNALS`); with a
+    Keras that lacks one, one warning names it and each step estimates
+    the norms in a pass of its own, then runs Keras's step.
 
     Args:
         model: a Keras model (functional, Sequential or subclassed).
@@ -400,9 +411,20 @@ def attach_gradient_norm_estimator(model, estimator=None,
         optimizer = _unwrap(model.optimizer)
         if not isinstance(optimizer, clars.CLARS):
             return keras_train_step(data)
-        if one_pass:
+        missing = [name for name in KERAS_TRAIN_STEP_INTERNALS
+                   if one_pass and not hasattr(model, name)]
+        if one_pass and not missing:
             return _fit_step_in_one_pass(model, estimator, per_example_loss,
                                          data, reported_models)
+        if missing and id(model) not in reported_models:
+            reported_models.add(id(model))
+            _LOG.warning(
+                "model.fit with the one-pass gradient-norm estimator: this "
+                "Keras (%s) has no %s, which its own train step uses, so "
+                "each step estimates the norms in a pass of its own before "
+                "Keras's step (two forward and backward passes); Keras "
+                "3.15, which clars-tf is tested with, has them.",
+                keras.version(), ", ".join(missing))
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss = per_example_loss or per_example_loss_of(model.loss)
         norms = gradient_norms_for_step(model.optimizer, estimator, model,

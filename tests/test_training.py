@@ -395,6 +395,26 @@ def test_one_pass_fit_metrics_are_keras_own():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_one_pass_fit_without_keras_internals_takes_two_passes(
+        monkeypatch, caplog):
+    """A Keras without an attribute the one-pass step reads: one warning
+    naming it, then the norms' own pass before Keras's step, which trains
+    as the loop's fit does (no batch norm: the same norms)."""
+    monkeypatch.setattr(
+        clars_tf.training, "KERAS_TRAIN_STEP_INTERNALS",
+        (*clars_tf.training.KERAS_TRAIN_STEP_INTERNALS, "_not_in_keras"))
+    with caplog.at_level(logging.WARNING):
+        model, logs = _fit_history(
+            clars_tf.OnePassGradientNormEstimator(4, 4), epochs=1)
+    assert caplog.text.count("has no _not_in_keras") == 1
+    assert model.get_layer("count").runs == 2 * 4  # 4 steps, two passes
+    loop, loop_logs = _fit_history(clars_tf.GradientNormEstimator(4, 4),
+                                   epochs=1)
+    np.testing.assert_allclose(logs["loss"], loop_logs["loss"], rtol=1e-5)
+    for a, b in zip(model.get_weights(), loop.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("setting", [
     "loss_scale_factor", "steps_per_execution", "two_replicas"])
 def test_one_pass_fit_is_unchanged_by(setting, two_replicas):
