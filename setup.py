@@ -15,6 +15,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(_HERE, "clars_tf", "__init__.py"), encoding="utf-8") as f:
     VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
+_STUDY = ["matplotlib>=3.5", "scipy>=1.10"]
+_DOCS = ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"]
+
 setuptools.setup(
     name="clars-tf",
     version=VERSION,
@@ -29,15 +32,16 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["clars_tf", "clars_tf.*"]),
     package_data={"clars_tf": ["configs/*.yaml", "configs/*/*.yaml"]},
-    entry_points={
-        "console_scripts": ["clars-train=clars_tf.trainers.train:console_main"],
-    },
-    # A CPU-only machine can satisfy `tensorflow` with the `tensorflow-cpu`
-    # wheel by installing it first and this package with --no-deps
-    # (scripts/install.sh does).
+    # A script, not a console_scripts entry point: see bin/clars-train.
+    scripts=["bin/clars-train"],
+    # TensorFlow is not a hard requirement, as in tensorflow-datasets: the
+    # `tensorflow`, `tensorflow-cpu`, GPU and TPU builds are different
+    # distributions that all provide the `tensorflow` module, and pip would
+    # install the full `tensorflow` wheel over any other. Pick one with an
+    # extra ([tensorflow] or [cpu]) or bring your own.
     install_requires=[
-        "tensorflow>=2.16",
         "keras>=3.0",
+        "numpy>=1.26",
         "tensorflow-datasets>=4.9",
         "absl-py>=1.0",
         "pyyaml>=6.0",
@@ -46,8 +50,12 @@ setuptools.setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
-        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
-        "study": ["matplotlib>=3.5"],
+        "tensorflow": ["tensorflow>=2.16"],
+        "cpu": ["tensorflow-cpu>=2.16"],
+        "study": _STUDY,
+        "docs": _DOCS,
+        # Everything tests/ imports or runs, the study and docs tools included.
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]
+                + _STUDY + _DOCS,
     },
 )

@@ -5,16 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 model_dir="${MODEL_DIR:-runs/fashion_mnist_resnet8_clars}"
-# TensorFlow 2.21 prints two start-up lines through absl before its log
-# level applies (TF_CPP_MIN_LOG_LEVEL does not hide them: absl writes to
-# stderr until it is initialised); only those two are dropped.
-startup_noise='^WARNING: All log messages before absl::InitializeLog\(\) is called|^I0000 .*port\.cc:[0-9]+\] oneDNN custom operations are on'
+# clars-train hides TensorFlow's INFO lines itself (--verbosity shows them).
 "${CLARS_VENV:-.venv}/bin/clars-train" \
   --config_file=fashion_mnist_resnet8_clars \
-  --model_dir="$model_dir" --mode=train_and_eval "$@" \
-  2> >(grep -Ev "$startup_noise" >&2)
+  --model_dir="$model_dir" --mode=train_and_eval "$@"
 cat <<EOF_MSG
 
 Done. Everything is under $model_dir:

@@ -2,6 +2,10 @@
 rows, the columns their tables print and the JSON they write."""
 
 import json
+import os
+
+import keras
+import tensorflow as tf
 
 from benchmarks import common
 
@@ -33,5 +37,8 @@ def test_results_are_written_beside_the_environment(tmp_path):
     common.write_results(str(path), {"batch_size": 64}, candidates=_rows())
     written = json.loads(path.read_text())
     assert written["candidates"] == _rows()
-    assert written["environment"]["batch_size"] == 64
-    assert written["environment"]["tensorflow"]
+    environment = written["environment"]
+    assert environment["batch_size"] == 64
+    assert environment["tensorflow"] == tf.__version__
+    assert environment["keras"] == keras.__version__
+    assert environment["cpu_count"] == os.cpu_count()

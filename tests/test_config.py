@@ -31,13 +31,23 @@ def test_a_users_file_wins_over_a_bundled_config_of_the_same_name(
         "train"]["epochs"] == 7
 
 
-def test_bundled_names_cover_every_yaml_under_configs():
+def test_bundled_names_are_every_yaml_under_configs_but_the_study_plans():
     on_disk = {os.path.relpath(os.path.join(folder, f), os.path.join(
         REPO, "configs"))[:-len(".yaml")]
         for folder, _, files in os.walk(os.path.join(REPO, "configs"))
         for f in files if f.endswith(".yaml")}
-    assert set(config.bundled_config_names()) == on_disk
+    plans = {"estimator_study/plan", "gate_study/plan", "warmup_study/plan"}
+    assert plans <= on_disk
+    assert set(config.bundled_config_names()) == on_disk - plans
     assert "imagenet/densenet121_8k_lars_warmup" in on_disk
+
+
+def test_a_study_plan_is_refused_as_a_config_with_the_configs_beside_it():
+    with pytest.raises(config.ConfigError) as error:
+        config.build_config("gate_study/plan")
+    message = str(error.value)
+    assert "'gate_study/plan' is a study plan, not a trainer config" in message
+    assert "gate_study/clars, gate_study/lars, gate_study/sgd" in message
 
 
 def test_unknown_name_suggests_the_closest_and_lists_all():

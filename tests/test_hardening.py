@@ -290,7 +290,12 @@ def test_export_moved_aside_by_a_crash_is_put_back(tmp_path):
     from clars_tf.trainers import export
 
     path = _tiny_export(tmp_path)
+    images = tf.zeros([2, 32, 32, 3], tf.uint8)
+    want = tf.saved_model.load(path).signatures["serving_default"](
+        images=images)["probabilities"].numpy()
     os.rename(path, f"{path}.previous-12345")  # crash between the renames
     export.check_destination(path)
-    assert tf.saved_model.load(path) is not None
+    got = tf.saved_model.load(path).signatures["serving_default"](
+        images=images)["probabilities"].numpy()
+    np.testing.assert_array_equal(want, got)
     assert sorted(os.listdir(tmp_path)) == ["export"]

@@ -72,3 +72,11 @@ def test_install_names_a_missing_interpreter(tmp_path):
     assert result.returncode == 1
     assert "set PYTHON=/path/to/python3" in result.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_install_refuses_a_folder_that_is_not_an_environment(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = _install(tmp_path)
+    assert result.returncode == 1
+    assert "is not a virtual environment" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"

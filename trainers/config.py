@@ -220,14 +220,29 @@ BUNDLED_CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-def bundled_config_names():
-    """Names of the configs shipped with clars-tf, e.g. 'imagenet/resnet50_32k_clars'."""
+def _is_trainer_config(path):
+    """Whether a bundled YAML file is a trainer config: a mapping of config
+    sections (task, model, train, ...). Study plans kept beside a study's
+    configs (gate_study/plan.yaml, ...) are read by experiments/, not by
+    the trainer."""
+    with open(path, encoding="utf-8") as f:
+        content = yaml.safe_load(f)
+    return isinstance(content, dict) and set(content) <= set(DEFAULTS)
+
+
+def _bundled_yaml_names():
     names = []
     for folder, _, files in os.walk(BUNDLED_CONFIGS):
         relative = os.path.relpath(folder, BUNDLED_CONFIGS)
         names += [os.path.normpath(os.path.join(relative, f[:-len(".yaml")]))
                   for f in files if f.endswith(".yaml")]
     return sorted(names)
+
+
+def bundled_config_names():
+    """Names of the configs shipped with clars-tf, e.g. 'imagenet/resnet50_32k_clars'."""
+    return [name for name in _bundled_yaml_names() if _is_trainer_config(
+        os.path.join(BUNDLED_CONFIGS, name + ".yaml"))]
 
 
 def resolve_config_file(name_or_path):
@@ -243,14 +258,26 @@ def resolve_config_file(name_or_path):
     if name.startswith("configs/"):
         name = name[len("configs/"):]
     bundled = os.path.join(BUNDLED_CONFIGS, name + ".yaml")
-    if os.path.isfile(bundled):
-        return bundled
     names = bundled_config_names()
+    if name in names:
+        return bundled
+    if os.path.isfile(bundled):
+        raise ConfigError(
+            f"'{name_or_path}' is a study plan, not a trainer config: the "
+            f"study's driver in experiments/ reads it (see "
+            f"experiments/README.md). Pass a trainer config, e.g. "
+            f"{_closest_config_beside(name, names)}.")
     hint = _closest(name, names)
     raise ConfigError(
         f"Config file '{name_or_path}' does not exist, and no bundled config "
         f"has that name.{hint} Pass a path to a YAML file or one of the "
         f"bundled names: {', '.join(names)}.")
+
+
+def _closest_config_beside(name, names):
+    folder = os.path.dirname(name)
+    beside = [n for n in names if os.path.dirname(n) == folder]
+    return ", ".join(beside or names[:1])
 
 
 def load_yaml(path):

@@ -17,9 +17,7 @@ import fcntl
 import json
 import math
 import os
-import re
 import sys
-import tempfile
 import time
 
 from absl import app
@@ -92,30 +90,16 @@ def _quiet_unless_verbose():
     """Leaves the console to the trainer's own lines and warnings.
 
     TensorFlow, absl and tfds INFO lines come back with --verbosity.
-    Must run before TensorFlow is imported (TF_CPP_MIN_LOG_LEVEL).
+    Must run before TensorFlow is imported (TF_CPP_MIN_LOG_LEVEL); the
+    `clars-train` command does the same before it imports this module.
     """
+    from . import startup
+    with startup.quiet_tensorflow_import(sys.argv):
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
     if FLAGS["verbosity"].present:
         return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(logging.WARNING)
-    # TensorFlow's C++ start-up notices ignore TF_CPP_MIN_LOG_LEVEL: catch
-    # what the import writes to stderr and pass on all but its INFO lines.
-    sys.stderr.flush()
-    saved_stderr = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow as tf
-            import tensorflow_datasets as tfds
-        finally:
-            os.dup2(saved_stderr, 2)
-            os.close(saved_stderr)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines():
-                if not (re.match(r"I\d{4} ", line) or line.startswith(
-                        "WARNING: All log messages before absl::")):
-                    print(line, file=sys.stderr)
-
     tf.get_logger().setLevel("WARNING")
     tfds.disable_progress_bar()
 
@@ -966,8 +950,25 @@ def main(argv):
                      indent=2))
 
 
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
+
+
+def _print_help():
+    """The usage and this trainer's own flags (absl's --help would list
+    the flags of the command's script, which has none)."""
+    print(__doc__.strip())
+    print("\nFlags:")
+    print(FLAGS.module_help(sys.modules[__name__]))
+    print("  --verbosity: absl log level; any value brings TensorFlow's, "
+          "absl's and tfds's\n    INFO lines back (e.g. --verbosity=0).")
+    print("  --helpfull: every flag, TensorFlow's and absl's included.")
+
+
 def console_main():
     """The `clars-train` command: the same flags as `python3 -m trainers.train`."""
+    if any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
+        _print_help()
+        sys.exit(0)
     app.run(main)
 
 
