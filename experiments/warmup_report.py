@@ -102,6 +102,47 @@ def detectable_gap(differences, confidence=0.95, power=0.8):
             * statistics.stdev(differences) / math.sqrt(len(differences)))
 
 
+def equivalence_test(differences, margin, alpha=0.05):
+    """Two one-sided t-tests (TOST) that the true paired mean lies within
+    (-margin, +margin) points.
+
+    Equivalent at level alpha exactly when the two-sided (1 - 2 alpha)
+    t-interval lies inside the margins, which is how it is computed.
+
+    Returns:
+        (equivalent, low, high): the verdict and the 90 % interval (for
+        alpha 0.05), or None for fewer than two pairs.
+    """
+    interval = paired_interval(differences, confidence=1 - 2 * alpha)
+    if interval is None:
+        return None
+    _, _, low, high = interval
+    return (-margin < low and high < margin), low, high
+
+
+def seeds_for_half_width(spread, half_width, confidence=0.95, smallest=3):
+    """Fewest paired seeds n whose t-interval half-width,
+    t_{n-1} * spread / sqrt(n), is at most `half_width` points."""
+    seeds = smallest
+    while (stats.t.ppf(0.5 + confidence / 2, seeds - 1) * spread
+           / math.sqrt(seeds)) > half_width:
+        seeds += 1
+    return seeds
+
+
+def seed_plan_lines(compared, half_width):
+    """For each (name, differences): its paired spread and the seeds that
+    give a 95 % interval of at most `half_width` points at that spread."""
+    lines = [f"seeds for a 95 % half-width <= {half_width:g} points, from "
+             "each comparison's paired spread:"]
+    for name, differences in compared:
+        spread = statistics.stdev(differences)
+        lines.append(f"- {name}: s = {spread:.2f} points over "
+                     f"{len(differences)} seeds -> "
+                     f"{seeds_for_half_width(spread, half_width)} seeds")
+    return "\n".join(lines)
+
+
 def run_length(outcome):
     """(total steps, warmup steps) of a run, as the trainer rounds them."""
     per_epoch = outcome.results.get("steps_per_epoch")
@@ -854,6 +895,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plan", default=PLAN)
     parser.add_argument("--results_dir", default=RESULTS_DIR)
+    parser.add_argument(
+        "--seeds_for_half_width", type=float, default=None,
+        help="instead of the report: for each compared difference, its "
+             "paired spread and the seeds a next study needs for a 95 %% "
+             "interval of at most this half-width (points)")
     args = parser.parse_args(argv)
     os.chdir(runs_lib.REPO_ROOT)
     with open(args.plan, encoding="utf-8") as f:
@@ -863,6 +909,9 @@ def main(argv=None):
     compare_lines, verdict, compared = (
         comparison_section(plan, outcomes) if "comparison" in plan
         else ([], [], []))
+    if args.seeds_for_half_width:
+        print(seed_plan_lines(compared, args.seeds_for_half_width))
+        return
     if "gate" in plan:
         summary = ["## The gate", ""] + gate_lines(
             plan, outcomes, os.path.join(args.results_dir, "sharpness.json"))

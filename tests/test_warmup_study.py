@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import yaml
 
 from experiments import runs as runs_lib
@@ -411,3 +412,37 @@ def test_a_method_with_overrides_extends_as_its_plan_allows(tmp_path):
     # Bonferroni counts both planned comparisons, done or not.
     assert "- 2 comparisons fixed in the plan (1 of them above)" in text
     assert "each interval at 97.50 %" in text
+
+
+def test_equivalence_is_the_90_percent_interval_inside_the_margins():
+    # mean 0, s = sqrt(4/3), n = 4; t(0.95, 3) = 2.3534 from a t table:
+    # half-width 2.3534 * 1.1547 / 2 = 1.3587.
+    differences = [1.0, -1.0, 1.0, -1.0]
+    equivalent, low, high = warmup_report.equivalence_test(differences, 1.5)
+    assert equivalent
+    assert (low, high) == pytest.approx((-1.3587, 1.3587), abs=1e-4)
+    assert not warmup_report.equivalence_test(differences, 1.3)[0]
+    # A shifted mean fails on one side only.
+    assert not warmup_report.equivalence_test(
+        [d + 0.5 for d in differences], 1.5)[0]
+    assert warmup_report.equivalence_test([0.3], 1.5) is None
+
+
+def test_seeds_for_a_half_width_from_a_t_table():
+    # s = 2: n = 9 gives 2.306 * 2 / 3 = 1.537 > 1.5, n = 10 gives
+    # 2.262 * 2 / sqrt(10) = 1.431.
+    assert warmup_report.seeds_for_half_width(2.0, 1.5) == 10
+    # s = 6.2 (the third study's SGD warmup effect): n = 68 gives
+    # 1.9960 * 6.2 / sqrt(68) = 1.5007, n = 69 gives 1.9955 * 6.2 /
+    # sqrt(69) = 1.4894.
+    assert warmup_report.seeds_for_half_width(6.2, 1.5) == 69
+
+
+def test_seed_plan_reads_each_comparisons_spread():
+    # s of [1, -1, 1, -1] is sqrt(4/3) = 1.15; n = 6 gives
+    # 2.571 * 1.1547 / sqrt(6) = 1.212 > 1.2, n = 7 gives
+    # 2.447 * 1.1547 / sqrt(7) = 1.068.
+    text = warmup_report.seed_plan_lines(
+        [("A minus B", [1.0, -1.0, 1.0, -1.0])], 1.2)
+    assert text.splitlines()[1] == (
+        "- A minus B: s = 1.15 points over 4 seeds -> 7 seeds")
