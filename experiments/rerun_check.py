@@ -226,7 +226,9 @@ def first_checkpoint_difference(first_dir, second_dir):
         (checkpoints compared, difference): difference is a dict with step,
         variable and how it differs (`tensor_difference`), or None.
     """
-    import tensorflow as tf
+    from trainers import startup
+    with startup.quiet_tensorflow_import(sys.argv):
+        import tensorflow as tf
 
     first, second = checkpoint_steps(first_dir), checkpoint_steps(second_dir)
     for compared, step in enumerate(sorted(set(first) | set(second)), 1):
@@ -289,20 +291,22 @@ def recorded_code(record):
     return commits[0], note
 
 
-def archiving_commit_guess(run_dir, record):
+def archiving_commit_guess(run_dir, record, repo=None):
     """For a run with no recorded commit: the last commit before its start
-    on the history of the commit that archived it (the study's branch), or
-    None. The run may have had uncommitted changes on top of it."""
+    on the history of the commit that archived it (the study's branch, not
+    necessarily this one's), or None. The run may have had uncommitted
+    changes on top of it."""
+    repo = repo or runs_lib.REPO_ROOT
     started = (record.get("attempts") or [{}])[0].get("started")
     try:
         path = os.path.relpath(os.path.abspath(os.path.join(
-            run_dir, "run.json")), runs_lib.REPO_ROOT)
+            run_dir, "run.json")), repo)
         archived_by = _git("log", "--diff-filter=A", "--format=%H", "-1",
-                           "--", path)
+                           "--", path, repo=repo)
         if not (archived_by and started):
             return None
         return _git("log", "-1", f"--before={started}", "--format=%H",
-                    archived_by) or None
+                    archived_by, repo=repo) or None
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -339,6 +343,39 @@ def _execute(record, work_dir, name, threads, code_root):
     return run, status, seconds
 
 
+def environment_differences(archived_record, rerun_record):
+    """What the rerun's recorded environment and threads changed.
+
+    Returns:
+        {field: {"archived": value, "rerun": value}}, or None when the
+        archived run recorded no environment.
+    """
+    def last(record):
+        attempts = [a for a in record.get("attempts", [])
+                    if a.get("status") == "done"] or [{}]
+        return attempts[-1]
+
+    before, after = last(archived_record), last(rerun_record)
+    if "environment" not in before:
+        return None
+    fields = {"threads": (before.get("threads"), after.get("threads"))}
+    for key in dict.fromkeys([*before["environment"],
+                              *after.get("environment", {})]):
+        fields[key] = (before["environment"].get(key),
+                       after.get("environment", {}).get(key))
+    return {key: {"archived": old, "rerun": new}
+            for key, (old, new) in fields.items() if old != new}
+
+
+def _this_checkout():
+    code = runs_lib.code_version()
+    if code["commit"] is None:
+        return "with this copy (not a git checkout)"
+    return (f"with this checkout ({code['commit'][:12]}"
+            + (f", uncommitted changes to {', '.join(code['changed_files'])}"
+               if code["dirty"] else "") + ")")
+
+
 def compare_with_archive(archived, args, work_dir, threads):
     """Reruns `archived` once and compares it with its archived files."""
     commit, note = recorded_code(archived.record)
@@ -346,15 +383,14 @@ def compare_with_archive(archived, args, work_dir, threads):
         commit, note = args.commit, f"at --commit {args.commit}"
     elif commit is None:
         guess = archiving_commit_guess(args.archived_run, archived.record)
-        print(f"[rerun_check] {archived.run_id}: its run.json records no "
-              "commit (archived before runs recorded one), so it is rerun "
-              f"with this checkout ({_git('rev-parse', 'HEAD')[:12]}); a "
-              "difference may come from code changed since it ran. "
-              "--commit COMMIT reruns it at another"
+        note = (f"{_this_checkout()}: its run.json records no commit "
+                "(archived before runs recorded one), so a difference may "
+                "come from code changed since it ran")
+        print(f"[rerun_check] {archived.run_id}: rerun {note}. --commit "
+              "COMMIT reruns it at another"
               + (f"; the last commit before it started on the branch that "
                  f"archived it is {guess[:12]} (--commit {guess[:12]})"
                  if guess else "") + ".", file=sys.stderr, flush=True)
-        note = "with this checkout: its run.json records no commit"
     with checkout(commit) as code_root:
         run, status, seconds = _execute(archived.record, work_dir, "rerun",
                                         threads, code_root)
@@ -365,8 +401,13 @@ def compare_with_archive(archived, args, work_dir, threads):
     step = first_step_difference(before, after, printed)
     epoch = first_epoch_difference(archived.results.get("epochs") or [],
                                    rerun.results.get("epochs") or [])
+    environment = environment_differences(archived.record, rerun.record)
     return {"run": archived.run_id, "code": note, "rerun_status": status,
             "seconds": round(seconds),
+            "environment_differences": (
+                "not recorded by the archived run (CPU, library versions): "
+                "a difference may come from the machine" if environment is None
+                else environment),
             "identical": status == "done" and not step and not epoch,
             "steps_compared": len(before),
             "step_precision": ("as printed in train.log (converted)"
@@ -388,7 +429,7 @@ def compare_twice(archived, args, work_dir, threads):
     spec = dict(archived.record,
                 overrides=list(archived.record["overrides"]) + extra)
     note = (f"at --commit {args.commit}" if args.commit else
-            f"with this checkout ({_git('rev-parse', 'HEAD')[:12]})")
+            _this_checkout())
     with checkout(args.commit) as code_root:
         executed = [_execute(spec, work_dir, name, threads, code_root)
                     for name in ("first", "second")]

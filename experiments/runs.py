@@ -91,13 +91,28 @@ def code_version(code_root=REPO_ROOT):
             "changed_files": changed[:20]}
 
 
-def _cpu_model():
+# Instruction sets that decide which oneDNN and Eigen kernels run, and so
+# the order of their floating-point sums.
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+# Environment variables that change TensorFlow's kernels or threads.
+NUMERICS_VARIABLES = ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA",
+                      "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                      "OMP_NUM_THREADS")
+
+
+def _cpu():
+    """(model name, the `_CPU_FLAGS` it has) of the first CPU in
+    /proc/cpuinfo; the machine type alone where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name")), platform.machine())
+            first = f.read().split("\n\n")[0]
     except OSError:
-        return platform.machine()
+        return platform.machine(), []
+    info = {key.strip(): value.strip() for key, value in (
+        line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = set(info.get("flags", "").split())
+    return (info.get("model name") or platform.machine(),
+            [flag for flag in _CPU_FLAGS if flag in flags])
 
 
 def _version(package):
@@ -108,13 +123,17 @@ def _version(package):
 
 
 def environment():
-    """What besides the code decides a run's floating-point results: the
-    library versions and the CPU (oneDNN picks its kernels per instruction
-    set), with the thread count kept beside it in each attempt."""
+    """What besides the code and the thread count (kept beside it in each
+    attempt) decides a run's floating-point results: the library versions,
+    the CPU (oneDNN picks its kernels per instruction set) and the
+    variables that choose kernels or threads."""
+    model, flags = _cpu()
     return {"python": platform.python_version(),
             "tensorflow": _version("tensorflow") or _version("tensorflow-cpu"),
             "keras": _version("keras"), "numpy": _version("numpy"),
-            "cpu": _cpu_model(), "cores": os.cpu_count()}
+            "cpu": model, "cpu_flags": flags, "cores": os.cpu_count(),
+            "variables": {name: os.environ[name] for name in
+                          NUMERICS_VARIABLES if name in os.environ}}
 
 
 def format_rate(rate):

@@ -260,3 +260,26 @@ def test_rerun_of_an_archived_run(tmp_path, capsys):
     assert verdict["first_step_difference"] == {
         "step": 6, "field": "accuracy", "archived": 0.5 + 1 / 2048,
         "rerun": 0.5}
+
+
+def test_the_commit_a_run_without_one_most_likely_ran(repo):
+    def commit_at(date, message, path="trainer.py", text=None):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(text or message)
+        _git(repo, "add", "-A")
+        subprocess.run(["git", "-C", str(repo), "commit", "-qm", message],
+                       check=True, env=dict(os.environ,
+                                            GIT_COMMITTER_DATE=date,
+                                            GIT_AUTHOR_DATE=date))
+        return _git(repo, "rev-parse", "HEAD")
+
+    ran = commit_at("2026-12-02T01:37:49", "the code the run ran")
+    commit_at("2026-12-02T02:00:00", "changed while it ran")
+    record = {"attempts": [{"started": "2026-12-02T01:52:13"}]}
+    commit_at("2026-12-02T02:10:18", "archived", "runs/a/run.json",
+              json.dumps(record))
+    commit_at("2026-12-02T03:00:00", "later")
+    assert rerun_check.archiving_commit_guess(
+        str(repo / "runs" / "a"), record, repo=str(repo)) == ran
+    assert rerun_check.archiving_commit_guess(
+        str(repo / "runs" / "b"), record, repo=str(repo)) is None

@@ -1,5 +1,6 @@
 """The second warmup study and its report, with a scripted stand-in trainer."""
 
+import json
 import os
 
 import yaml
@@ -411,3 +412,35 @@ def test_a_method_with_overrides_extends_as_its_plan_allows(tmp_path):
     # Bonferroni counts both planned comparisons, done or not.
     assert "- 2 comparisons fixed in the plan (1 of them above)" in text
     assert "each interval at 97.50 %" in text
+
+
+def test_check_stage_reruns_a_drawn_run_and_records_the_verdict(tmp_path):
+    assert _study(tmp_path, "--stage=pilot") == 0
+    finished = sorted(run_id for run_id, o in _archived(tmp_path).items()
+                      if o.status == "done")
+    drawn = warmup_study.sample_finished_run(
+        str(tmp_path / "results" / "runs"), 0)
+    assert drawn.run_id in finished
+    # Another seed draws another run here (10 runs to draw from).
+    assert warmup_study.sample_finished_run(
+        str(tmp_path / "results" / "runs"), 1).run_id != drawn.run_id
+    assert _study(tmp_path, "--stage=check") == 0
+    verdict_path = tmp_path / "results" / "rerun_check.json"
+    verdict = json.loads(verdict_path.read_text())
+    assert verdict["run"] == drawn.run_id and verdict["identical"]
+    assert verdict["check_seed"] == 0
+    assert verdict["command"].startswith(
+        f"python3 -m experiments.rerun_check {drawn.directory} ")
+    assert verdict["steps_compared"] == 8
+    # The archived losses altered from step 5 on: the check fails there.
+    steps = os.path.join(drawn.directory, "steps.jsonl")
+    with open(steps) as f:
+        records = [json.loads(line) for line in f]
+    with open(steps, "w") as f:
+        f.writelines(json.dumps(dict(r, loss=r["loss"] + (r["step"] >= 5)))
+                     + "\n" for r in records)
+    assert _study(tmp_path, "--stage=check") == 1
+    verdict = json.loads(verdict_path.read_text())
+    assert not verdict["identical"]
+    assert verdict["first_step_difference"]["step"] == 5
+    assert verdict["first_step_difference"]["field"] == "loss"
