@@ -468,7 +468,9 @@ def parse_args(argv):
                              "worktree) instead of the recorded one or, "
                              "with --twice, this checkout")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: the run's own)")
+                        help="CPU threads (default: the run's own; for a run "
+                             "with TensorFlow's default, its machine's "
+                             "cores where recorded)")
     parser.add_argument("--twice", action="store_true",
                         help="run the command twice from scratch and "
                              "compare the two, checkpoints included")
@@ -495,8 +497,12 @@ def check(args):
         prefix="rerun_check_"))
     threads = args.threads
     if threads is None:
-        threads = archived.record["attempts"][-1].get("threads")
-        threads = threads if isinstance(threads, int) else 0
+        # TensorFlow's default is a thread per core: the archived machine's
+        # count where it was recorded, so the sums split the same way.
+        attempt = archived.record["attempts"][-1]
+        threads = attempt.get("threads")
+        if not isinstance(threads, int):
+            threads = (attempt.get("environment") or {}).get("cores") or 0
     compare = compare_twice if args.twice else compare_with_archive
     try:
         verdict = compare(archived, args, work_dir, threads)

@@ -283,3 +283,27 @@ def test_the_commit_a_run_without_one_most_likely_ran(repo):
         str(repo / "runs" / "a"), record, repo=str(repo)) == ran
     assert rerun_check.archiving_commit_guess(
         str(repo / "runs" / "b"), record, repo=str(repo)) is None
+
+
+def test_a_run_on_default_threads_is_rerun_with_its_machines_cores(
+        tmp_path):
+    spec = {"run_id": "r", "config": "s.yaml",
+            "overrides": ["optimizer.base_learning_rate=0.4",
+                          "optimizer.warmup_epochs=1", "train.seed=0",
+                          "train.eval_splits=validation"]}
+    run = runs_lib.Run(spec, str(tmp_path / "work"), str(tmp_path / "runs"),
+                       trainer="tests.stand_in_trainer")
+    assert run.execute()[0] == "done"
+    record = run.record()
+    assert record["attempts"][0]["threads"] == "default"
+    record["attempts"][0]["environment"]["cores"] = 3
+    runs_lib.write_json(os.path.join(run.archive, "run.json"), record)
+    verdict_path = tmp_path / "verdict.json"
+    assert rerun_check.main([run.archive, "--work_dir", str(tmp_path / "re"),
+                             "--output", str(verdict_path)]) == 0
+    verdict = json.loads(verdict_path.read_text())
+    assert verdict["threads"] == 3
+    assert verdict["environment_differences"]["threads"] == {
+        "archived": "default", "rerun": 3}
+    with open(tmp_path / "re" / "rerun" / "train.log") as f:
+        assert "intra-op threads 3" in f.read()
