@@ -338,6 +338,9 @@ def _execute(record, work_dir, name, threads, code_root):
                        os.path.join(work_dir, "archive"),
                        trainer=trainer_of(record), threads=threads,
                        code_root=code_root)
+    # From scratch: a model dir left by an earlier check would be resumed.
+    for previous in (run.model_dir, run.archive):
+        shutil.rmtree(previous, ignore_errors=True)
     print(f"[rerun_check] {name}: {run.command}", file=sys.stderr, flush=True)
     status, seconds = run.execute()
     return run, status, seconds
@@ -461,8 +464,9 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("archived_run", help="a directory holding run.json")
     parser.add_argument("--work_dir", default=None,
-                        help="where the reruns go, kept (default: a temp "
-                             "dir, removed)")
+                        help="where the reruns go, kept; its rerun/, first/, "
+                             "second/ and archive/ are replaced (default: a "
+                             "temp dir, removed)")
     parser.add_argument("--commit", default=None,
                         help="rerun at this commit (a temporary git "
                              "worktree) instead of the recorded one or, "

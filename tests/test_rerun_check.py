@@ -260,6 +260,11 @@ def test_rerun_of_an_archived_run(tmp_path, capsys):
     assert verdict["first_step_difference"] == {
         "step": 6, "field": "accuracy", "archived": 0.5 + 1 / 2048,
         "rerun": 0.5}
+    # The same --work_dir again: a fresh rerun, not a resumed one.
+    assert rerun_check.main([run.archive, "--work_dir",
+                             str(tmp_path / "rerun2")]) == 1
+    rerun = runs_lib.Outcome(str(tmp_path / "rerun2" / "archive" / "rerun"))
+    assert len(rerun.record["attempts"]) == 1
 
 
 def test_the_commit_a_run_without_one_most_likely_ran(repo):
