@@ -166,10 +166,11 @@ def test_code_version_is_the_commit_and_whether_code_changed(repo, tmp_path):
     (repo / "train.log").write_text("step 1")
     assert runs_lib.code_version(str(repo))["dirty"] is False
     (repo / "trainer.py").write_text("VERSION = 2\n")
-    (repo / "new_module.py").write_text("")
+    (repo / "package").mkdir()
+    (repo / "package" / "new_module.py").write_text("")
     assert runs_lib.code_version(str(repo)) == {
         "commit": commit, "dirty": True,
-        "changed_files": ["new_module.py", "trainer.py"]}
+        "changed_files": ["package/new_module.py", "trainer.py"]}
     outside = tmp_path / "not_a_checkout"
     outside.mkdir()
     assert runs_lib.code_version(str(outside)) == {
