@@ -18,8 +18,9 @@ precision, the per-epoch numbers exactly.
 With --twice: runs the same command twice from scratch (this checkout, or
 --commit), with a checkpoint every --checkpoint_every steps and optionally
 only the first --max_steps steps, and compares the two runs' step records,
-epochs and every tensor of every checkpoint: the first checkpoint and
-variable that differ, and by how much, say where the runs part.
+epochs and every tensor of every checkpoint: the first checkpoint that
+differs, and each of its variables that differ and by how much, say where
+the runs part.
 
 Either way the wall-clock throughput (images/s) is left out, the first
 difference is printed, and the exit code is 0 only when the runs are
@@ -215,16 +216,30 @@ def tensor_difference(first, second):
             "max_abs_difference": largest}
 
 
+def saved_tensors(reader):
+    """{checkpoint key: variable name} of a checkpoint, in the order of its
+    object graph; the name is the one the variable was created with, e.g.
+    dense1/kernel (a trainer's model variable is saved under an optimizer
+    path)."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    return {attribute.checkpoint_key: attribute.full_name or
+            attribute.checkpoint_key for node in graph.nodes
+            for attribute in node.attributes}
+
+
 def first_checkpoint_difference(first_dir, second_dir):
     """The first checkpoint (by step) with a tensor that differs, or None.
 
-    Every variable saved (model, optimizer slots, the iteration count, the
-    epoch's running sums) is compared bit for bit, in the checkpoint's
-    sorted order; the object graph (names, not values) is left out.
+    Every tensor saved (the model's variables, the optimizer's slots and
+    iteration count, the epoch's running sums) is compared bit for bit.
 
     Returns:
-        (checkpoints compared, difference): difference is a dict with step,
-        variable and how it differs (`tensor_difference`), or None.
+        (checkpoints compared, difference): difference is a dict with the
+        step, how many of its tensors differ, and each of those by name
+        with how it differs (`tensor_difference`); or None.
     """
     from trainers import startup
     with startup.quiet_tensorflow_import(sys.argv):
@@ -233,22 +248,25 @@ def first_checkpoint_difference(first_dir, second_dir):
     first, second = checkpoint_steps(first_dir), checkpoint_steps(second_dir)
     for compared, step in enumerate(sorted(set(first) | set(second)), 1):
         if step not in first or step not in second:
-            return compared, {"step": step, "variable": None,
+            return compared, {"step": step,
                               "difference": "checkpoint in one run only"}
         readers = [tf.train.load_checkpoint(prefix)
                    for prefix in (first[step], second[step])]
-        shapes = [reader.get_variable_to_shape_map() for reader in readers]
-        for name in sorted(set(shapes[0]) | set(shapes[1])):
-            if name == "_CHECKPOINTABLE_OBJECT_GRAPH":
-                continue
-            if name not in shapes[0] or name not in shapes[1]:
-                return compared, {"step": step, "variable": name,
-                                  "difference": "in one checkpoint only"}
-            difference = tensor_difference(readers[0].get_tensor(name),
-                                           readers[1].get_tensor(name))
+        names = [saved_tensors(reader) for reader in readers]
+        differing = {}
+        for key in dict.fromkeys([*names[0], *names[1]]):
+            if key not in names[0] or key not in names[1]:
+                difference = "in one checkpoint only"
+            else:
+                difference = tensor_difference(readers[0].get_tensor(key),
+                                               readers[1].get_tensor(key))
             if difference:
-                return compared, {"step": step, "variable": name,
-                                  "difference": difference}
+                differing[names[0].get(key) or names[1][key]] = difference
+        if differing:
+            return compared, {
+                "step": step,
+                "tensors_differing": f"{len(differing)} of {len(names[0])}",
+                "tensors": differing}
     return len(first), None
 
 
