@@ -49,8 +49,8 @@ TIMING_FIELDS = ("images_per_second",)
 # was converted from a train.log line (4 printed digits), not written by the
 # trainer (17 digits, float repr).
 PRINTED_DIGITS = 8
-_STEP_LINE = re.compile(r"step (\d+)/\d+ epoch (\S+) loss (\S+) accuracy (\S+) "
-                        r"lr (\S+) (\S+) images/s")
+_STEP_LINE = re.compile(r"step (\d+)/\d+ epoch (\S+) loss (\S+) "
+                        r"accuracy (\S+) lr (\S+) (\S+) images/s")
 _CHECKPOINT_STEP = re.compile(r"ckpt-(\d+)\.index$")
 
 
