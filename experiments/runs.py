@@ -10,9 +10,11 @@ go to `ARCHIVE_DIR/<run_id>/`, which is committed: the report rebuilds
 from there.
 """
 
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import resource
 import shlex
 import shutil
@@ -55,6 +57,85 @@ def write_json(path, content):
     os.replace(staging, path)
 
 
+# Files whose change can change what a trainer run computes; results, logs
+# and docs written beside them (a study's own archive among them) cannot.
+CODE_PATTERNS = ("*.py", "*.yaml", "*.yml", "*.cfg", "*.toml")
+
+
+def _git(code_root, *arguments):
+    """`git -C code_root arguments...`'s output, or None outside a checkout."""
+    try:
+        return subprocess.run(["git", "-C", code_root, *arguments],
+                              capture_output=True, text=True, check=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def code_version(code_root=REPO_ROOT):
+    """The commit a run's code is at, and whether the code differs from it.
+
+    Returns:
+        dict with commit (None outside a git checkout), dirty (whether a
+        tracked or untracked code file, `CODE_PATTERNS`, differs from the
+        commit; a rerun at the commit alone may then differ) and
+        changed_files (those files, at most 20).
+    """
+    commit = _git(code_root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "changed_files": []}
+    status = _git(code_root, "status", "--porcelain", "--untracked-files=all",
+                  "--", *CODE_PATTERNS) or ""
+    changed = sorted(line[3:] for line in status.splitlines() if line)
+    return {"commit": commit.strip(), "dirty": bool(changed),
+            "changed_files": changed[:20]}
+
+
+# Instruction sets that decide which oneDNN and Eigen kernels run, and so
+# the order of their floating-point sums.
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+# Environment variables that change TensorFlow's kernels or threads.
+NUMERICS_VARIABLES = ("TF_ENABLE_ONEDNN_OPTS", "ONEDNN_MAX_CPU_ISA",
+                      "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+                      "OMP_NUM_THREADS")
+
+
+def _cpu():
+    """(model name, the `_CPU_FLAGS` it has) of the first CPU in
+    /proc/cpuinfo; the machine type alone where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return platform.machine(), []
+    info = {key.strip(): value.strip() for key, value in (
+        line.split(":", 1) for line in first.splitlines() if ":" in line)}
+    flags = set(info.get("flags", "").split())
+    return (info.get("model name") or platform.machine(),
+            [flag for flag in _CPU_FLAGS if flag in flags])
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment():
+    """What besides the code and the thread count (kept beside it in each
+    attempt) decides a run's floating-point results: the library versions,
+    the CPU (oneDNN picks its kernels per instruction set) and the
+    variables that choose kernels or threads."""
+    model, flags = _cpu()
+    return {"python": platform.python_version(),
+            "tensorflow": _version("tensorflow") or _version("tensorflow-cpu"),
+            "keras": _version("keras"), "numpy": _version("numpy"),
+            "cpu": model, "cpu_flags": flags, "cores": os.cpu_count(),
+            "variables": {name: os.environ[name] for name in
+                          NUMERICS_VARIABLES if name in os.environ}}
+
+
 def format_rate(rate):
     return f"{float(rate):g}"
 
@@ -76,12 +157,16 @@ class Run:
         trainer: the trainer module, run as `python -m trainer`.
         threads: CPU threads for TensorFlow's and oneDNN's op pools (0:
             TensorFlow's default, every core); kept in run.json.
+        code_root: the checkout whose code runs (its trainer, on
+            PYTHONPATH); its commit is kept in run.json. A rerun of an old
+            run passes a checkout of the run's commit.
     """
 
     def __init__(self, spec, work_dir, archive_dir, trainer="trainers.train",
-                 threads=0):
+                 threads=0, code_root=REPO_ROOT):
         self.spec = spec
         self.threads = threads
+        self.code_root = code_root
         self.run_id = spec["run_id"]
         self.model_dir = os.path.join(work_dir, self.run_id)
         self.archive = os.path.join(archive_dir, self.run_id)
@@ -105,14 +190,15 @@ class Run:
         attempts = record.get("attempts", [])
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(
-                       p for p in (REPO_ROOT, os.environ.get("PYTHONPATH"))
-                       if p))
+                       p for p in (self.code_root,
+                                   os.environ.get("PYTHONPATH")) if p))
         if self.threads:
             # Two study processes side by side each get their own core
             # instead of both trainers spreading over every core.
             env.update(TF_NUM_INTRAOP_THREADS=str(self.threads),
                        OMP_NUM_THREADS=str(self.threads))
         log_path = os.path.join(self.model_dir, "train.log")
+        code = code_version(self.code_root)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start, started = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S")
         with open(log_path, "a", encoding="utf-8") as log:
@@ -121,7 +207,7 @@ class Run:
             log.flush()
             # The study's own interpreter, not whatever python3 is on PATH.
             process = subprocess.Popen([sys.executable] + self.argv[1:],
-                                       cwd=REPO_ROOT, stdout=log,
+                                       cwd=self.code_root, stdout=log,
                                        stderr=subprocess.STDOUT, env=env)
             try:
                 returncode = process.wait()
@@ -129,7 +215,8 @@ class Run:
                 process.terminate()
                 process.wait()
                 attempts.append({"started": started, "status": "interrupted",
-                                 "seconds": round(time.time() - start, 1)})
+                                 "seconds": round(time.time() - start, 1),
+                                 "code": code})
                 self._save(attempts, "interrupted", None, "")
                 raise
         seconds = time.time() - start
@@ -151,7 +238,8 @@ class Run:
         attempts.append({"started": started, "seconds": round(seconds, 1),
                          "cpu_seconds": round(cpu, 1),
                          "threads": self.threads or "default",
-                         "returncode": returncode, "status": status})
+                         "returncode": returncode, "status": status,
+                         "code": code, "environment": environment()})
         self._save(attempts, status, returncode, error)
         return status, seconds
 

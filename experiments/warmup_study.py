@@ -3,6 +3,7 @@ r"""The second warmup study (issue 11): does CLARS remove the need for warmup?
     python3 -m experiments.warmup_study --stage pilot --max_hours 1
     python3 -m experiments.warmup_study --stage compare --max_hours 2
     python3 -m experiments.warmup_study --dry_run          # commands only
+    python3 -m experiments.warmup_study --stage check      # a rerun check
 
 Stages (plan: configs/warmup_study/plan.yaml):
 
@@ -14,6 +15,10 @@ Stages (plan: configs/warmup_study/plan.yaml):
    at its best rate with a shorter and a longer warmup; every method and
    ablation at its chosen rate with fresh seeds, evaluated on validation
    and test.
+3. check: reruns one finished run, drawn from the archive with
+   --check_seed, and says whether it came out bit-identical
+   (`experiments.rerun_check`); the verdict goes to RERUN_CHECK beside
+   the archive, the exit code is 1 when it is not identical.
 
 Every rate is chosen on the validation split (task.validation_examples)
 with batch-norm statistics recomputed before each evaluation; test
@@ -29,11 +34,14 @@ runs are kept, an interrupted run resumes from its last epoch checkpoint).
 import argparse
 import math
 import os
+import random
+import shlex
 import sys
 import time
 
 import yaml
 
+from experiments import rerun_check
 from experiments import runs as runs_lib
 
 PLAN = "configs/warmup_study/plan.yaml"
@@ -41,6 +49,8 @@ WORK_DIR = "runs/warmup_study"
 ARCHIVE_DIR = "experiments/warmup_results/runs"
 # Expected seconds of a run before any has finished in this session.
 FIRST_RUN_GUESS = 180.0
+# The check stage's verdict, in the archive's parent (the results dir).
+RERUN_CHECK = "rerun_check.json"
 
 
 class OutOfTime(Exception):
@@ -256,11 +266,52 @@ class Study:
                             if diagnostics else [])))
 
 
+def sample_finished_run(archive_dir, seed):
+    """One finished run of the archive, drawn with `seed`, or None.
+
+    The draw is over the run ids in sorted order, so the same archive and
+    seed give the same run on any machine.
+    """
+    finished = sorted((o for o in runs_lib.load_archived(archive_dir).values()
+                       if o.status == "done"), key=lambda o: o.run_id)
+    return random.Random(seed).choice(finished) if finished else None
+
+
+def check(args):
+    """The check stage: reruns a sampled finished run; 0 when identical."""
+    outcome = sample_finished_run(args.archive_dir, args.check_seed)
+    if outcome is None:
+        sys.exit(f"[study] --stage check: no finished run in "
+                 f"{args.archive_dir} to rerun; run a stage first.")
+    argv = [outcome.directory,
+            "--work_dir", os.path.join(args.work_dir, "rerun_check")]
+    command = "python3 -m experiments.rerun_check " + " ".join(
+        shlex.quote(a) for a in argv)
+    if args.dry_run:
+        print(command)
+        return 0
+    print(f"[study] rerun check of {outcome.run_id} (drawn with "
+          f"--check_seed {args.check_seed}):\n        {command}", flush=True)
+    verdict = dict(rerun_check.check(rerun_check.parse_args(argv)),
+                   command=command, check_seed=args.check_seed)
+    path = os.path.join(os.path.dirname(os.path.normpath(args.archive_dir)),
+                        RERUN_CHECK)
+    runs_lib.write_json(path, verdict)
+    difference = (verdict.get("first_step_difference")
+                  or verdict.get("first_epoch_difference"))
+    print(f"[study] {outcome.run_id}: "
+          + ("bit-identical" if verdict["identical"] else
+             f"not identical (first difference: {difference}; status "
+             f"{verdict['rerun_status']})")
+          + f"; written to {path}.", flush=True)
+    return 0 if verdict["identical"] else 1
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--stage", choices=("pilot", "compare"),
+    parser.add_argument("--stage", choices=("pilot", "compare", "check"),
                         default="pilot")
     parser.add_argument("--plan", default=PLAN)
     parser.add_argument("--work_dir", default=WORK_DIR)
@@ -283,6 +334,9 @@ def parse_args(argv):
                              "methods can share one archive")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per trainer run (default: all)")
+    parser.add_argument("--check_seed", type=int, default=0,
+                        help="--stage check: seed of the draw of the run to "
+                             "rerun")
     parser.add_argument("--trainer", default="trainers.train",
                         help=argparse.SUPPRESS)  # tests use a stand-in
     return parser.parse_args(argv)
@@ -300,6 +354,8 @@ def main(argv=None):
                  f"the plan's are {', '.join(dict.fromkeys(known))}.")
     study = Study(plan, args)
     runs_lib.interrupt_on_sigterm()
+    if args.stage == "check":
+        return check(args)
     try:
         if args.stage == "pilot":
             findings = study.pilot()

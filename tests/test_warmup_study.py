@@ -1,5 +1,6 @@
 """The second warmup study and its report, with a scripted stand-in trainer."""
 
+import json
 import os
 
 import pytest
@@ -446,3 +447,35 @@ def test_seed_plan_reads_each_comparisons_spread():
         [("A minus B", [1.0, -1.0, 1.0, -1.0])], 1.2)
     assert text.splitlines()[1] == (
         "- A minus B: s = 1.15 points over 4 seeds -> 7 seeds")
+
+
+def test_check_stage_reruns_a_drawn_run_and_records_the_verdict(tmp_path):
+    assert _study(tmp_path, "--stage=pilot") == 0
+    finished = sorted(run_id for run_id, o in _archived(tmp_path).items()
+                      if o.status == "done")
+    drawn = warmup_study.sample_finished_run(
+        str(tmp_path / "results" / "runs"), 0)
+    assert drawn.run_id in finished
+    # Another seed draws another run here (10 runs to draw from).
+    assert warmup_study.sample_finished_run(
+        str(tmp_path / "results" / "runs"), 1).run_id != drawn.run_id
+    assert _study(tmp_path, "--stage=check") == 0
+    verdict_path = tmp_path / "results" / "rerun_check.json"
+    verdict = json.loads(verdict_path.read_text())
+    assert verdict["run"] == drawn.run_id and verdict["identical"]
+    assert verdict["check_seed"] == 0
+    assert verdict["command"].startswith(
+        f"python3 -m experiments.rerun_check {drawn.directory} ")
+    assert verdict["steps_compared"] == 8
+    # The archived losses altered from step 5 on: the check fails there.
+    steps = os.path.join(drawn.directory, "steps.jsonl")
+    with open(steps) as f:
+        records = [json.loads(line) for line in f]
+    with open(steps, "w") as f:
+        f.writelines(json.dumps(dict(r, loss=r["loss"] + (r["step"] >= 5)))
+                     + "\n" for r in records)
+    assert _study(tmp_path, "--stage=check") == 1
+    verdict = json.loads(verdict_path.read_text())
+    assert not verdict["identical"]
+    assert verdict["first_step_difference"]["step"] == 5
+    assert verdict["first_step_difference"]["field"] == "loss"
