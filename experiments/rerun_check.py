@@ -6,7 +6,7 @@ r"""Reruns an archived study run and says whether it came out bit-identical.
 Runs the run's own command (from its run.json) into a fresh model dir under
 `--work_dir` with the run's thread count, then compares every per-epoch
 number of the new results.json (losses, accuracies, steps; all but the
-images/s, a timing) with the archived one for exact equality. Paired seeds
+images/s and seconds, timings) with the archived one for exact equality. Paired seeds
 are exactly paired only when this holds (`train.deterministic=true`).
 """
 
@@ -21,8 +21,9 @@ from experiments import runs as runs_lib
 
 
 def _numbers(epochs):
-    """Per-epoch entries without the wall-clock throughput."""
-    return [{k: v for k, v in entry.items() if k != "images_per_second"}
+    """Per-epoch entries without the wall-clock throughput and timings."""
+    return [{k: v for k, v in entry.items()
+             if k not in ("images_per_second", "seconds")}
             for entry in epochs or []]
 
 
