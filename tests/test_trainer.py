@@ -73,7 +73,8 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
     assert re.search(r"^step 8/8 epoch 0\.01 loss \d\.\d{4} accuracy "
                      r"\d\.\d{4} lr [\d.e-]+ \d+ images/s ETA 0s$",
                      result.stdout, re.M)
-    assert re.search(r"^epoch 1 eval loss \d\.\d{4} accuracy \d\.\d{4}$",
+    assert re.search(r"^epoch 1 eval loss \d\.\d{4} accuracy \d\.\d{4} "
+                     r"\(training \d+\.\ds, evaluation \d+\.\ds\)$",
                      result.stdout, re.M)
     # steps.jsonl: the console's step lines, unrounded.
     records = step_records(model_dir)
@@ -567,9 +568,12 @@ def test_recompute_and_validation_end_to_end_leave_checkpoints_alone(
         result = run_trainer(model_dir, None, "--mode=train_and_eval",
                              override=common + extra)
         assert result.returncode == 0, result.stderr[-3000:]
+        batch_norm = ", batch norm \\d+\\.\\ds" if extra else ""
         assert re.search(r"^epoch 1 validation loss \d\.\d{4} accuracy "
                          r"\d\.\d{4}; eval loss \d\.\d{4} accuracy "
-                         r"\d\.\d{4}$", result.stdout, re.M), result.stdout
+                         r"\d\.\d{4} \(training \d+\.\ds, evaluation "
+                         rf"\d+\.\ds{batch_norm}\)$", result.stdout,
+                         re.M), result.stdout
         with open(os.path.join(model_dir, "results.json")) as f:
             runs[name] = (json.load(f), checkpoint_values(model_dir))
     assert max_difference(runs["plain"][1], runs["recomputed"][1]) == 0.0
