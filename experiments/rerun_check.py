@@ -43,8 +43,9 @@ import tempfile
 
 from experiments import runs as runs_lib
 
-# Wall-clock figures, different in every run.
-TIMING_FIELDS = ("images_per_second",)
+# Wall-clock figures (throughput, the per-epoch seconds), different in
+# every run.
+TIMING_FIELDS = ("images_per_second", "seconds")
 # A step record whose floats all have at most this many significant digits
 # was converted from a train.log line (4 printed digits), not written by the
 # trainer (17 digits, float repr).

@@ -3,11 +3,16 @@ rows, the columns their tables print and the JSON they write."""
 
 import json
 import os
+import subprocess
+import sys
 
 import keras
+import pytest
 import tensorflow as tf
 
 from benchmarks import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rows():
@@ -42,3 +47,58 @@ def test_results_are_written_beside_the_environment(tmp_path):
     assert environment["tensorflow"] == tf.__version__
     assert environment["keras"] == keras.__version__
     assert environment["cpu_count"] == os.cpu_count()
+
+
+def test_trainer_throughput_summary_checks_the_targets_on_medians():
+    from benchmarks import trainer_throughput
+
+    rates = {"pipeline": [500.0, 400.0, 600.0],
+             "model_step": [100.0, 100.0, 100.0],
+             "trainer": [80.0, 90.0, 70.0],
+             "fit": [95.0, 120.0, 60.0]}
+    summary = trainer_throughput.summarise(rates)
+    assert summary["pipeline_over_model_step"] == [5.0, 4.0, 6.0]
+    # Per round, against the faster of model_step (100) and fit.
+    assert summary["trainer_over_faster_of_model_step_and_fit"] == [
+        0.8, 0.75, 0.7]
+    assert summary["pipeline_target_met"]  # median 5.0 >= 5
+    assert not summary["trainer_target_met"]  # median 0.75 < 1 / 1.2
+
+
+def test_trainer_throughput_runs_and_reports_every_candidate(tmp_path):
+    """A tiny run (synthetic data, 512-example batches, 15 steps an epoch):
+    every candidate timed each round, its images/s its images over its
+    seconds, and the ratios those of the rates."""
+    output = tmp_path / "throughput.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.trainer_throughput",
+         "--models=sigmoid_mlp", "--rounds=2", "--pipeline_batches=3",
+         "--model_steps=2", f"--output={output}",
+         "--overrides=task.dataset=synthetic,task.validation_examples=192,"
+         "train.global_batch_size=512,train.eval_batch_size=192"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(output.read_text())
+    assert written["environment"]["rounds"] == 2
+    run = written["results"]["sigmoid_mlp"]
+    assert run["batch_size"] == 512
+    assert run["steps_per_epoch"] == (8192 - 192) // 512
+    images = {"pipeline": 3 * 512, "model_step": 2 * 512,
+              "trainer": 15 * 512, "fit": 15 * 512}
+    rates = {}
+    for name, count in images.items():
+        row = run["candidates"][name]
+        assert row["images"] == count
+        assert len(row["seconds"]) == 2 and min(row["seconds"]) > 0
+        for seconds, rate in zip(row["seconds"], row["images_per_second"]):
+            assert rate == pytest.approx(count / seconds)
+        assert all(0 < share <= 1.5 for share in row["cpu_share"])
+        rates[name] = row["images_per_second"]
+    for r in range(2):
+        assert run["pipeline_over_model_step"][r] == pytest.approx(
+            rates["pipeline"][r] / rates["model_step"][r])
+        assert run["trainer_over_faster_of_model_step_and_fit"][
+            r] == pytest.approx(rates["trainer"][r] / max(
+                rates["model_step"][r], rates["fit"][r]))
+    assert "pipeline / model_step" in result.stdout

@@ -345,3 +345,105 @@ def test_selected_examples_are_exactly_the_indexed_ones(data_dir):
     assert sorted(len(s) for s in shards) == [150, 150]
     np.testing.assert_array_equal(np.sort(np.concatenate(shards)),
                                   np.sort(got_labels))
+
+
+def _synthetic_positions(images):
+    """Positions in synthetic's train split of unaugmented pipeline images."""
+    spec = data.DATASETS["synthetic"]
+    stored, _ = data.decoded_split("synthetic", "train")
+    index = {image.tobytes(): position
+             for position, image in enumerate(stored.numpy())}
+    pixels = np.rint(images * np.array(spec.std) * 255
+                     + np.array(spec.mean) * 255).astype(np.uint8)
+    return [index[image.tobytes()] for image in pixels]
+
+
+def test_training_epochs_leave_out_the_hold_out_and_cover_the_rest():
+    """Each epoch of a multi-epoch pipeline: every training example at most
+    once, none held out, in a new order; the held-out pipeline reads the
+    same examples on every pass."""
+    held_out = data.validation_indices("synthetic", 192)
+    trained = data.training_indices("synthetic", 192)
+    steps = len(trained) // 1000
+    dataset = data.build_dataset(
+        "synthetic", "train", data_dir=None, global_batch_size=1000,
+        is_training=True, image_size=32, seed=4, indices=trained, epochs=2)
+    batches = [(x.numpy(), y.numpy()) for x, y in dataset]
+    assert len(batches) == 2 * steps  # 8000 // 1000 per epoch
+    _, labels = data.decoded_split("synthetic", "train")
+    orders = []
+    for epoch in range(2):
+        epoch_batches = batches[epoch * steps:(epoch + 1) * steps]
+        positions = _synthetic_positions(
+            np.concatenate([x for x, _ in epoch_batches]))
+        assert len(set(positions)) == steps * 1000
+        assert set(positions) <= set(trained.tolist())
+        np.testing.assert_array_equal(
+            np.concatenate([y for _, y in epoch_batches]),
+            labels.numpy()[positions])
+        orders.append(positions)
+    assert orders[0] != orders[1]
+    validation = data.build_dataset(
+        "synthetic", "train", data_dir=None, global_batch_size=100,
+        is_training=False, image_size=32, seed=0, indices=held_out)
+    passes = [[(x.numpy(), w.numpy()) for x, _, w in validation]
+              for _ in range(2)]
+    for (x1, w1), (x2, w2) in zip(*passes):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(w1, w2)
+    images = np.concatenate([x[w > 0] for x, w in passes[0]])
+    assert _synthetic_positions(images) == held_out.tolist()
+
+
+def test_a_multi_epoch_pipeline_is_its_epochs_one_after_the_other(data_dir):
+    """Same seed, same batches, however the run is split into pipelines."""
+    def batches(seed, **position):
+        return [(x.numpy(), y.numpy()) for x, y in data.build_dataset(
+            "fashion_mnist", "train[:2048]", data_dir=data_dir,
+            global_batch_size=256, is_training=True, image_size=28,
+            seed=seed, **position)]
+
+    whole = batches(3, epochs=2)
+    rebuilt = batches(3, epochs=2)
+    by_epoch = batches(3, epoch=0) + batches(3, epoch=1)
+    assert len(whole) == len(by_epoch) == 16
+    for (x1, y1), (x2, y2), (x3, y3) in zip(whole, rebuilt, by_epoch):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(x1, x3)
+        np.testing.assert_array_equal(y1, y3)
+    resumed = batches(3, epoch=0, epochs=2, start_step=5)
+    for (x1, y1), (x2, y2) in zip(whole[5:], resumed):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(whole[0][0], batches(4)[0][0])
+    with pytest.raises(ValueError, match=r"epochs must be an integer >= 1"):
+        batches(3, epochs=0)
+
+
+def test_batch_augmentation_is_pad_crop_flip_and_resize_per_image():
+    """The vectorised augmentation against one image at a time in numpy
+    (pad 4, crop at the drawn corner, flip) and `tf.image.resize`."""
+    spec = data.DATASETS["cifar10"]
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (6, 32, 32, 3)), tf.uint8)
+    positions = tf.constant([5, 0, 3, 3, 1, 2])
+    offsets = tf.constant([[0, 0], [8, 8], [0, 8], [3, 5], [8, 0], [4, 4]],
+                          tf.int32)
+    flips = tf.constant([False, True, False, True, True, False])
+    columns = data._padded_columns(images)
+    for image_size in (32, 40, 24):
+        got = data._small_train_batch(columns, positions, offsets, flips,
+                                      spec, image_size).numpy()
+        for row, position in enumerate(positions.numpy()):
+            padded = np.pad(images.numpy()[position],
+                            [[4, 4], [4, 4], [0, 0]])
+            top, left = offsets.numpy()[row]
+            crop = padded[top:top + 32, left:left + 32]
+            if flips.numpy()[row]:
+                crop = crop[:, ::-1]
+            expected = tf.image.resize(crop[None].astype(np.float32),
+                                       [image_size, image_size],
+                                       antialias=True)[0].numpy()
+            expected = (expected / 255 - spec.mean) / spec.std
+            np.testing.assert_allclose(got[row], expected, atol=2e-5)

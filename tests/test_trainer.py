@@ -73,7 +73,8 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
     assert re.search(r"^step 8/8 epoch 0\.01 loss \d\.\d{4} accuracy "
                      r"\d\.\d{4} lr [\d.e-]+ \d+ images/s ETA 0s$",
                      result.stdout, re.M)
-    assert re.search(r"^epoch 1 eval loss \d\.\d{4} accuracy \d\.\d{4}$",
+    assert re.search(r"^epoch 1 eval loss \d\.\d{4} accuracy \d\.\d{4} "
+                     r"\(training \d+\.\ds, evaluation \d+\.\ds\)$",
                      result.stdout, re.M)
     # steps.jsonl: the console's step lines, unrounded.
     records = step_records(model_dir)
@@ -342,49 +343,39 @@ def _in_process_trainer(tmp_path, data_dir, override, strategy=None):
                          estimator=estimator)
 
 
-def test_resume_reads_one_epoch_and_decodes_none_of_the_past(
+def test_a_split_is_decoded_once_and_a_resumed_run_starts_at_its_step(
         tmp_path, fashion_mnist_dir, monkeypatch):
     from clars_tf.trainers import data
 
-    counts = {"read": 0, "decoded": 0}
-
-    def counter(name):
-        def count(x):
-            counts[name] += 1
-            return x
-        def counted(x):
-            y = tf.py_function(count, [x], x.dtype)
-            y.set_shape(x.shape)
-            return y
-        return counted
-
-    read_records, decode_image = data._tfds_records, data._decode_image
-
-    def counted_records(*args):
-        return read_records(*args).map(lambda record: {
-            **record, "label": counter("read")(record["label"])})
+    decoded = []
+    decode_image = data._decode_image
 
     def counted_decode(encoded, spec):
-        return decode_image(counter("decoded")(encoded), spec)
+        def count(x):
+            decoded.append(1)
+            return x
+        counted = tf.py_function(count, [encoded], encoded.dtype)
+        counted.set_shape(encoded.shape)
+        return decode_image(counted, spec)
 
-    monkeypatch.setattr(data, "_tfds_records", counted_records)
     monkeypatch.setattr(data, "_decode_image", counted_decode)
+    # Empty caches, so this process decodes the split here.
+    monkeypatch.setattr(data, "_DECODED_SPLITS", {})
+    monkeypatch.setattr(data, "_PADDED_COLUMNS", {})
     trainer = _in_process_trainer(tmp_path, fashion_mnist_dir, "")
     steps_per_epoch = trainer.steps_per_epoch  # 937 batches of 64
     resume_step = 2 * steps_per_epoch - 7  # late in the second epoch
     images, labels = next(trainer._train_iterator(resume_step))
-    # One epoch of encoded records fills the shuffle buffer; only the
-    # first batch and what the prefetching reads ahead are decoded, not the
-    # 930 * 64 examples of the epoch's past steps.
-    assert counts["read"] <= 60_000
-    assert 64 <= counts["decoded"] <= 20 * 64
-    # The resumed run gets the batch an uninterrupted one gets at that step.
+    assert len(decoded) == 60_000
+    # The resumed run gets the batch an uninterrupted one gets at that step;
+    # a second pipeline decodes nothing more.
     uninterrupted = trainer._train_iterator(steps_per_epoch)
     for _ in range(resume_step - steps_per_epoch):
         next(uninterrupted)
     expected_images, expected_labels = next(uninterrupted)
     np.testing.assert_array_equal(images.numpy(), expected_images.numpy())
     np.testing.assert_array_equal(labels.numpy(), expected_labels.numpy())
+    assert len(decoded) == 60_000
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -509,6 +500,44 @@ def test_evaluation_leaves_training_state_and_counts_splits(tmp_path):
     assert 0.0 <= results["validation_accuracy"] <= 1.0
 
 
+def test_evaluation_reads_its_data_and_traces_its_steps_once(
+        tmp_path, monkeypatch):
+    """Two epochs: one training pipeline, one trace of each compiled step,
+    the same evaluation both times it runs on the same weights, and
+    training, evaluation and batch-norm seconds reported apart."""
+    from clars_tf.trainers import data
+
+    trainer = _synthetic_sgd_trainer(tmp_path, (
+        "task.validation_examples=7000,train.recompute_bn_examples=128,"
+        "train.eval_splits=validation+test,train.eval_batch_size=1000,"
+        "train.epochs=2,train.steps_per_loop=6"))
+    assert trainer.steps_per_epoch == (8192 - 7000) // 64
+    built = []
+    build_dataset = data.build_dataset
+
+    def counted_build(name, split, **kwargs):
+        built.append((split, kwargs["is_training"], kwargs["seed"]))
+        return build_dataset(name, split, **kwargs)
+
+    monkeypatch.setattr(data, "build_dataset", counted_build)
+    history = trainer.train()
+    assert [entry["epoch"] for entry in history] == [1, 2]
+    # Training, batch-norm recomputation, validation, test: once each.
+    assert sorted(built) == sorted([("train", True, 0), ("train", True, 2),
+                                    ("train", False, 0), ("test", False, 0)])
+    assert trainer._train_loop.experimental_get_tracing_count() == 1
+    assert trainer._eval_step.experimental_get_tracing_count() == 1
+    (_, batch_moments), = trainer._batch_norm_passes.values()
+    assert batch_moments.experimental_get_tracing_count() == 1
+    again = trainer.evaluate_splits()
+    assert again == {key: history[-1][key] for key in again}
+    assert trainer._eval_step.experimental_get_tracing_count() == 1
+    for entry in history:
+        seconds = entry["seconds"]
+        assert set(seconds) == {"training", "evaluation", "batch_norm"}
+        assert all(value > 0 for value in seconds.values())
+
+
 @pytest.mark.parametrize("override, message", [
     ("task.validation_examples=60000", r"task.validation_examples.*\[0, 60000\)"),
     ("task.validation_examples=-5", r"task.validation_examples"),
@@ -539,9 +568,12 @@ def test_recompute_and_validation_end_to_end_leave_checkpoints_alone(
         result = run_trainer(model_dir, None, "--mode=train_and_eval",
                              override=common + extra)
         assert result.returncode == 0, result.stderr[-3000:]
+        batch_norm = ", batch norm \\d+\\.\\ds" if extra else ""
         assert re.search(r"^epoch 1 validation loss \d\.\d{4} accuracy "
                          r"\d\.\d{4}; eval loss \d\.\d{4} accuracy "
-                         r"\d\.\d{4}$", result.stdout, re.M), result.stdout
+                         r"\d\.\d{4} \(training \d+\.\ds, evaluation "
+                         rf"\d+\.\ds{batch_norm}\)$", result.stdout,
+                         re.M), result.stdout
         with open(os.path.join(model_dir, "results.json")) as f:
             runs[name] = (json.load(f), checkpoint_values(model_dir))
     assert max_difference(runs["plain"][1], runs["recomputed"][1]) == 0.0

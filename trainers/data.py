@@ -73,7 +73,13 @@ class DatasetSpec:
       default_image_size: the usual training resolution.
       mean: per-channel pixel mean of the training set, in [0, 1] units.
       std: per-channel pixel standard deviation, in [0, 1] units.
-      shuffle_buffer: examples held by the training shuffle buffer.
+      shuffle_buffer: examples held by the training shuffle buffer of a
+        data set streamed from its records (`in_memory` False).
+      in_memory: whether a split is decoded once per process and held in
+        memory as uint8 pixels (`decoded_split`): true where the decoded
+        train split is a few hundred MB at most. ImageNet streams its
+        encoded records every epoch instead (its decoded pixels would not
+        fit).
     """
 
     tfds_name: str
@@ -88,6 +94,14 @@ class DatasetSpec:
     mean: tuple
     std: tuple
     shuffle_buffer: int
+    in_memory: bool = True
+
+    def __post_init__(self):
+        if not self.in_memory and self.preprocessing != "imagenet":
+            raise ValueError(
+                f"{self.tfds_name}: a data set streamed from its records "
+                "(in_memory=False) needs preprocessing 'imagenet', whose "
+                "crop decodes each JPEG once; hold it in memory instead.")
 
 
 DATASETS = {
@@ -99,7 +113,7 @@ DATASETS = {
         preprocessing="imagenet", default_image_size=224,
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         # Encoded JPEGs average ~110 KB: 10k of them is ~1 GB of host memory.
-        shuffle_buffer=10_000),
+        shuffle_buffer=10_000, in_memory=False),
     "cifar10": DatasetSpec(
         tfds_name="cifar10", num_classes=10, image_shape=(32, 32, 3),
         train_split="train", eval_split="test",
@@ -563,27 +577,6 @@ def _imagenet_train_image(image_bytes, seed, image_size):
     return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
-def _small_train_image(image, seed, spec, image_size):
-    """Pad-4 random crop and flip of one stored-size image [H, W, C].
-
-    Args:
-      image: uint8 tensor of shape `spec.image_shape`.
-      seed: int tensor [2] for the stateless random ops.
-      spec: the data set's `DatasetSpec`.
-      image_size: side of the square output.
-
-    Returns:
-      float32 [image_size, image_size, C], not normalised.
-    """
-    crop_seed, flip_seed = tf.unstack(
-        tf.random.experimental.stateless_split(seed, num=2))
-    pad = [[_SMALL_PAD, _SMALL_PAD], [_SMALL_PAD, _SMALL_PAD], [0, 0]]
-    image = tf.image.stateless_random_crop(
-        tf.pad(image, pad), spec.image_shape, seed=crop_seed)
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return _resize_if_needed(image, image_size)
-
-
 def _tfds_split(builder, name, split):
     # tfds split syntax: "train", "train[:10%]", "train+test[:50]".
     split_names = ([part.split("[")[0].strip() for part in split.split("+")]
@@ -675,22 +668,305 @@ def _select_records(records, indices):
         lambda position, record: record)
 
 
-def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
-                  image_size, seed, input_context=None, epoch=0,
-                  start_step=0, indices=None):
-    """Input pipeline: one training epoch, or the whole eval split.
+# Decoded splits (and the train splits' padded columns) held by this
+# process, oldest first; a few at most, as tests build pipelines over several
+# data directories and split slices.
+_DECODED_SPLITS = {}
+_PADDED_COLUMNS = {}
+_SPLITS_KEPT = 4
 
-    Training reads one epoch of the split in an order that depends only on
-    (seed, epoch): the records, still encoded, go through a shuffle seeded
-    by both, and the records of the epoch's first `start_step` steps are
-    dropped before anything is decoded. A run resumed in the middle of an
-    epoch therefore reads at most one epoch of encoded records (to fill the
-    shuffle buffer) and decodes and augments none of the steps it skips. The
-    augmentation of the element at position i of the epoch is keyed by
-    (seed, input pipeline, epoch, i), so the same arguments give the same
-    batches on every run, resumed or not. The epoch yields at least
+
+def _cached(store, key, make):
+    if key not in store:
+        if len(store) >= _SPLITS_KEPT:
+            del store[next(iter(store))]
+        store[key] = make()
+    return store[key]
+
+
+def decoded_split(name, split, data_dir=None):
+    """Every image and label of a split, decoded once per process.
+
+    The first call reads and decodes the split in stored order; later calls
+    for the same (name, split, data_dir) return the same tensors, so every
+    epoch and every evaluation of a run (and of later runs in the process)
+    reuses them.
+
+    Args:
+      name: a key of `DATASETS` whose spec has `in_memory` set.
+      split: a split of it, in tfds split syntax ('train[:10%]').
+      data_dir: tfds data directory; None means tfds's default.
+
+    Returns:
+      (images, labels): uint8 tensor [N, H, W, C] and int32 tensor [N], the
+      split's examples in stored order (position i is `indices` position i).
+
+    Raises:
+      DataError: the split's files are corrupt or truncated.
+    """
+    spec = _spec(name)
+    if not spec.in_memory:
+        raise ValueError(
+            f"name: {name} is streamed from its records, not held in memory; "
+            "read it with build_dataset.")
+    key = (name, split, _split_location(name, data_dir))
+    return _cached(_DECODED_SPLITS, key,
+                   lambda: _decode_split(name, split, data_dir, spec))
+
+
+def _split_location(name, data_dir):
+    return None if name == "synthetic" else _expand_data_dir(data_dir)
+
+
+def _decode_split(name, split, data_dir, spec):
+    if name == "synthetic":
+        split_id = _synthetic_split_id(split, spec)
+        examples = tf.data.Dataset.range(num_examples(name, split)).map(
+            lambda index: _synthetic_example(index, split_id, spec),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        examples = _tfds_records(name, split, data_dir, None, None).map(
+            lambda record: (_decode_image(record["image"], spec),
+                            tf.cast(record["label"], tf.int32)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    images, labels = [], []
+    try:
+        for image_batch, label_batch in examples.batch(4096):
+            images.append(image_batch.numpy())
+            labels.append(label_batch.numpy())
+    except tf.errors.DataLossError as error:
+        directory = _expand_data_dir(data_dir)
+        raise DataError(
+            f"The {name} data files in {directory} are corrupt or truncated "
+            f"({error.message.splitlines()[0]}). Delete the {name} folder "
+            f"there and rerun to prepare it again.") from None
+    with tf.device("/CPU:0"):
+        return (tf.constant(np.concatenate(images)),
+                tf.constant(np.concatenate(labels).astype(np.int32)))
+
+
+def _padded_columns(images):
+    """Zero-padded images stored column by column, for `_small_train_batch`.
+
+    Args:
+      images: uint8 [N, H, W, C].
+
+    Returns:
+      uint8 [N * (W + 2 * pad), (H + 2 * pad) * C]: row n * (W + 2 * pad) + j
+      is column j of padded image n.
+    """
+    count, height, width, channels = images.shape
+    padded = np.pad(images.numpy(), [[0, 0], [_SMALL_PAD, _SMALL_PAD],
+                                     [_SMALL_PAD, _SMALL_PAD], [0, 0]])
+    columns = np.ascontiguousarray(padded.transpose(0, 2, 1, 3)).reshape(
+        count * (width + 2 * _SMALL_PAD), (height + 2 * _SMALL_PAD) * channels)
+    with tf.device("/CPU:0"):
+        return tf.constant(columns)
+
+
+def _small_train_batch(columns, positions, crop_offsets, flips, spec,
+                       image_size):
+    """Pad-4 random crop and flip of a batch, normalised.
+
+    Two gathers of whole pixel rows and columns do it for the whole batch
+    (gathering single pixels, or cropping image by image, is 5-10x
+    slower): the crop's columns (read backwards when flipped) from the
+    images stored by column, then, after one transpose, the crop's rows.
+
+    Args:
+      columns: `_padded_columns` of the split's images.
+      positions: int [B], the examples of the batch.
+      crop_offsets: int32 [B, 2], row and column of each crop's corner in
+        the padded image, in [0, 2 * pad].
+      flips: bool [B], which images are flipped left to right.
+      spec: the data set's `DatasetSpec`.
+      image_size: side of the square output.
+
+    Returns:
+      float32 [B, image_size, image_size, C], normalised.
+    """
+    height, width, channels = spec.image_shape
+    padded_height = height + 2 * _SMALL_PAD
+    padded_width = width + 2 * _SMALL_PAD
+    batch = positions.shape[0]
+    column_index = (
+        tf.cast(positions, tf.int32)[:, None] * padded_width
+        + crop_offsets[:, 1:]
+        + tf.where(flips[:, None], tf.range(width - 1, -1, -1),
+                   tf.range(width)))
+    image = tf.reshape(tf.gather(columns, column_index),
+                       [batch, width, padded_height, channels])
+    # Normalised before the transpose: oneDNN's transpose of integer types
+    # logs an error on many CPUs (and falls back to Eigen); float32's does
+    # not.
+    image = tf.transpose(_normalize(image, spec), [0, 2, 1, 3])
+    image = tf.reshape(image, [batch * padded_height, width, channels])
+    row_index = (tf.range(batch)[:, None] * padded_height
+                 + crop_offsets[:, :1] + tf.range(height))
+    return _separable_resize(tf.gather(image, row_index), image_size)
+
+
+def _resize_matrix(size, image_size):
+    """[image_size, size]: `_resize` of a 1-D signal as a matrix.
+
+    Bilinear resizing (antialiased or not) acts on rows and columns
+    separately and linearly, with weights that sum to 1, so two matrix
+    products give what `_resize` gives (to float rounding), before or
+    after normalisation, at a fraction of its cost on small images.
+    """
+    basis = tf.eye(size)[:, :, None, None]  # `size` signals [size, 1, 1]
+    resized = _resize(basis, image_size)[:, :, 0, 0]
+    return tf.transpose(resized)
+
+
+def _separable_resize(images, image_size):
+    """`_resize` of float32 [B, H, W, C] images by `_resize_matrix`."""
+    height, width = images.shape[1], images.shape[2]
+    if height != image_size:
+        images = tf.einsum("sh,bhwc->bswc",
+                           _resize_matrix(height, image_size), images)
+    if width != image_size:
+        images = tf.einsum("tw,bswc->bstc",
+                           _resize_matrix(width, image_size), images)
+    return images
+
+
+def _in_memory_options():
+    # Autotuning would pick the same small buffers these batch-level
+    # pipelines need, but its thread stalls each iterator's teardown (up to
+    # 20 s per evaluation or epoch was measured on a loaded machine).
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = False
+    return options
+
+
+def _in_memory_training(images, labels, columns, positions, spec, *,
+                        global_batch_size, batch_size, pipelines, pipeline_id,
+                        image_size, seed, epoch, epochs, start_step):
+    """Training batches gathered from decoded images, `epochs` epochs long.
+
+    Epoch e is a permutation of `positions` drawn from (seed, e); global
+    batch k of it holds elements k * B .. (k + 1) * B - 1 and is augmented
+    with draws keyed by (seed, e, k) for the whole global batch. Each host
+    keeps its contiguous share of every global batch, split into
+    per-replica batches, so the global batches are the same for any number
+    of hosts and replicas, and a run resumed at any step reads the same
+    batches as one that was not stopped.
+    """
+    steps = len(positions) // global_batch_size
+    host_examples = global_batch_size // pipelines
+    host_start = pipeline_id * host_examples
+    replica_batches = host_examples // batch_size
+    positions = tf.constant(positions, tf.int64)
+    run_key = tf.constant([seed, 0], tf.int64)
+
+    # No Python control flow depends on tensors here: skipping autograph
+    # saves most of the pipeline's set-up time (about 0.7 s).
+    @tf.autograph.experimental.do_not_convert
+    def epoch_batches(epoch):
+        shuffle_key, augment_key = tf.unstack(
+            tf.random.experimental.stateless_split(
+                tf.random.experimental.stateless_fold_in(run_key, epoch), 2))
+        order = tf.random.experimental.stateless_shuffle(positions,
+                                                         shuffle_key)
+        order = tf.reshape(order[:steps * global_batch_size],
+                           [steps, global_batch_size])
+        order = order[:, host_start:host_start + host_examples]
+        starts = host_start + batch_size * tf.range(replica_batches)
+        return tf.data.Dataset.from_tensor_slices((
+            tf.repeat(tf.range(steps), replica_batches),
+            tf.tile(starts, [steps]),
+            tf.reshape(order, [steps * replica_batches, batch_size]),
+        )).map(lambda step, start, batch: (
+            tf.random.experimental.stateless_fold_in(augment_key, step),
+            start, batch))
+
+    @tf.autograph.experimental.do_not_convert
+    def augment(key, start, batch_positions):
+        crop_key, flip_key = tf.unstack(
+            tf.random.experimental.stateless_split(key, 2))
+        # Drawn for the whole global batch, then this batch's rows.
+        rows = slice(start, start + batch_size)
+        if spec.preprocessing == "small":
+            offsets = tf.random.stateless_uniform(
+                [global_batch_size, 2], crop_key, minval=0,
+                maxval=2 * _SMALL_PAD + 1, dtype=tf.int32)[rows]
+            flips = tf.random.stateless_uniform(
+                [global_batch_size], flip_key, minval=0, maxval=2,
+                dtype=tf.int32)[rows] > 0
+            batch = _small_train_batch(columns, batch_positions, offsets,
+                                       flips, spec, image_size)
+        else:
+            batch = _separable_resize(
+                _normalize(tf.gather(images, batch_positions), spec),
+                image_size)
+        channels = spec.image_shape[-1]
+        batch = tf.ensure_shape(batch,
+                                [batch_size, image_size, image_size, channels])
+        return batch, tf.gather(labels, batch_positions)
+
+    dataset = tf.data.Dataset.range(epoch, epoch + epochs).flat_map(
+        epoch_batches)
+    dataset = dataset.skip(start_step * replica_batches)
+    return dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
+
+
+def _in_memory_eval(images, labels, positions, spec, *, global_batch_size,
+                    batch_size, pipelines, pipeline_id, image_size):
+    """Eval batches of `positions`, this host's every `pipelines`-th one,
+    padded with weight-0 copies of the first example to whole steps."""
+    steps = -(-len(positions) // global_batch_size)
+    host_positions = positions[pipeline_id::pipelines]
+    padded = steps * (global_batch_size // pipelines)
+    weights = np.zeros(padded, np.float32)
+    weights[:len(host_positions)] = 1.0
+    host_positions = np.concatenate([
+        host_positions,
+        np.zeros(padded - len(host_positions), np.int64)]).astype(np.int64)
+    shape = (batch_size, image_size, image_size, spec.image_shape[-1])
+
+    @tf.autograph.experimental.do_not_convert
+    def evaluate(batch_positions, batch_weights):
+        batch = _eval_image(tf.gather(images, batch_positions), spec,
+                            image_size)
+        return (tf.ensure_shape(batch, shape),
+                tf.gather(labels, batch_positions), batch_weights)
+
+    # Cached once read through: every later pass over this dataset (each
+    # evaluation of a run) reads the preprocessed batches.
+    return tf.data.Dataset.from_tensor_slices((
+        host_positions.reshape(-1, batch_size), weights.reshape(-1, batch_size),
+    )).map(evaluate, num_parallel_calls=tf.data.AUTOTUNE,
+           deterministic=True).cache()
+
+
+def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
+                  image_size, seed, input_context=None, epoch=0, epochs=1,
+                  start_step=0, indices=None):
+    """Input pipeline: training epochs, or the whole eval split.
+
+    Data sets held in memory (`DatasetSpec.in_memory`: CIFAR,
+    Fashion-MNIST, synthetic) are decoded once per process
+    (`decoded_split`); each batch is then a gather of uint8 pixels and one
+    vectorised augmentation of the whole batch. Training epoch e reads a
+    permutation of the examples drawn from (seed, e), augmented with draws
+    keyed by (seed, e, step); every host keeps its contiguous share of each
+    global batch, so the global batches do not depend on the number of
+    hosts, and a run resumed mid-epoch starts at its step without reading
+    or augmenting the steps it skips.
+
+    ImageNet streams its records: the encoded records go through a shuffle
+    seeded by (seed, epoch), the records of the epoch's first `start_step`
+    steps are dropped before anything is decoded, and each JPEG is decoded
+    only inside its random crop window. The augmentation of the element at
+    position i of the epoch is keyed by (seed, input pipeline, epoch, i).
+
+    Either way the same arguments give the same batches on every run,
+    resumed or not. An epoch yields at least
     `steps_per_epoch(name, global_batch_size)` batches (a last partial
-    batch is dropped).
+    batch is dropped), all of one static shape.
 
     Eval reads the split once, in order, and pads it to whole batches: every
     batch has the same static shape (as TPU programs need) and every example
@@ -701,22 +977,23 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
       split: tfds split, e.g. `DATASETS[name].train_split` or 'train[:10%]'.
       data_dir: tfds data directory; None means tfds's default.
       global_batch_size: examples per step over all replicas.
-      is_training: augment and shuffle one epoch when True.
+      is_training: augment and shuffle `epochs` epochs when True.
       image_size: side of the square output images.
       seed: integer seed of the shuffle and the augmentation.
       input_context: optional `tf.distribute.InputContext`; this host then
-        reads only its `1 / num_input_pipelines` slice of the split and
+        reads only its `1 / num_input_pipelines` share of the examples and
         batches by the per-replica batch size.
-      epoch: the training epoch (from 0) to read.
+      epoch: the training epoch (from 0) to start at.
+      epochs: training epochs to read, one after the other, from `epoch`:
+        one pipeline (and iterator) for a whole run. Streamed data sets
+        (ImageNet) read one epoch per pipeline.
       start_step: the step within `epoch` to start at.
       indices: optional positions (in stored order) of the only examples of
         `split` to use, e.g. `training_indices` or `validation_indices`.
-        Every host then reads the whole split's records in stored order (no
-        file shuffling), keeps the selected ones, still undecoded, and
-        (except for synthetic training data) its `1 / num_input_pipelines`
-        shard of them; training order then comes from the shuffle buffer
-        alone, a full shuffle only where the buffer holds the split (not
-        ImageNet).
+        ImageNet then reads the whole split's records in stored order (no
+        file shuffling), keeps the selected ones, still undecoded, and its
+        `1 / num_input_pipelines` shard of them; its training order then
+        comes from the shuffle buffer alone, not a full shuffle.
 
     Returns:
       A `tf.data.Dataset` of (images [B, image_size, image_size, C] float32,
@@ -729,7 +1006,12 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
     _check_count(epoch, "epoch")
+    _check_positive(epochs, "epochs")
     _check_count(start_step, "start_step")
+    if epochs > 1 and not spec.in_memory:
+        raise ValueError(
+            f"epochs: {name} is streamed from its records one epoch per "
+            f"pipeline; build one pipeline per epoch (epochs=1), got {epochs}.")
     batch_size = global_batch_size
     pipelines, pipeline_id = 1, 0
     if input_context is not None:
@@ -737,39 +1019,79 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
             global_batch_size)
         pipelines = input_context.num_input_pipelines
         pipeline_id = input_context.input_pipeline_id
-    epoch_seed = _epoch_seed(seed, epoch)
+    if not spec.in_memory:
+        dataset = _streamed_dataset(
+            name, split, spec, data_dir=data_dir,
+            global_batch_size=global_batch_size, batch_size=batch_size,
+            is_training=is_training, image_size=image_size, seed=seed,
+            input_context=input_context, epoch=epoch, start_step=start_step,
+            indices=indices)
+        options = tf.data.Options()
+        options.deterministic = True
+        return dataset.with_options(options)
 
-    # Generated data costs nothing to read, so in training every host
-    # generates the whole stream and keeps its contiguous share of each
-    # global batch: the global batches are then the same for any number of
-    # hosts.
-    host_share_of_global_batch = name == "synthetic" and is_training
-    if name == "synthetic":
-        split_id = _synthetic_split_id(split, spec)
-        records = tf.data.Dataset.range(num_examples(name, split))
-
-        def decode(record):
-            return _synthetic_example(record, split_id, spec)
+    images, labels = decoded_split(name, split, data_dir)
+    positions = (np.arange(images.shape[0], dtype=np.int64)
+                 if indices is None else _checked_positions(indices,
+                                                            images.shape[0]))
+    layout = dict(global_batch_size=global_batch_size, batch_size=batch_size,
+                  pipelines=pipelines, pipeline_id=pipeline_id,
+                  image_size=image_size)
+    if is_training:
+        if global_batch_size > len(positions):
+            raise ValueError(
+                f"global_batch_size {global_batch_size} exceeds the "
+                f"{len(positions)} training examples given.")
+        columns = (_cached(_PADDED_COLUMNS,
+                           (name, split, _split_location(name, data_dir)),
+                           lambda: _padded_columns(images))
+                   if spec.preprocessing == "small" else None)
+        dataset = _in_memory_training(
+            images, labels, columns, positions, spec, seed=seed, epoch=epoch,
+            epochs=epochs, start_step=start_step, **layout)
     else:
-        # With indices, every host reads the whole split in stored order so
-        # that a position names the same example everywhere.
-        records = _tfds_records(
-            name, split, data_dir,
-            epoch_seed if is_training and indices is None else None,
-            input_context if indices is None else None)
+        dataset = _in_memory_eval(images, labels, positions, spec, **layout)
+    # Two batches ahead: enough to overlap one gather with one step.
+    return dataset.prefetch(2).with_options(_in_memory_options())
 
-        def decode(record):
-            if is_training and spec.preprocessing == "imagenet":
-                return record["image"], record["label"]  # see augment
-            return _decode_image(record["image"], spec), record["label"]
+
+def _checked_positions(indices, count):
+    indices = np.asarray(indices, np.int64)
+    if indices.ndim != 1 or indices.size == 0 or indices.min() < 0 or (
+            indices.max() >= count):
+        raise ValueError(
+            "indices must be a non-empty 1-D array of positions in "
+            f"[0, {count}), got shape {indices.shape}"
+            + (f" with values in [{indices.min()}, {indices.max()}]."
+               if indices.ndim == 1 and indices.size else "."))
+    return indices
+
+
+def _streamed_dataset(name, split, spec, *, data_dir, global_batch_size,
+                      batch_size, is_training, image_size, seed,
+                      input_context, epoch, start_step, indices):
+    """One epoch (or the eval split) read from a data set's records."""
+    pipelines, pipeline_id = 1, 0
+    if input_context is not None:
+        pipelines = input_context.num_input_pipelines
+        pipeline_id = input_context.input_pipeline_id
+    epoch_seed = _epoch_seed(seed, epoch)
+    # With indices, every host reads the whole split in stored order so that
+    # a position names the same example everywhere.
+    records = _tfds_records(
+        name, split, data_dir,
+        epoch_seed if is_training and indices is None else None,
+        input_context if indices is None else None)
+
+    def decode(record):
+        if is_training:
+            return record["image"], record["label"]  # see augment
+        return _decode_image(record["image"], spec), record["label"]
 
     if indices is not None:
         records = _select_records(records, indices)
-    if pipelines > 1 and not host_share_of_global_batch and (
-            indices is not None or name == "synthetic"):
-        records = records.shard(pipelines, pipeline_id)
-    records_per_step = (global_batch_size if host_share_of_global_batch
-                        else global_batch_size // pipelines)
+        if pipelines > 1:
+            records = records.shard(pipelines, pipeline_id)
 
     if is_training:
         base_seed = tf.random.experimental.stateless_fold_in(
@@ -779,29 +1101,16 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
             image, label = decode(record)
             element_seed = tf.random.experimental.stateless_fold_in(
                 base_seed, position)
-            if spec.preprocessing == "imagenet":
-                # Decodes only the crop window of the JPEG.
-                image = _imagenet_train_image(image, element_seed, image_size)
-            elif spec.preprocessing == "small":
-                image = _small_train_image(image, element_seed, spec,
-                                           image_size)
-            else:
-                image = _resize_if_needed(image, image_size)
+            # Decodes only the crop window of the JPEG.
+            image = _imagenet_train_image(image, element_seed, image_size)
             return _normalize(image, spec), tf.cast(label, tf.int32)
 
-        skipped = start_step * records_per_step
+        skipped = start_step * (global_batch_size // pipelines)
         dataset = records.shuffle(spec.shuffle_buffer, seed=epoch_seed,
                                   reshuffle_each_iteration=False)
         dataset = dataset.skip(skipped).enumerate(start=skipped)
         dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
-        if host_share_of_global_batch and pipelines > 1:
-            share = global_batch_size // pipelines
-            dataset = dataset.batch(global_batch_size, drop_remainder=True)
-            dataset = dataset.map(lambda images, labels: (
-                images[pipeline_id * share:(pipeline_id + 1) * share],
-                labels[pipeline_id * share:(pipeline_id + 1) * share]))
-            dataset = dataset.unbatch()
     else:
         shape = (image_size, image_size, spec.image_shape[-1])
 
@@ -822,7 +1131,4 @@ def build_dataset(name, split, *, data_dir, global_batch_size, is_training,
         dataset = dataset.concatenate(padding.repeat()).take(
             steps * (global_batch_size // pipelines))
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    dataset = dataset.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    return dataset.with_options(options)
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -23,6 +23,7 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 
 flags.DEFINE_string("config_file", None,
                     "YAML experiment config: a path, or a bundled config's "
@@ -253,6 +254,17 @@ class Trainer:
             os.path.join(summary_root, "train"))
         self.eval_writer = tf.summary.create_file_writer(
             os.path.join(summary_root, "eval"))
+        # Built on first use, then kept for the run: the compiled loops and
+        # the evaluation data (read once, see `evaluate`).
+        self._train_loop = None
+        self._write_summaries = None
+        self._eval_step = None
+        self._eval_datasets = {}
+        self._batch_norm_passes = {}
+        # Wall seconds of this process since the last epoch entry: training
+        # steps, evaluation and batch-norm recomputation, reported apart.
+        self._epoch_seconds = dict.fromkeys(
+            ("training", "evaluation", "batch_norm"), 0.0)
 
     # Data ------------------------------------------------------------------
 
@@ -271,18 +283,26 @@ class Trainer:
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     def _train_iterator(self, step):
-        """Batches from `step` to the end of its epoch.
+        """Batches from `step` to the end of the run, or of its epoch.
 
         The data order is a function of (seed, epoch), so a resumed run
-        starts a fresh epoch pipeline at its step instead of replaying the
-        steps before it; one rule for every strategy (a distributed tf.data
-        iterator cannot be checkpointed).
+        starts a fresh pipeline at its step instead of replaying the steps
+        before it; one rule for every strategy (a distributed tf.data
+        iterator cannot be checkpointed). Data held in memory is read by
+        one pipeline to the run's last step (no iterator is torn down and
+        rebuilt at each epoch); ImageNet gets one pipeline per epoch.
         """
         epoch, start_step = divmod(step, self.steps_per_epoch)
+        epochs = (-(-self.last_step // self.steps_per_epoch) - epoch
+                  if self._iterator_spans_run else 1)
         return iter(self._distributed(
             self.info.train_split, True, self.config["train"]["seed"],
             self.global_batch, indices=self.training_indices, epoch=epoch,
-            start_step=start_step))
+            epochs=max(epochs, 1), start_step=start_step))
+
+    @property
+    def _iterator_spans_run(self):
+        return self.info.in_memory
 
     # Steps -----------------------------------------------------------------
 
@@ -398,9 +418,29 @@ class Trainer:
                 else:
                     loss_sum += strategy.reduce("SUM", loss, axis=None)
                     correct += strategy.reduce("SUM", hits, axis=None)
-            return loss_sum, correct, first_bad_step, bad_code, skipped
+            # Read here, not by the host after the call: one round trip per
+            # loop for everything the console and logs show.
+            rate = tf.cast(self.optimizer.learning_rate, "float32")
+            return loss_sum, correct, first_bad_step, bad_code, skipped, rate
 
         return train_loop
+
+    def _make_summary_writer(self):
+        """Writes one loop's training scalars in one compiled call (five
+        eager `tf.summary.scalar` calls cost more than a short loop)."""
+        tf = self._tf
+        names = ("loss", "skipped_steps", "accuracy", "learning_rate",
+                 "images_per_second")
+
+        @tf.function
+        def write(step, values):
+            with self.train_writer.as_default(step=step):
+                for index, name in enumerate(names):
+                    tf.summary.scalar(name, values[index])
+
+        return lambda step, **values: write(
+            tf.constant(step, "int64"),
+            tf.constant([values[name] for name in names], "float32"))
 
     def _compiled(self, replica_fn):
         """`replica_fn`, compiled with XLA when train.jit_compile is set.
@@ -413,6 +453,7 @@ class Trainer:
         return self._tf.function(replica_fn, jit_compile=True)
 
     def _make_eval_step(self):
+        """The compiled evaluation step; built once per trainer (`evaluate`)."""
         tf, strategy = self._tf, self.strategy
 
         def replica_eval(images, labels, weights):
@@ -456,18 +497,29 @@ class Trainer:
         else:
             raise ValueError(f"split must be 'test' or 'validation', got "
                              f"{split!r}.")
-        eval_step = self._make_eval_step()
-        dataset = self._distributed(source, False, 0,
-                                    self.config["train"]["eval_batch_size"],
-                                    indices=indices)
-        totals = [0.0, 0.0, 0.0]
+        start = time.time()
+        if self._eval_step is None:
+            self._eval_step = self._make_eval_step()
+        if split not in self._eval_datasets:
+            # Kept for the run: data held in memory caches its preprocessed
+            # batches on the first pass, so later evaluations read no data.
+            self._eval_datasets[split] = self._distributed(
+                source, False, 0, self.config["train"]["eval_batch_size"],
+                indices=indices)
+        totals = None
         try:
-            for batch in dataset:
-                totals = [t + float(v)
-                          for t, v in zip(totals, eval_step(batch))]
+            for batch in self._eval_datasets[split]:
+                # Summed in float64 on the host's device, as Python floats
+                # were, without a read back per batch.
+                sums = [self._tf.cast(v, "float64")
+                        for v in self._eval_step(batch)]
+                totals = sums if totals is None else [
+                    t + v for t, v in zip(totals, sums)]
         except self._tf.errors.DataLossError as error:
             raise self._corrupt_data(error) from None
-        loss, correct, count = totals
+        # One read back per evaluation, not one per batch.
+        loss, correct, count = (float(t) for t in totals)
+        self._epoch_seconds["evaluation"] += time.time() - start
         if count != expected:
             raise TrainerError(
                 f"Evaluated {int(count)} examples but the {split} split has "
@@ -500,20 +552,52 @@ class Trainer:
         Returns:
             The previous values, for `restore_batch_norm_statistics`.
         """
-        import keras
-
-        tf, strategy = self._tf, self.strategy
+        tf = self._tf
         layers = self._batch_norm_statistics()
         saved = [(mean.numpy(), variance.numpy())
                  for _, mean, variance in layers]
         if not layers:
             return saved
+        start = time.time()
         batch = min(num_examples, self.global_batch)
-        dataset = self._distributed(self.info.train_split, True,
-                                    self.config["train"]["seed"] + 2, batch,
-                                    repeat=True,
-                                    indices=self.training_indices)
         tracked = [v for _, mean, variance in layers for v in (mean, variance)]
+        if num_examples not in self._batch_norm_passes:
+            self._batch_norm_passes[num_examples] = (
+                self._distributed(self.info.train_split, True,
+                                  self.config["train"]["seed"] + 2, batch,
+                                  repeat=True, indices=self.training_indices),
+                self._make_batch_moments(tracked))
+        dataset, batch_moments = self._batch_norm_passes[num_examples]
+        momenta = [layer.momentum for layer, _, _ in layers]
+        totals = [tf.zeros(v.shape, "float32") for v in tracked]
+        batches = num_examples // batch
+        # Reset first: non-finite old statistics must not leak (0 * nan).
+        for _, mean, variance in layers:
+            mean.assign(tf.zeros(mean.shape, mean.dtype))
+            variance.assign(tf.ones(variance.shape, variance.dtype))
+        try:
+            # Read when batch_moments is traced, which happens below (on
+            # the first recomputation: later ones reuse the trace).
+            for layer, _, _ in layers:
+                layer.momentum = 0.0
+            iterator = iter(dataset)
+            for _ in range(batches):
+                totals = [t + m for t, m in
+                          zip(totals, batch_moments(next(iterator)))]
+        finally:
+            for (layer, _, _), momentum in zip(layers, momenta):
+                layer.momentum = momentum
+        for variable, total in zip(tracked, totals):
+            variable.assign(tf.cast(total / batches, variable.dtype))
+        self._epoch_seconds["batch_norm"] += time.time() - start
+        return saved
+
+    def _make_batch_moments(self, tracked):
+        """Each batch norm's batch mean and variance of a batch, replica
+        means, as a compiled function of a distributed batch."""
+        import keras
+
+        tf, strategy = self._tf, self.strategy
 
         def replica_fn(images, labels):
             del labels
@@ -530,27 +614,7 @@ class Trainer:
             moments = strategy.run(replica_fn, args=batch)
             return strategy.reduce("MEAN", moments, axis=None)
 
-        momenta = [layer.momentum for layer, _, _ in layers]
-        totals = [tf.zeros(v.shape, "float32") for v in tracked]
-        batches = num_examples // batch
-        # Reset first: non-finite old statistics must not leak (0 * nan).
-        for _, mean, variance in layers:
-            mean.assign(tf.zeros(mean.shape, mean.dtype))
-            variance.assign(tf.ones(variance.shape, variance.dtype))
-        try:
-            # Read when batch_moments is traced, which happens below.
-            for layer, _, _ in layers:
-                layer.momentum = 0.0
-            iterator = iter(dataset)
-            for _ in range(batches):
-                totals = [t + m for t, m in
-                          zip(totals, batch_moments(next(iterator)))]
-        finally:
-            for (layer, _, _), momentum in zip(layers, momenta):
-                layer.momentum = momentum
-        for variable, total in zip(tracked, totals):
-            variable.assign(tf.cast(total / batches, variable.dtype))
-        return saved
+        return batch_moments
 
     def restore_batch_norm_statistics(self, saved):
         for (_, mean, variance), (mean_value, variance_value) in zip(
@@ -717,7 +781,12 @@ class Trainer:
             return history
         self._keep_logs_up_to(step)
         iterator = None
-        train_loop = self._make_train_loop()
+        if self._train_loop is None:
+            self._train_loop = self._make_train_loop()
+        train_loop = self._train_loop
+        if self._write_summaries is None:
+            self._write_summaries = self._make_summary_writer()
+        write_summaries = self._write_summaries
         diagnostics = None
         probe = None
         if train["diagnostics_every_steps"]:
@@ -735,7 +804,8 @@ class Trainer:
         timed_steps, timed_seconds, first_interval = 0, 0.0, True
         while step < self.last_step:
             epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
-            if iterator is None or step % self.steps_per_epoch == 0:
+            if iterator is None or (step % self.steps_per_epoch == 0
+                                    and not self._iterator_spans_run):
                 iterator = self._train_iterator(step)
             steps = min(train["steps_per_loop"], self.last_step - step,
                         epoch_end - step)
@@ -749,10 +819,11 @@ class Trainer:
                     f"Training failed between steps {step} and "
                     f"{step + steps}: {error.message.splitlines()[0]}"
                 ) from None
-            loss_sum, correct, bad_step, bad_code, skipped = (
+            loss_sum, correct, bad_step, bad_code, skipped, rate = (
                 float(outputs[0]), float(outputs[1]), int(outputs[2]),
-                int(outputs[3]), int(outputs[4]))
+                int(outputs[3]), int(outputs[4]), float(outputs[5]))
             seconds = time.time() - start
+            self._epoch_seconds["training"] += seconds
             if bad_code and train["on_nonfinite"] == "stop" and not (
                     self.loss_scaled):
                 raise TrainerError(
@@ -768,18 +839,15 @@ class Trainer:
                     paths[len(paths) - bad_code])
             applied = steps - skipped
             step += steps
-            self.epoch_sums.assign_add(
-                [loss_sum, correct, float(applied * self.global_batch)])
-            rate = float(self.optimizer.learning_rate)
+            self.epoch_sums.assign_add(np.array(
+                [loss_sum, correct, applied * self.global_batch], "float64"))
             images_per_second = steps * self.global_batch / seconds
             loss = loss_sum / max(applied, 1)
             accuracy = correct / max(applied * self.global_batch, 1)
+            write_summaries(step, loss=loss, skipped_steps=skipped,
+                            accuracy=accuracy, learning_rate=rate,
+                            images_per_second=images_per_second)
             with self.train_writer.as_default(step=step):
-                tf.summary.scalar("loss", loss)
-                tf.summary.scalar("skipped_steps", skipped)
-                tf.summary.scalar("accuracy", accuracy)
-                tf.summary.scalar("learning_rate", rate)
-                tf.summary.scalar("images_per_second", images_per_second)
                 if diagnostics and step % train["diagnostics_every_steps"] < (
                         steps):
                     self._log_diagnostics(diagnostics(next(probe)), paths,
@@ -834,7 +902,14 @@ class Trainer:
                 f"{prefix} loss {evaluation[prefix + '_loss']:.4f} accuracy "
                 f"{evaluation[prefix + '_accuracy']:.4f}"
                 for prefix in ("validation", "eval")
-                if prefix + "_loss" in evaluation))
+                if prefix + "_loss" in evaluation) + " (" + ", ".join(
+                    f"{name.replace('_', ' ')} {seconds:.1f}s"
+                    for name, seconds in self._epoch_seconds.items()
+                    if seconds) + ")")
+        # Timings, not results: experiments.rerun_check leaves them out.
+        entry["seconds"] = {name: round(seconds, 3) for name, seconds
+                            in self._epoch_seconds.items()}
+        self._epoch_seconds = dict.fromkeys(self._epoch_seconds, 0.0)
         # A run stopped by train.max_steps mid-epoch reports the epoch so
         # far and keeps its sums (checkpointed): extended later, the run
         # replaces that entry with the whole epoch's, one entry per epoch.
