@@ -246,14 +246,18 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
         for index, variable in enumerate(variables):
             if id(variable) in squares:
                 continue
-            if data_gradient[id(variable)] is None:
+            layer = layer_of.get(id(variable))
+            # Not in this pass's data loss, and nothing (a draw, a branch)
+            # would put it in a micro-batch's: zero in every group.
+            if data_gradient[id(variable)] is None and not (
+                    plan.coupling or id(layer) in plan.layer_reasons):
                 norms[index] = tf.constant(0.0)
                 continue
             fallback.append(index)
-            layer = layer_of.get(id(variable))
             why[index] = (
                 "it is read by several layers" if id(variable) in shared
                 else plan.coupling or reasons.get(id(layer))
+                or plan.layer_reasons.get(id(layer))
                 or "it is used outside the call of the layer holding it")
         if fallback:
             self._report_fallback(model, variables, fallback, why, layer_of)
