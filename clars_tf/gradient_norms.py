@@ -388,16 +388,25 @@ class GradientNormEstimator(NormEstimator):
                 for g in gradients
             ]) / loss_weight
 
+        def one_after_another():
+            _, total = tf.while_loop(
+                lambda j, _: j < count,
+                lambda j, acc: (
+                    j + 1, acc + norms_of_micro_batch(indices[j])),
+                (tf.constant(0), tf.zeros([len(variables)])),
+            )
+            return total
+
         with _local_batch_norm_statistics(model):
+            total = None
             if self.micro_batch_size == 1:
-                per_example = tf.vectorized_map(norms_of_micro_batch,
-                                               indices)
-                total = tf.reduce_sum(per_example, axis=0)
-            else:
-                _, total = tf.while_loop(
-                    lambda j, _: j < count,
-                    lambda j, acc: (
-                        j + 1, acc + norms_of_micro_batch(indices[j])),
-                    (tf.constant(0), tf.zeros([len(variables)])),
-                )
+                try:
+                    total = tf.reduce_sum(tf.vectorized_map(
+                        norms_of_micro_batch, indices), axis=0)
+                except ValueError:
+                    # pfor cannot vectorize every model (a tf.cond whose
+                    # branches carry variants): one example at a time.
+                    total = None
+            if total is None:
+                total = one_after_another()
         return tf.unstack(total / tf.cast(count, "float32"))
