@@ -238,16 +238,12 @@ def layer_squares(kind, layer, inputs, output_gradients, indices, factor,
     return squares
 
 
-def _signs(size):
-    """Fixed +-1 entries that contract an axis of `size` into one."""
-    return tf.constant(np.random.default_rng(size).choice([-1.0, 1.0], size),
+def _signs(shape):
+    """Fixed +-1 entries of `shape`, the same in every run."""
+    size = int(np.prod(shape))
+    return tf.constant(np.random.default_rng(size).choice([-1.0, 1.0], size
+                                                          ).reshape(shape),
                        "float32")
-
-
-def _contract(tensor, signs):
-    """The last axis contracted with `signs` (a broadcasting matvec of
-    rank > 2 crashes oneDNN's CPU kernels)."""
-    return tf.reduce_sum(tensor * signs, axis=-1)
 
 
 def check_tolerance(dtype):
@@ -257,6 +253,45 @@ def check_tolerance(dtype):
                                          ).eps))
 
 
+def _kernel_projection(kind, layer, x, dz, kernel_gradient):
+    """`(u^T G v, sum over rows of (x_n . u)(dz_n . v), bound)` for fixed
+    signs u (over the kernel's input side) and v (its outputs).
+
+    `x_n . u` is the layer's own op with one filter of signs: a forward
+    pass of one output channel, about 1/outputs of the layer's cost.
+    """
+    if kind == "dense":
+        rows_x = tf.reshape(x, [-1, x.shape[-1]])
+        rows_dz = tf.reshape(dz, [-1, dz.shape[-1]])
+        u, v = _signs([x.shape[-1], 1]), _signs([dz.shape[-1], 1])
+        projected_x, projected_dz = rows_x @ u, rows_dz @ v
+        actual = tf.reduce_sum(kernel_gradient * (u * tf.transpose(v)))
+    else:
+        x, dz = _as_images(layer, x, dz)
+        geometry = _geometry(layer)
+        kernel_gradient = tf.reshape(kernel_gradient, geometry.kernel_shape)
+        outputs = geometry.kernel_shape[3]
+        v = _signs([outputs])
+        if kind == "depthwise":
+            u = _signs([*geometry.kernel_shape[:3], 1])
+            projected_x = tf.nn.depthwise_conv2d(
+                x, u, strides=[1, *geometry.strides, 1],
+                padding=geometry.padding, dilations=geometry.dilations)
+            channels = geometry.kernel_shape[2]
+            projected_dz = tf.reduce_sum(tf.reshape(
+                dz, tf.concat([tf.shape(dz)[:3], [channels, outputs]], 0))
+                * v, axis=-1)
+        else:
+            u = _signs([*geometry.kernel_shape[:3], 1])
+            projected_x = tf.nn.conv2d(
+                x, u, strides=[1, *geometry.strides, 1],
+                padding=geometry.padding, dilations=geometry.dilations)
+            projected_dz = tf.reduce_sum(dz * v, axis=-1, keepdims=True)
+        actual = tf.reduce_sum(kernel_gradient * (u * v))
+    expected = tf.reduce_sum(projected_x * projected_dz)
+    return actual, expected, tf.norm(projected_x) * tf.norm(projected_dz)
+
+
 def decomposes(kind, layer, inputs, output_gradients, kernel_gradient,
                bias_gradient, tolerance):
     """Whether the gradients are the sums of the per-example terms.
@@ -264,9 +299,8 @@ def decomposes(kind, layer, inputs, output_gradients, kernel_gradient,
     The per-example terms the group norms are read from, summed over the
     batch, must give the variable's gradient (of the data loss). They do not
     when the variable is also used outside the recorded call (weight tying,
-    another layer's op on it). Checked on one contraction of the kernel
-    gradient's output axis with fixed signs: about 1/outputs of the kernel
-    gradient's own cost.
+    another layer's op on it). Checked on the bias itself and on one
+    projection of the kernel gradient onto fixed signs.
 
     Args:
         kind, layer: as in `layer_squares`.
@@ -290,53 +324,7 @@ def decomposes(kind, layer, inputs, output_gradients, kernel_gradient,
         checks.append(tf.reduce_all(
             difference <= tolerance * tf.reduce_sum(tf.abs(rows), axis=0)))
     if kernel_gradient is not None:
-        kernel_gradient = tf.cast(kernel_gradient, "float32")
-        if kind == "dense":
-            signs = _signs(dz.shape[-1])
-            contracted = _contract(tf.reshape(dz, [-1, dz.shape[-1]]), signs)
-            expected = tf.linalg.matvec(tf.reshape(x, [-1, x.shape[-1]]),
-                                        contracted, transpose_a=True)
-            actual = _contract(kernel_gradient, signs)
-        else:
-            x, dz = _as_images(layer, x, dz)
-            geometry = _geometry(layer)
-            kernel_gradient = tf.reshape(kernel_gradient,
-                                         geometry.kernel_shape)
-            if kind == "depthwise":
-                multiplier = geometry.kernel_shape[3]
-                signs = _signs(multiplier)
-                contracted = _contract(tf.reshape(
-                    dz, [*tf.unstack(tf.shape(dz)[:3]), -1, multiplier]),
-                    signs)
-                backprop = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter
-            else:
-                signs = _signs(geometry.kernel_shape[3])
-                contracted = _contract(dz, signs)[..., None]
-                backprop = tf.raw_ops.Conv2DBackpropFilter
-            if geometry.dilations == (1, 1):
-                expected = backprop(
-                    input=x, filter_sizes=[*geometry.kernel_shape[:3], 1],
-                    out_backprop=contracted,
-                    strides=[1, *geometry.strides, 1],
-                    padding=geometry.padding,
-                    dilations=[1, *geometry.dilations, 1])[..., 0]
-            else:
-                # The CPU kernels of dilated filter gradients crash here;
-                # image patches give the same sums.
-                patches = _patches(layer, x[None])
-                patches = tf.reshape(patches, [
-                    *tf.unstack(tf.shape(patches)[:3]),
-                    geometry.kernel_shape[0] * geometry.kernel_shape[1],
-                    geometry.kernel_shape[2]])
-                # Per input channel: the depthwise kernel's own output
-                # channel, or the convolution's one contracted output.
-                expected = tf.reshape(tf.einsum(
-                    "nhwpc,nhwc->pc" if kind == "depthwise"
-                    else "nhwpc,nhw->pc", patches,
-                    contracted if kind == "depthwise"
-                    else contracted[..., 0]), geometry.kernel_shape[:3])
-            actual = _contract(kernel_gradient, signs)
-        bound = tf.norm(x) * tf.norm(contracted)
-        checks.append(tf.reduce_all(
-            tf.abs(actual - expected) <= tolerance * bound))
+        actual, expected, bound = _kernel_projection(
+            kind, layer, x, dz, tf.cast(kernel_gradient, "float32"))
+        checks.append(tf.abs(actual - expected) <= tolerance * bound)
     return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)

@@ -89,6 +89,12 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
             run-time warning of a failed check out (XLA cannot log).
             `attach_gradient_norm_estimator` takes it from
             `model.jit_compile`. Defaults to False.
+        check_sums: whether each step checks that every read variable's
+            gradient is the sum of the per-example terms its norms are read
+            from, taking the loop's estimates where it is not (see
+            `group_norms.decomposes`). False saves the check's cost
+            (`benchmarks/one_pass_fallback.py` measures it) and leaves a
+            variable also used outside its layer's call undetected.
 
     Example:
 
@@ -103,9 +109,10 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
     """
 
     def __init__(self, micro_batch_size=8, num_micro_batches=64,
-                 refresh_every=1, jit_compile=False):
+                 refresh_every=1, jit_compile=False, check_sums=True):
         super().__init__(micro_batch_size, num_micro_batches, refresh_every)
         self.jit_compile = bool(jit_compile)
+        self.check_sums = bool(check_sums)
         self.reference = gradient_norms.GradientNormEstimator(
             micro_batch_size, num_micro_batches)
         self._plans = {}
@@ -235,6 +242,8 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
                 return (tf.zeros(variable.shape, "float32") if gradient is None
                         else gradient)
 
+            if not self.check_sums:
+                continue
             checks.append(group_norms.decomposes(
                 kind, layer, call.inputs, dz, gradient_of("kernel"),
                 gradient_of("bias"),
@@ -278,11 +287,14 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
     def _read_or_loop(self, model, step, variables, squares, checks,
                       layers):
         """The read estimates where every check passes, else the loop's."""
-        passed = tf.stack(checks)
 
         def read():
             return tf.stack([tf.reduce_mean(tf.sqrt(squares[id(v)]))
                              for v in variables])
+
+        if not checks:
+            return tf.unstack(read())
+        passed = tf.stack(checks)
 
         def looped():
             with tf.control_dependencies(self._warn_failed_checks(

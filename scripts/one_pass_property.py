@@ -88,18 +88,25 @@ def main(argv):
         if (index + 1) % 50 == 0:
             print(f"{index + 1} models: {dict(outcomes)} "
                   f"({time.time() - start:.0f} s)", flush=True)
+            # Written as it goes: a run stopped early keeps its first
+            # models' tally (the specs come in the seed's fixed order).
+            _write(outcomes, reasons, records)
     print(f"\n{len(specs)} random models (hypothesis seed {FLAGS.seed}): "
           f"{outcomes['right']} right, {outcomes['loud']} loud fallback "
           f"(numbers right, one warning), {outcomes['wrong']} wrong")
     print("Models whose warning gives each reason:")
     for reason, count in reasons.most_common():
         print(f"  {count:4d}  {reason}")
+    _write(outcomes, reasons, records)
+    return 1 if outcomes["wrong"] else 0
+
+
+def _write(outcomes, reasons, records):
     if FLAGS.output:
         with open(FLAGS.output, "w", encoding="utf-8") as f:
             json.dump({"seed": FLAGS.seed, "outcomes": dict(outcomes),
                        "reasons": dict(reasons), "models": records}, f,
                       indent=1)
-    return 1 if outcomes["wrong"] else 0
 
 
 if __name__ == "__main__":
