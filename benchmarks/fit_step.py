@@ -101,13 +101,11 @@ def fit_call(kind, j, data):
                   loss=keras.losses.SparseCategoricalCrossentropy(
                       from_logits=True),
                   metrics=["accuracy"])
-    if kind == "loop":
+    if kind is not None:
         clars_tf.attach_gradient_norm_estimator(
-            model, clars_tf.GradientNormEstimator(FLAGS.micro_batch_size, j))
-    elif kind == "one_pass":
-        clars_tf.attach_gradient_norm_estimator(
-            model, clars_tf.OnePassGradientNormEstimator(
-                FLAGS.micro_batch_size, j))
+            model, clars_tf.estimator_from_config({
+                "method": kind, "micro_batch_size": FLAGS.micro_batch_size,
+                "num_micro_batches": j}))
 
     # The first fit builds the train function (compiled metrics, optimizer
     # variables) and traces it; fit then calls it once a step, as below.

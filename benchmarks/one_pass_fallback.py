@@ -9,7 +9,12 @@ of a ResNet (default ResNet-8, 32x32x3 inputs, 10 classes) at batch B on
 synthetic data, side by side in one process:
 
   * `sgd`: momentum SGD, the unit;
-  * `one_pass`: the one-pass estimator, every variable read off the pass;
+  * `one_pass`: the one-pass estimator, every variable read off the pass
+    (on a model without batch norm or dropout, e.g. `--model=plain_cnn`;
+    with them every variable falls back);
+  * `one_pass_unchecked`: the same without the step's check that each read
+    variable's gradient is the sum of its per-example terms
+    (`check_sums=False`): `one_pass` over it is what the check costs;
   * `one_pass_fallback_output`: the same network with one per-class scale
     variable (a custom layer, not read) after the logits: the loop runs
     for that variable only, its backward pass stops at the logits;
@@ -22,7 +27,7 @@ Every variant's step is timed against the same SGD step; the table gives
 the median step time and the median per-round ratio to SGD (min..max).
 
     TF_ENABLE_ONEDNN_OPTS=1 python3 -m benchmarks.one_pass_fallback \\
-        --output=/tmp/one_pass_fallback.json
+        --model=plain_cnn --output=/tmp/one_pass_fallback.json
 """
 
 import logging
@@ -94,6 +99,8 @@ def main(argv):
     candidates = {
         "sgd": ("plain", None),
         "one_pass": ("plain", clars_tf.OnePassGradientNormEstimator(*groups)),
+        "one_pass_unchecked": ("plain", clars_tf.OnePassGradientNormEstimator(
+            *groups, check_sums=False)),
         "one_pass_fallback_output": (
             "fallback_output",
             clars_tf.OnePassGradientNormEstimator(*groups)),

@@ -282,13 +282,11 @@ class Builder:
             # under MirroredStrategy fail to initialise.
             optimizer.build(model.trainable_variables)
         estimator = None
-        if spec.get("method") == "one_pass":
-            estimator = clars_tf.OnePassGradientNormEstimator(
-                micro_batch_size=spec["s"], num_micro_batches=spec["j"])
-        elif spec["optimizer"] == "clars":
-            estimator = clars_tf.GradientNormEstimator(
-                micro_batch_size=spec["s"], num_micro_batches=spec["j"],
-                refresh_every=spec.get("refresh_every", 1))
+        if spec["optimizer"] == "clars":
+            estimator = clars_tf.estimator_from_config({
+                "method": spec.get("method", "loop"),
+                "micro_batch_size": spec["s"], "num_micro_batches": spec["j"],
+                "refresh_every": spec.get("refresh_every", 1)})
         global_batch = FLAGS.batch_size
 
         def per_example_loss(y_true, logits):

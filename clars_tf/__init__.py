@@ -2,7 +2,9 @@
 
 from clars_tf import schedules
 from clars_tf.clars import CLARS
+from clars_tf.estimators import estimator_from_config
 from clars_tf.gradient_norms import GradientNormEstimator
+from clars_tf.gradient_norms import NormEstimator
 from clars_tf.lars import LARS
 from clars_tf.layerwise import trust_ratio
 from clars_tf.one_pass_norms import OnePassGradientNormEstimator
@@ -16,11 +18,13 @@ __all__ = [
     "CLARS",
     "GradientNormEstimator",
     "LARS",
+    "NormEstimator",
     "OnePassGradientNormEstimator",
     "StepGradients",
     "apply_state_updates",
     "attach_gradient_norm_estimator",
     "compute_loss_gradients_and_norms",
+    "estimator_from_config",
     "per_example_loss_of",
     "schedules",
     "trust_ratio",

@@ -6,7 +6,9 @@ training mode (batch-norm statistics over the micro-batch) with the model's
 state left untouched and no regularization term.
 """
 
+import collections
 import contextlib
+import copy
 import threading
 
 import keras
@@ -69,14 +71,59 @@ def _has_batch_normalization(model):
                for layer in model._flatten_layers(include_self=False))
 
 
-def _batch_size(structure):
+def batch_size(structure):
+    """`(static, dynamic)` batch size of a structure of tensors: the
+    leading axis of its first tensor (None / a scalar int32 tensor)."""
     first = tf.nest.flatten(structure)[0]
     static = first.shape[0]
     return static, tf.shape(first)[0]
 
 
-class GradientNormEstimator:
-    """Estimates `a_l` for every trainable variable of a model.
+class StepPass(collections.namedtuple(
+        "StepPass",
+        ["per_example_loss", "x", "y", "sample_weight", "loss_scale",
+         "loss_weight", "variable_gradients", "source_gradients",
+         "jit_compile"])):
+    """What a training step hands an estimator after its backward pass.
+
+    Attributes:
+        per_example_loss: `fn(y_true, y_pred) -> [batch]`.
+        x, y, sample_weight: this replica's part of the step's batch.
+        loss_scale: the factor the step's loss was multiplied by (float16
+            loss scaling, `loss_scale_factor`), a float32 scalar, or None.
+        loss_weight: the step's data loss (unscaled) divided by the sum of
+            this replica's weighted per-example losses: `1 / global batch`
+            for the mean over the global batch, `1 / valid examples` for a
+            masked mean (`ignore_class`), a float32 scalar.
+        variable_gradients: the gradients of the step's scaled data loss
+            (regularization losses left out), one per
+            `model.trainable_variables` (None where it does not depend on
+            the variable).
+        source_gradients: the same loss's gradients with respect to the
+            observation's `sources`.
+        jit_compile: whether the step is compiled with XLA.
+    """
+
+    __slots__ = ()
+
+
+class _NothingObserved:
+    """The observation of an estimator that reads nothing off the pass."""
+
+    sources = ()
+
+
+class NormEstimator:
+    """The interface of an estimator of `a_l` (spec step 1).
+
+    Two implementations: `GradientNormEstimator` (the loop, the reference)
+    and `clars_tf.OnePassGradientNormEstimator` (read off the training
+    step's own pass). A training step uses either the same way: it runs
+    the forward pass inside `observe(model)`, takes the gradients of its
+    own loss with respect to the variables and the observation's `sources` in one
+    backward pass, applies those gradients to the variables whatever the
+    estimator, and asks `estimate` for the norms only. Called directly, an
+    estimator runs passes of its own.
 
     Micro-batch j of a global batch of B examples starts at example
     `floor(j * B / J)`. Under a `tf.distribute` strategy each replica takes
@@ -88,14 +135,17 @@ class GradientNormEstimator:
     replicas when it is assigned.
 
     Args:
-        micro_batch_size: `s`, examples per micro-batch (>= 1). With 1 the
-            per-example gradients are computed with `tf.vectorized_map`;
-            models with batch normalization need s >= 2 (the statistics of
-            one example normalize it to zero, so the estimate collapses).
+        micro_batch_size: `s`, examples per micro-batch (>= 1).
         num_micro_batches: `J`, micro-batches per global step (>= 1).
         refresh_every: recompute the estimate every this many steps and
             reuse the stored one in between (>= 1; 1 is the reference).
+
+    Attributes:
+        jit_compile: whether the steps it estimates in are compiled with
+            XLA, for an estimator whose work depends on it.
     """
+
+    jit_compile = False
 
     def __init__(self, micro_batch_size=8, num_micro_batches=64,
                  refresh_every=1):
@@ -105,6 +155,63 @@ class GradientNormEstimator:
         self.micro_batch_size = micro_batch_size
         self.num_micro_batches = num_micro_batches
         self.refresh_every = refresh_every
+
+    def every_step(self):
+        """This estimator refreshing on every step (`refresh_every=1`)."""
+        fresh = copy.copy(self)
+        fresh.refresh_every = 1
+        return fresh
+
+    def observe(self, model):
+        """Context manager around the step's forward pass.
+
+        Args:
+            model: the model about to be called.
+
+        Returns:
+            A context manager whose value, an observation, has `sources`:
+            after the pass, the tensors of the pass whose gradients the
+            estimator needs (the step asks the tape for them along with the
+            variables', in the same backward pass); empty for an estimator
+            that reads nothing off the pass.
+        """
+        del model
+        return contextlib.nullcontext(_NothingObserved())
+
+    def estimate(self, model, observation, step):
+        """`a_l` of every trainable variable, for the observed step.
+
+        Args:
+            model: the model of the step.
+            observation: what `observe` gave for the step's forward pass.
+            step: a `StepPass`.
+
+        Returns:
+            One float32 scalar per `model.trainable_variables`.
+        """
+        raise NotImplementedError
+
+    def __call__(self, model, per_example_loss, x, y, sample_weight=None,
+                 loss_scale=None, variables=None):
+        """`a_l` from passes of the estimator's own (no update).
+
+        Args:
+            model: a built Keras model.
+            per_example_loss: `fn(y_true, y_pred) -> [batch]` losses.
+            x, y, sample_weight: this replica's part of the step's batch.
+            loss_scale: the factor the step's main loss is multiplied by
+                (`LossScaleOptimizer.dynamic_scale` under `mixed_float16`),
+                or None: the passes' losses are weighted as the step's, so
+                their float16 gradients underflow or overflow only where
+                the step's would, and the norms are unscaled in float32.
+            variables: the variables to estimate, by default
+                `model.trainable_variables`.
+
+        Returns:
+            A list of float32 scalars, `a_l` of each of `variables` on this
+            replica.
+        """
+        raise NotImplementedError
 
     def micro_batches_per_replica(self, num_replicas):
         """J / replicas, or 1 when there are more replicas than J.
@@ -180,7 +287,7 @@ class GradientNormEstimator:
             `(static_batch, batch)`: the static batch size or None, and the
             batch size as a scalar tensor that carries the run-time check.
         """
-        static_batch, batch = _batch_size(x)
+        static_batch, batch = batch_size(x)
         if static_batch is not None:
             self.check_fits(static_batch, num_replicas)
             return static_batch, batch
@@ -196,30 +303,35 @@ class GradientNormEstimator:
                     "(a last partial batch: `drop_remainder=True`)."))]):
             return static_batch, tf.identity(batch)
 
+
+class GradientNormEstimator(NormEstimator):
+    """The loop estimator: each micro-batch in a forward and backward pass
+    of its own (the reference).
+
+    Args:
+        micro_batch_size: `s`, examples per micro-batch (>= 1). With 1 the
+            per-example gradients are computed with `tf.vectorized_map`;
+            models with batch normalization need s >= 2 (the statistics of
+            one example normalize it to zero, so the estimate collapses).
+        num_micro_batches: `J`, micro-batches per global step (>= 1).
+        refresh_every: recompute the estimate every this many steps and
+            reuse the stored one in between (>= 1; 1 is the reference).
+    """
+
+    def estimate(self, model, observation, step):
+        del observation
+        return self(model, step.per_example_loss, step.x, step.y,
+                    step.sample_weight, loss_scale=step.loss_scale)
+
     def __call__(self, model, per_example_loss, x, y, sample_weight=None,
                  loss_scale=None, variables=None):
-        """Returns one float32 scalar per variable.
+        """`a_l` from one forward and backward pass per micro-batch.
 
-        Args:
-            model: a built Keras model.
-            per_example_loss: `fn(y_true, y_pred) -> [batch]` losses.
-            x, y, sample_weight: this replica's part of the step's batch.
-            loss_scale: the factor the step's main loss is multiplied by
-                (`LossScaleOptimizer.dynamic_scale` under `mixed_float16`),
-                or None. Every estimator `clars_tf.training` calls receives
-                it. Here each micro-batch loss is then weighted per example
-                as the main loss is (`loss_scale / global batch`), so its
-                float16 gradients underflow or overflow only where the main
-                pass's would, and the norms are divided by that weight in
-                float32.
-            variables: the variables to estimate, by default
-                `model.trainable_variables`. With fewer, each micro-batch's
-                backward pass computes only their gradients (the forward
-                pass is the whole model's either way).
-
-        Returns:
-            A list of float32 scalars, `a_l` of each of `variables` on this
-            replica.
+        Args and returns as in `NormEstimator.__call__`. Each micro-batch
+        loss is weighted per example as the main loss is
+        (`loss_scale / global batch`); with fewer `variables`, each
+        micro-batch's backward pass computes only their gradients (the
+        forward pass is the whole model's either way).
 
         Example:
 
@@ -276,16 +388,25 @@ class GradientNormEstimator:
                 for g in gradients
             ]) / loss_weight
 
+        def one_after_another():
+            _, total = tf.while_loop(
+                lambda j, _: j < count,
+                lambda j, acc: (
+                    j + 1, acc + norms_of_micro_batch(indices[j])),
+                (tf.constant(0), tf.zeros([len(variables)])),
+            )
+            return total
+
         with _local_batch_norm_statistics(model):
+            total = None
             if self.micro_batch_size == 1:
-                per_example = tf.vectorized_map(norms_of_micro_batch,
-                                               indices)
-                total = tf.reduce_sum(per_example, axis=0)
-            else:
-                _, total = tf.while_loop(
-                    lambda j, _: j < count,
-                    lambda j, acc: (
-                        j + 1, acc + norms_of_micro_batch(indices[j])),
-                    (tf.constant(0), tf.zeros([len(variables)])),
-                )
+                try:
+                    total = tf.reduce_sum(tf.vectorized_map(
+                        norms_of_micro_batch, indices), axis=0)
+                except ValueError:
+                    # pfor cannot vectorize every model (a tf.cond whose
+                    # branches carry variants): one example at a time.
+                    total = None
+            if total is None:
+                total = one_after_another()
         return tf.unstack(total / tf.cast(count, "float32"))

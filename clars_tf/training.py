@@ -131,27 +131,72 @@ def loss_scale_of(optimizer):
     return tf.cast(scale, "float32")
 
 
-def gradient_norms_for_step(optimizer, estimator, model, per_example_loss, x,
-                            y, sample_weight=None):
+def gradient_norms_for_step(optimizer, estimator, estimate, variables):
     """Fresh estimates on refresh steps, the stored ones in between.
 
-    `optimizer` may be wrapped in a `LossScaleOptimizer`; the estimator then
-    gets its scale as `loss_scale` (see `GradientNormEstimator.__call__`).
+    Args:
+        optimizer: the step's optimizer (possibly a `LossScaleOptimizer`),
+            or None when the estimator refreshes on every step.
+        estimator: a `clars_tf.gradient_norms.NormEstimator`.
+        estimate: `fn() -> [float32 scalar]`, the fresh estimates.
+        variables: the model's trainable variables (the optimizer is built
+            for them if it is not yet).
+
+    Returns:
+        One float32 scalar per `model.trainable_variables`.
     """
-    loss_scale = loss_scale_of(optimizer)
-    optimizer = _unwrap(optimizer)
-
-    def estimate():
-        return tf.stack(estimator(model, per_example_loss, x, y,
-                                  sample_weight, loss_scale=loss_scale))
-
     if estimator.refresh_every == 1:
-        return tf.unstack(estimate())
+        return list(estimate())
+    if optimizer is None:
+        raise ValueError(
+            "`optimizer` is required when the estimator refreshes less "
+            "than every step (its stored estimates are reused).")
+    optimizer = _unwrap(optimizer)
     if not optimizer.built:
-        optimizer.build(model.trainable_variables)
+        optimizer.build(variables)
     refresh = tf.equal(optimizer.iterations % estimator.refresh_every, 0)
     stored = optimizer.gradient_norm_estimates
-    return tf.unstack(tf.cond(refresh, estimate, lambda: tf.identity(stored)))
+    return tf.unstack(tf.cond(refresh, lambda: tf.stack(estimate()),
+                              lambda: tf.identity(stored)))
+
+
+def _difference(total, part):
+    if part is None or total is None:
+        return total
+    return tf.convert_to_tensor(total) - tf.cast(
+        tf.convert_to_tensor(part), total.dtype)
+
+
+def _gradients_and_norms(model, tape, observation, scaled_loss,
+                         scaled_regularization, *, estimator, optimizer,
+                         per_example_loss, x, y, sample_weight, loss_weight,
+                         jit_compile):
+    """The gradients of the step's own loss, and the estimator's norms.
+
+    The gradients are `tape.gradient(scaled_loss, variables)`, whatever
+    the estimator: it is asked for norms only, given the gradients of the
+    data loss (`scaled_loss` less `scaled_regularization`) with respect to
+    the variables and to the tensors it observed, taken in the same
+    backward pass.
+    """
+    variables = model.trainable_variables
+    if estimator is None:
+        return tape.gradient(scaled_loss, variables), None
+    sources = list(observation.sources)
+    total = tape.gradient(scaled_loss, variables + sources)
+    data = total
+    if sources and scaled_regularization is not None:
+        regularization = tape.gradient(scaled_regularization,
+                                       variables + sources)
+        data = [_difference(t, r) for t, r in zip(total, regularization)]
+    step = gradient_norms.StepPass(
+        per_example_loss, x, y, sample_weight, loss_scale_of(optimizer),
+        loss_weight, data[:len(variables)], data[len(variables):],
+        jit_compile)
+    norms = gradient_norms_for_step(
+        optimizer, estimator,
+        lambda: estimator.estimate(model, observation, step), variables)
+    return total[:len(variables)], norms
 
 
 def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
@@ -164,9 +209,10 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     for the sum all-reduce that Keras optimizers perform: per-example losses
     summed and divided by the *global* batch size, model regularization
     losses (weight and activity regularizers, `add_loss`) divided by the
-    number of replicas. The gradients are those of this loss times the
-    optimizer's `scale_loss`, whichever estimator is used; the norms are
-    of the per-example losses alone, unscaled. Then apply with
+    number of replicas. The gradients are the tape's gradients of this loss
+    times the optimizer's `scale_loss`, whichever estimator is used (an
+    estimator supplies norms only); the norms are of the per-example losses
+    alone, unscaled. Then apply with
     `optimizer.apply(out.gradients, model.trainable_variables,
     gradient_norms=out.gradient_norms)` (LARS/SGD take no norms).
 
@@ -179,8 +225,9 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
         global_batch_size: examples per step over all replicas.
         optimizer: needed with an estimator that refreshes less than every
             step (its stored estimates are reused).
-        estimator: a `GradientNormEstimator` (the loop), a
-            `OnePassGradientNormEstimator` (norms read off this pass), or
+        estimator: a `clars_tf.gradient_norms.NormEstimator`
+            (`GradientNormEstimator`, the loop, or
+            `OnePassGradientNormEstimator`, norms read off this pass), or
             None when the optimizer needs no norms.
         defer_state_updates: if True, the forward pass's state writes
             (batch-norm moving statistics, seed generators) are not applied
@@ -195,16 +242,12 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
     """
     context = tf.distribute.get_replica_context()
     num_replicas = context.num_replicas_in_sync if context else 1
-    variables = model.trainable_variables
-    one_pass = getattr(estimator, "records_main_pass", False)
-    # Persistent for the one-pass estimator: it differentiates the data
-    # loss (the norms are read from it alone) and the regularization loss
-    # separately.
-    with tf.GradientTape(persistent=one_pass) as tape:
+    # Persistent: an estimator reading the pass also needs the
+    # regularization loss's gradients, to leave them out of its norms.
+    with tf.GradientTape(persistent=True) as tape:
         with (keras.StatelessScope(collect_losses=True) if defer_state_updates
-              else contextlib.nullcontext()) as scope, (
-                estimator.recording(model, tape) if one_pass
-                else contextlib.nullcontext()) as recording:
+              else contextlib.nullcontext()) as scope, _observing(
+                estimator, model) as observation:
             predictions = model(x, training=True)
         # In a stateless scope the layers' `add_loss` losses go to the
         # scope; `model.losses` then holds the weight regularizers only.
@@ -223,12 +266,10 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
             ) / num_replicas
         loss = (data_loss if regularization_loss is None
                 else data_loss + regularization_loss)
-        if one_pass and optimizer is not None:
-            data_loss = optimizer.scale_loss(data_loss)
-            if regularization_loss is not None:
-                regularization_loss = optimizer.scale_loss(
-                    regularization_loss)
-        scaled_loss = optimizer.scale_loss(loss) if optimizer else loss
+        scale = optimizer.scale_loss if optimizer else (lambda value: value)
+        scaled_loss = scale(loss)
+        scaled_regularization = (None if regularization_loss is None
+                                 else scale(regularization_loss))
     state_updates = None
     if defer_state_updates:
         state_updates = [
@@ -236,28 +277,20 @@ def compute_loss_gradients_and_norms(model, per_example_loss, x, y,
             for variable in model.non_trainable_variables
             if scope.get_current_value(variable) is not None
         ]
-    norms = None
-    if one_pass:
-        gradients, norms = estimator.gradients_and_norms(
-            model, recording, data_loss, regularization_loss,
-            global_batch_size, loss_scale_of(optimizer), per_example_loss,
-            x, y, sample_weight)
-        del tape
-    else:
-        gradients = tape.gradient(scaled_loss, variables)
-    if estimator is not None and not one_pass:
-        if estimator.refresh_every > 1 and optimizer is None:
-            raise ValueError(
-                "`optimizer` is required when the estimator refreshes less "
-                "than every step (its stored estimates are reused).")
-        norms = (
-            gradient_norms_for_step(optimizer, estimator, model,
-                                    per_example_loss, x, y, sample_weight)
-            if optimizer is not None
-            else estimator(model, per_example_loss, x, y, sample_weight,
-                           loss_scale=None)
-        )
+    gradients, norms = _gradients_and_norms(
+        model, tape, observation, scaled_loss, scaled_regularization,
+        estimator=estimator, optimizer=optimizer,
+        per_example_loss=per_example_loss, x=x, y=y,
+        sample_weight=sample_weight,
+        loss_weight=1.0 / tf.cast(global_batch_size, "float32"),
+        jit_compile=estimator is not None and estimator.jit_compile)
+    del tape
     return StepGradients(loss, predictions, gradients, norms, state_updates)
+
+
+def _observing(estimator, model):
+    return (estimator.observe(model) if estimator is not None
+            else contextlib.nullcontext())
 
 
 def _why_fit_loss_does_not_split(model, per_example_loss, y_pred,
@@ -299,64 +332,69 @@ KERAS_TRAIN_STEP_INTERNALS = ("_call_has_training_arg", "_compile_loss",
                               "_loss_tracker")
 
 
-def _fit_step_in_one_pass(model, estimator, per_example_loss, data,
-                          reported_models):
-    """Keras's train step with the gradients and norms from one pass.
+def _fit_step(model, estimator, per_example_loss, data, reported_models):
+    """Keras's train step, with the estimator's norms for CLARS.
 
     Mirrors Keras's TensorFlow `train_step` (the loss of `compute_loss`,
-    its tracker, `scale_loss`, `apply_gradients`, `compute_metrics`); only
-    the gradients come from the estimator's recorded pass.
+    its tracker, `scale_loss`, the tape's gradients, `apply_gradients`,
+    `compute_metrics`); the estimator observes the forward pass and gives
+    the norms, never the gradients.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     optimizer = model.optimizer
     num_replicas = tf.distribute.get_strategy().num_replicas_in_sync
     first = next(t for t in tf.nest.flatten(x) if t is not None)
     batch = tf.shape(first)[0]
-    global_batch_size = batch * num_replicas
+    global_batch_size = tf.cast(batch * num_replicas, "float32")
     variables = model.trainable_variables
     per_example = per_example_loss or per_example_loss_of(model.loss)
     with tf.GradientTape(persistent=True) as tape:
-        with estimator.recording(model, tape) as recording:
+        with estimator.observe(model) as observation:
             y_pred = (model(x, training=True) if model._call_has_training_arg
                       else model(x))
         losses = tf.cast(per_example(y, y_pred), "float32")
+        if sample_weight is not None:
+            losses *= tf.cast(sample_weight, "float32")
         reason = _why_fit_loss_does_not_split(model, per_example_loss,
                                               y_pred, losses)
         if reason is None:
             # Keras's `compute_loss`, in its two parts: the compiled loss
-            # (already divided by the number of replicas) and the layers'.
-            data_loss = model._compile_loss(y, y_pred, sample_weight)
+            # (a mean, masked or not, already divided by the number of
+            # replicas) and the layers'.
+            data_loss = tf.cast(
+                model._compile_loss(y, y_pred, sample_weight), "float32")
             added = [model._aggregate_additional_loss(loss)
                      for loss in model.losses]
-            regularization_loss = tf.add_n(added) if added else None
-            loss = (data_loss if regularization_loss is None
-                    else data_loss + regularization_loss)
+            loss = data_loss + tf.add_n(added) if added else data_loss
         else:
             if id(model) not in reported_models:
                 reported_models.add(id(model))
                 _LOG.warning(
-                    "model.fit with the one-pass gradient-norm estimator: "
-                    "%s, so the norms are read off the per-example loss's "
-                    "own gradients and the step takes a second backward "
-                    "pass (the gradients are still those of Keras's loss).",
-                    reason)
+                    "model.fit with a gradient-norm estimator reading the "
+                    "pass: %s, so the norms are read off the per-example "
+                    "loss's own gradients and the step takes a second "
+                    "backward pass (the gradients are still those of "
+                    "Keras's loss).", reason)
             loss = model._compute_loss(x=x, y=y, y_pred=y_pred,
                                        sample_weight=sample_weight,
                                        training=True)
-            if sample_weight is not None:
-                losses *= tf.cast(sample_weight, "float32")
-            data_loss = tf.reduce_sum(losses) / tf.cast(global_batch_size,
-                                                        "float32")
-            regularization_loss = tf.cast(loss, "float32") - data_loss
+            data_loss = tf.reduce_sum(losses) / global_batch_size
         model._loss_tracker.update_state(loss * num_replicas,
                                          sample_weight=batch)
-        data_loss = optimizer.scale_loss(data_loss)
-        if regularization_loss is not None:
-            regularization_loss = optimizer.scale_loss(regularization_loss)
-    gradients, norms = estimator.gradients_and_norms(
-        model, recording, data_loss, regularization_loss, global_batch_size,
-        loss_scale_of(optimizer), per_example, x, y, sample_weight,
-        jit_compile=model.jit_compile)
+        scaled_loss = optimizer.scale_loss(loss)
+        scaled_rest = optimizer.scale_loss(tf.cast(loss, "float32")
+                                           - data_loss)
+    # The data loss over the weighted per-example losses: 1 / global batch
+    # for a mean, 1 / valid examples for a masked one (`ignore_class`).
+    total = tf.reduce_sum(losses)
+    loss_weight = tf.where(tf.equal(total, 0.0), 1.0 / global_batch_size,
+                           tf.math.divide_no_nan(data_loss, total))
+    gradients, norms = _gradients_and_norms(
+        model, tape, observation, scaled_loss,
+        None if reason is None and not model.losses else scaled_rest,
+        estimator=estimator, optimizer=optimizer,
+        per_example_loss=per_example, x=x, y=y, sample_weight=sample_weight,
+        loss_weight=loss_weight, jit_compile=bool(model.jit_compile))
     del tape
     _unwrap(optimizer).set_gradient_norms(norms, variables)
     optimizer.apply_gradients(zip(gradients, variables))
@@ -368,34 +406,31 @@ def attach_gradient_norm_estimator(model, estimator=None,
     """Lets `model.fit` train with CLARS: the one extra line it needs.
 
     Wraps the model's `train_step` for CLARS (other optimizers run Keras's
-    own step). With a `GradientNormEstimator` (the loop), each step first
-    estimates the gradient norms on the step's own batch (before the
-    weights change) and hands them to the optimizer, then runs Keras's own
-    step unchanged. With a `OnePassGradientNormEstimator`, the step is
-    Keras's own step (its loss from `compute_loss`, regularization losses
-    and sample weights included, its loss tracker, `scale_loss` and
-    `apply_gradients`, its compiled metrics) with the gradients and the
-    norms taken from the same forward and backward pass. Either way
-    callbacks, `steps_per_execution` and distribution strategies work as
-    with any Keras optimizer. Call it before or after `compile`, before
-    `fit`.
+    own step): Keras's own step (its loss from `compute_loss`,
+    regularization losses and sample weights included, its loss tracker,
+    `scale_loss`, the tape's gradients and `apply_gradients`, its compiled
+    metrics), with the estimator observing the forward pass and handing
+    the optimizer the norms before the weights change. Callbacks,
+    `steps_per_execution` and distribution strategies work as with any
+    Keras optimizer. Call it before or after `compile`, before `fit`.
 
-    With the one-pass estimator the norms are read off the compiled loss's
-    gradients when Keras's loss is that loss (one per example, reduced
-    with 'sum_over_batch_size', one output, no `loss_weights`, no mask)
-    plus `model.losses`; otherwise (an overridden `compute_loss`, an
-    explicit `per_example_loss`, ...) one warning says why, and the norms
-    are read off the per-example loss's own gradients, which takes a
-    second backward pass. The one-pass step reads the private attributes
-    Keras's own train step reads (`KERAS_TRAIN_STEP_INTERNALS`); with a
-    Keras that lacks one, one warning names it and each step estimates
-    the norms in a pass of its own, then runs Keras's step.
+    An estimator reading the pass (`OnePassGradientNormEstimator`) reads
+    the norms off the compiled loss's gradients when Keras's loss is that
+    loss (one per example, reduced with 'sum_over_batch_size', masked or
+    not, one output, no `loss_weights`, no output mask) plus
+    `model.losses`; otherwise (an overridden `compute_loss`, an explicit
+    `per_example_loss`, ...) one warning says why, and the norms are read
+    off the per-example loss's own gradients, which takes a second
+    backward pass. The step reads the private attributes Keras's own train
+    step reads (`KERAS_TRAIN_STEP_INTERNALS`); with a Keras that lacks
+    one, one warning names it and each step estimates the norms in passes
+    of the estimator's own, then runs Keras's step.
 
     Args:
         model: a Keras model (functional, Sequential or subclassed).
-        estimator: a `GradientNormEstimator` or
-            `OnePassGradientNormEstimator`; defaults to the reference loop
-            estimator (8 examples x 64 micro-batches, every step).
+        estimator: a `clars_tf.gradient_norms.NormEstimator`; defaults to
+            the reference loop estimator (8 examples x 64 micro-batches,
+            every step).
         per_example_loss: `fn(y_true, y_pred) -> [batch]`; defaults to the
             loss given to `compile`.
 
@@ -404,7 +439,6 @@ def attach_gradient_norm_estimator(model, estimator=None,
     """
     estimator = estimator or gradient_norms.GradientNormEstimator()
     keras_train_step = model.train_step
-    one_pass = getattr(estimator, "records_main_pass", False)
     reported_models = set()
 
     def train_step(data):
@@ -412,23 +446,26 @@ def attach_gradient_norm_estimator(model, estimator=None,
         if not isinstance(optimizer, clars.CLARS):
             return keras_train_step(data)
         missing = [name for name in KERAS_TRAIN_STEP_INTERNALS
-                   if one_pass and not hasattr(model, name)]
-        if one_pass and not missing:
-            return _fit_step_in_one_pass(model, estimator, per_example_loss,
-                                         data, reported_models)
-        if missing and id(model) not in reported_models:
+                   if not hasattr(model, name)]
+        if not missing:
+            return _fit_step(model, estimator, per_example_loss, data,
+                             reported_models)
+        if id(model) not in reported_models:
             reported_models.add(id(model))
             _LOG.warning(
-                "model.fit with the one-pass gradient-norm estimator: this "
-                "Keras (%s) has no %s, which its own train step uses, so "
-                "each step estimates the norms in a pass of its own before "
-                "Keras's step (two forward and backward passes); Keras "
-                "3.15, which clars-tf is tested with, has them.",
-                keras.version(), ", ".join(missing))
+                "model.fit with a gradient-norm estimator: this Keras (%s) "
+                "has no %s, which its own train step uses, so each step "
+                "estimates the norms in passes of the estimator's own "
+                "before Keras's step; Keras 3.15, which clars-tf is tested "
+                "with, has them.", keras.version(), ", ".join(missing))
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss = per_example_loss or per_example_loss_of(model.loss)
-        norms = gradient_norms_for_step(model.optimizer, estimator, model,
-                                        loss, x, y, sample_weight)
+        loss_scale = loss_scale_of(model.optimizer)
+        norms = gradient_norms_for_step(
+            model.optimizer, estimator,
+            lambda: estimator(model, loss, x, y, sample_weight,
+                              loss_scale=loss_scale),
+            model.trainable_variables)
         optimizer.set_gradient_norms(norms, model.trainable_variables)
         return keras_train_step(data)
 

@@ -54,8 +54,6 @@ BAD_OVERRIDES = [
     ("estimator.micro_batch_size=1", "'estimator.micro_batch_size': must be "
                                      ">= 2 for resnet8: it uses batch"),
     ("estimator.method=ghost", "'estimator.method': unknown method"),
-    ("estimator.method=one_pass,estimator.refresh_every=2",
-     "applies to the loop estimator only"),
 ]
 
 

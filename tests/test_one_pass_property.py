@@ -1,12 +1,15 @@
-"""Right or loud on random models (issue 17): a seeded subset.
+"""Right or loud on random models (issues 17, 25): a seeded subset.
 
 Each example is a random Keras model of the kinds users write (see
-`random_models`), a random batch and random micro-batches (J not dividing B
-included). One compiled step with the one-pass estimator must give the
-tape's gradients of the whole loss and, for every variable, the estimate by
-definition (each micro-batch in its own pass), with at most one warning
-naming the variables taken from the loop. `scripts/one_pass_property.py`
-runs 500 such models and prints the tally.
+`random_models`: control flow, stochastic depth, RNN cells, per-example
+maps, batch-dependent layers, masked and cancelling losses included), a
+random batch and random micro-batches (J not dividing B included). One step
+with the one-pass estimator (`compute_loss_gradients_and_norms` compiled or
+eager, or `model.fit`'s step) must give the tape's gradients of the whole
+loss (the estimator never touches them) and, for every variable, the
+estimate by definition (each micro-batch in its own pass), with at most one
+warning naming the variables taken from the loop.
+`scripts/one_pass_property.py` runs 1,000 such models and prints the tally.
 """
 
 import hypothesis

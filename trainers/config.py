@@ -103,8 +103,9 @@ DEFAULTS = {
     },
     "estimator": {
         # 'loop' (the reference: J extra passes over micro-batches) or
-        # 'one_pass' (norms read off the main step's own pass; see
-        # clars_tf/one_pass_norms.py for how it differs with batch norm).
+        # 'one_pass' (norms read off the main step's own pass where they
+        # equal the loop's; batch norm and dropout send every variable to
+        # the loop: see clars_tf/one_pass_plan.py).
         "method": "loop",
         "micro_batch_size": 8,
         "num_micro_batches": 64,
@@ -413,10 +414,6 @@ def validate(config):
     _require(est["method"] in ESTIMATOR_METHODS, "estimator.method",
              f"unknown method '{est['method']}'. Choose one of "
              f"{', '.join(ESTIMATOR_METHODS)}.")
-    _require(est["method"] == "loop" or est["refresh_every"] == 1,
-             "estimator.refresh_every",
-             "applies to the loop estimator only (the one-pass estimate "
-             "costs no extra pass); set it to 1 or estimator.method=loop.")
     return config
 
 
@@ -433,14 +430,8 @@ def check_against_strategy(config, num_replicas):
              f"{num_replicas} replicas; use a multiple of {num_replicas}.")
     if config["optimizer"]["name"] == "clars":
         import clars_tf
-        if est["method"] == "one_pass":
-            estimator = clars_tf.OnePassGradientNormEstimator(
-                est["micro_batch_size"], est["num_micro_batches"],
-                jit_compile=train["jit_compile"])
-        else:
-            estimator = clars_tf.GradientNormEstimator(
-                est["micro_batch_size"], est["num_micro_batches"],
-                est["refresh_every"])
+        estimator = clars_tf.estimator_from_config(
+            est, jit_compile=train["jit_compile"])
         try:
             estimator.check_fits(batch // num_replicas, num_replicas)
         except ValueError as error:

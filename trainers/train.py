@@ -648,16 +648,12 @@ class Trainer:
     def _make_diagnostics(self):
         """Per-layer trust ratios and gradient-noise ratios a_l / ||g_l||.
 
-        The estimates come from the estimator that trains (the one-pass
-        one's differ from the loop's with batch norm), fresh on every
+        The estimates come from the estimator that trains, fresh on every
         probe; the loop's when training uses none (LARS, SGD).
         """
         tf, strategy = self._tf, self.strategy
-        est = self.config["estimator"]
-        estimator = self.estimator
-        if not getattr(estimator, "records_main_pass", False):
-            estimator = self._clars_tf.GradientNormEstimator(
-                est["micro_batch_size"], est["num_micro_batches"])
+        estimator = (self.estimator or self._clars_tf.estimator_from_config(
+            dict(self.config["estimator"], method="loop"))).every_step()
         variables = self.model.trainable_variables
 
         def replica_fn(images, labels):
