@@ -1,14 +1,15 @@
 """clars-tf: CLARS and LARS for Keras 3, correct under tf.distribute."""
 
 from clars_tf import schedules
+from clars_tf.attach import attach_gradient_norm_estimator
 from clars_tf.clars import CLARS
 from clars_tf.gradient_norms import GradientNormEstimator
+from clars_tf.jax_norms import VmapGradientNormEstimator
 from clars_tf.lars import LARS
 from clars_tf.layerwise import trust_ratio
 from clars_tf.one_pass_norms import OnePassGradientNormEstimator
 from clars_tf.training import StepGradients
 from clars_tf.training import apply_state_updates
-from clars_tf.training import attach_gradient_norm_estimator
 from clars_tf.training import compute_loss_gradients_and_norms
 from clars_tf.training import per_example_loss_of
 
@@ -18,6 +19,7 @@ __all__ = [
     "LARS",
     "OnePassGradientNormEstimator",
     "StepGradients",
+    "VmapGradientNormEstimator",
     "apply_state_updates",
     "attach_gradient_norm_estimator",
     "compute_loss_gradients_and_norms",
