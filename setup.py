@@ -46,7 +46,11 @@ setuptools.setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6",
+                 "jax[cpu]>=0.4.31", "optax>=0.2"],
+        # CLARS and LARS on KERAS_BACKEND=jax (jax.lax.map's batch_size
+        # arrived in 0.4.31).
+        "jax": ["jax[cpu]>=0.4.31"],
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"],
         "study": ["matplotlib>=3.5"],
     },

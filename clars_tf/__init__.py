@@ -1,10 +1,11 @@
-"""clars-tf: CLARS and LARS for Keras 3, correct under tf.distribute."""
+"""clars-tf: CLARS and LARS for Keras 3 (TensorFlow, JAX, PyTorch), correct
+under tf.distribute and JAX data parallelism."""
 
 from clars_tf import schedules
 from clars_tf.attach import attach_gradient_norm_estimator
 from clars_tf.clars import CLARS
 from clars_tf.gradient_norms import GradientNormEstimator
-from clars_tf.jax_norms import VmapGradientNormEstimator
+from clars_tf.vmap_norms import VmapGradientNormEstimator
 from clars_tf.lars import LARS
 from clars_tf.layerwise import trust_ratio
 from clars_tf.one_pass_norms import OnePassGradientNormEstimator

@@ -1,9 +1,9 @@
 """`attach_gradient_norm_estimator` on every Keras backend.
 
 TensorFlow keeps `clars_tf.training`'s step (the loop and one-pass
-estimators, `tf.distribute`); JAX gets `clars_tf.jax_norms`'s vectorised
-estimate inside Keras's own jitted step; PyTorch gets
-`clars_tf.torch_norms`'s.
+estimators, `tf.distribute`); JAX and PyTorch get `clars_tf.vmap_norms`'s
+vectorised estimate before Keras's own step (inside the one function Keras
+jits, on JAX).
 """
 
 import keras
@@ -11,6 +11,7 @@ from keras import ops
 
 from clars_tf import gradient_norms
 from clars_tf import training
+from clars_tf import vmap_norms
 
 
 def per_example_loss_of(loss):
@@ -55,10 +56,10 @@ def attach_gradient_norm_estimator(model, estimator=None,
     first step stops with an error that names it.
 
     On TensorFlow this is `clars_tf.training.attach_gradient_norm_estimator`
-    (loop or one-pass estimator, `tf.distribute`). On JAX the estimate is
-    `VmapGradientNormEstimator`'s, inside Keras's jitted step; a
-    `GradientNormEstimator(s, J)` given there means the same estimate and
-    is computed that way. On PyTorch it is `torch_norms`'s.
+    (loop or one-pass estimator, `tf.distribute`). On JAX and PyTorch the
+    estimate is `VmapGradientNormEstimator`'s (inside Keras's jitted step
+    on JAX); a `GradientNormEstimator(s, J)` given there means the same
+    estimate and is computed that way.
 
     Args:
         model: a Keras model.
@@ -90,13 +91,14 @@ def attach_gradient_norm_estimator(model, estimator=None,
     def per_example_loss_for(model):
         return per_example_loss or per_example_loss_of(model.loss)
 
-    estimator = estimator or gradient_norms.GradientNormEstimator()
+    estimator = vmap_norms.VmapGradientNormEstimator.like(
+        estimator or gradient_norms.GradientNormEstimator())
     if backend == "jax":
-        from clars_tf import jax_norms  # pylint: disable=import-outside-toplevel
-        return jax_norms.attach(
-            model, jax_norms.VmapGradientNormEstimator.like(estimator),
-            per_example_loss_for)
+        return vmap_norms.attach_to_jax_step(model, estimator,
+                                             per_example_loss_for)
+    if backend == "torch":
+        return vmap_norms.attach_to_torch_step(model, estimator,
+                                               per_example_loss_for)
     raise ValueError(
-        f"clars_tf.attach_gradient_norm_estimator supports the tensorflow "
-        f"and jax backends; this Keras runs on {backend!r}. Set "
-        "KERAS_BACKEND=jax or tensorflow.")
+        "clars_tf.attach_gradient_norm_estimator supports the tensorflow, "
+        f"jax and torch backends; this Keras runs on {backend!r}.")

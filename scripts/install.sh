@@ -65,8 +65,9 @@ install_packages() {
   local packages=("tensorflow-datasets>=4.9" "absl-py>=1.0" "pyyaml>=6.0"
                   "tensorboard>=2.16" "importlib_resources")
   if [ "$extras" = test ]; then
+    # jax and optax: tests/test_backends.py runs the optimizers on JAX too.
     packages+=("pytest>=7" "pytest-xdist>=3" "hypothesis>=6" "matplotlib>=3.5" "mkdocs>=1.6"
-               "mkdocstrings[python]>=0.26")
+               "mkdocstrings[python]>=0.26" "jax[cpu]>=0.4.31" "optax>=0.2")
   fi
   pip_install "${packages[@]}"
   pip_install --no-deps -e .

@@ -2,8 +2,8 @@
 
 `tests/test_backends.py` runs this file once per backend (KERAS_BACKEND
 set in the environment) and compares what it prints, one JSON object, across
-backends and against float64 NumPy references. On JAX it also runs the
-checks only JAX has: the vectorised estimate, optax's LARS, and the same fit
+backends and against float64 NumPy references. On JAX and PyTorch it also
+checks the vectorised estimate alone; on JAX, optax's LARS and the same fit
 under `keras.distribution.DataParallel` on the host devices that XLA_FLAGS
 asks for.
 """
@@ -99,28 +99,47 @@ def fits():
     }
 
 
-def jax_checks():
-    """What only JAX has: the estimator alone, optax, DataParallel."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import optax  # pylint: disable=import-outside-toplevel
-
-    x, targets, labels = data()
+def estimator_checks():
+    """The estimate alone, whole and in chunks, and fit without it."""
+    x, targets, _ = data()
     results = {}
     model = linear_model()
     model.build((None, FEATURES))
-    values = initial_values(model)
+    values = [keras.ops.convert_to_tensor(v) for v in initial_values(model)]
+    batch = [keras.ops.convert_to_tensor(t[:BATCH]) for t in (x, targets)]
     per_example = clars_tf.attach.per_example_loss_of("mean_squared_error")
-    whole = clars_tf.VmapGradientNormEstimator(**ESTIMATOR)
-    # 3 micro-batches at a time: one full chunk of 3 and a remainder of 1.
-    chunked = clars_tf.VmapGradientNormEstimator(**ESTIMATOR, chunk_size=3)
-    batch = (x[:BATCH], targets[:BATCH])
-    results["estimate"] = np.asarray(jax.jit(
-        lambda v, xs, ys: whole(model, per_example, v, [], xs, ys))(
-            values, *batch)).tolist()
-    results["estimate_chunked"] = np.asarray(jax.jit(
-        lambda v, xs, ys: chunked(model, per_example, v, [], xs, ys))(
-            values, *batch)).tolist()
+    estimators = {
+        "estimate": clars_tf.VmapGradientNormEstimator(**ESTIMATOR),
+        # 3 micro-batches at a time: a chunk of 3 and a remainder of 1.
+        "estimate_chunked": clars_tf.VmapGradientNormEstimator(
+            **ESTIMATOR, chunk_size=3),
+    }
+    for name, estimator in estimators.items():
+        def estimate(values, x, y, estimator=estimator):
+            return estimator(model, per_example, values, [], x, y)
 
+        if keras.backend.backend() == "jax":
+            import jax  # pylint: disable=import-outside-toplevel
+            estimate = jax.jit(estimate)
+        results[name] = keras.ops.convert_to_numpy(
+            estimate(values, *batch)).tolist()
+
+    model = linear_model()
+    model.compile(optimizer=clars_tf.CLARS(0.1), loss="mean_squared_error")
+    try:
+        model.fit(x, targets, batch_size=BATCH, epochs=1, verbose=0)
+        results["missing_estimator_error"] = None
+    except ValueError as error:
+        results["missing_estimator_error"] = str(error)
+    return results
+
+
+def jax_checks():
+    """What only JAX has: optax, DataParallel."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import optax  # pylint: disable=import-outside-toplevel
+
+    results = {}
     # LARS against optax's, without weight decay (where they agree).
     rng = np.random.default_rng(2)
     params = [rng.normal(size=(FEATURES, CLASSES)).astype("float32"),
@@ -142,14 +161,7 @@ def jax_checks():
     results["lars_keras"] = [np.asarray(v).tolist() for v in variables]
     results["lars_optax"] = [np.asarray(p).tolist() for p in optax_params]
 
-    model = linear_model()
-    model.compile(optimizer=clars_tf.CLARS(0.1), loss="mean_squared_error")
-    try:
-        model.fit(x, targets, batch_size=BATCH, epochs=1, verbose=0)
-        results["missing_estimator_error"] = None
-    except ValueError as error:
-        results["missing_estimator_error"] = str(error)
-
+    x, _, labels = data()
     keras.distribution.set_distribution(keras.distribution.DataParallel())
     results["data_parallel_devices"] = len(jax.devices())
     results["data_parallel_batch_norm_clars"] = fit(
@@ -162,6 +174,8 @@ def jax_checks():
 
 def main():
     results = {"backend": keras.backend.backend(), "fits": fits()}
+    if keras.backend.backend() != "tensorflow":
+        results.update(estimator_checks())
     if keras.backend.backend() == "jax":
         results.update(jax_checks())
     json.dump(results, sys.stdout)

@@ -8,9 +8,11 @@ from the package index brings GBs of CUDA libraries), so its run happens
 only where `torch` is installed.
 """
 
+import ast
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,27 +28,38 @@ OTHER_BACKENDS = [backend for backend in ("jax", "torch")
                   if importlib.util.find_spec(backend) is not None]
 
 
-def _start(backend):
+def _readme_jax_example():
+    """The code of the README's `KERAS_BACKEND=jax python3 -c "..."`."""
+    with open(os.path.join(os.path.dirname(_HERE), "README.md"),
+              encoding="utf-8") as f:
+        return re.search(r'^KERAS_BACKEND=jax python3 -c "(.*?)"$', f.read(),
+                         re.S | re.M).group(1)
+
+
+def _start(backend, command):
     environment = dict(os.environ, KERAS_BACKEND=backend,
                        TF_CPP_MIN_LOG_LEVEL="2",
                        # Two host devices for the DataParallel check.
                        XLA_FLAGS="--xla_force_host_platform_device_count=2")
     return subprocess.Popen(
-        [sys.executable, os.path.join(_HERE, "backend_runs.py")],
-        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        [sys.executable, *command], env=environment, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
 def runs():
-    """What `backend_runs.py` printed, by backend (the runs in parallel)."""
-    processes = {backend: _start(backend)
+    """What `backend_runs.py` printed by backend, and the README example's
+    output under "readme_jax" (all run in parallel)."""
+    runner = [os.path.join(_HERE, "backend_runs.py")]
+    processes = {backend: _start(backend, runner)
                  for backend in ["tensorflow"] + OTHER_BACKENDS}
+    if "jax" in OTHER_BACKENDS:
+        processes["readme_jax"] = _start("jax", ["-c", _readme_jax_example()])
     results = {}
-    for backend, process in processes.items():
+    for name, process in processes.items():
         stdout, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-        results[backend] = json.loads(stdout)
+        assert process.returncode == 0, (name, stderr[-3000:])
+        results[name] = stdout if name == "readme_jax" else json.loads(stdout)
     return results
 
 
@@ -147,12 +160,12 @@ jax_only = pytest.mark.skipif("jax" not in OTHER_BACKENDS,
                               reason="jax is not installed")
 
 
-@jax_only
-def test_vectorised_estimate_is_exact_and_chunking_keeps_it(runs):
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_vectorised_estimate_is_exact_and_chunking_keeps_it(runs, backend):
     x, y = next(_batches())
     expected = _linear_estimate(_initial_linear_weights(), x, y)
-    np.testing.assert_allclose(runs["jax"]["estimate"], expected, **FLOAT32)
-    np.testing.assert_allclose(runs["jax"]["estimate_chunked"], expected,
+    np.testing.assert_allclose(runs[backend]["estimate"], expected, **FLOAT32)
+    np.testing.assert_allclose(runs[backend]["estimate_chunked"], expected,
                                **FLOAT32)
 
 
@@ -170,7 +183,13 @@ def test_data_parallel_estimate_equals_one_device(runs):
                           runs["jax"]["fits"]["batch_norm_clars"])
 
 
-@jax_only
-def test_fit_without_the_estimator_names_the_missing_line(runs):
+@pytest.mark.parametrize("backend", OTHER_BACKENDS)
+def test_fit_without_the_estimator_names_the_missing_line(runs, backend):
     assert "attach_gradient_norm_estimator(model)" in (
-        runs["jax"]["missing_estimator_error"])
+        runs[backend]["missing_estimator_error"])
+
+
+@jax_only
+def test_readme_fit_example_trains_on_jax(runs):
+    history = ast.literal_eval(runs["readme_jax"].strip().splitlines()[-1])
+    assert len(history["loss"]) == 2 and np.all(np.isfinite(history["loss"]))

@@ -1,19 +1,22 @@
-"""The gradient-norm estimate on JAX, exact by construction (spec step 1).
+"""The gradient-norm estimate on JAX and PyTorch, exact by construction.
 
-`a_l = (1/J) * sum_j ||grad_l of the mean loss over micro-batch S_j||`: each
-micro-batch's gradient is `jax.grad` of `model.stateless_call` on that
-micro-batch alone, vectorised over the J micro-batches with `jax.vmap`, and
-reduced to one norm per variable inside the vectorised function. Whatever
-JAX differentiates (control flow, RNNs, any layer) is estimated exactly;
-there is no per-layer bookkeeping to get wrong. Batch normalization takes
-its statistics over each micro-batch (the function sees one micro-batch),
-and the state the calls would write (moving statistics, seed generators) is
-dropped, as in `clars_tf.GradientNormEstimator` on TensorFlow.
+Spec step 1, `a_l = (1/J) * sum_j ||grad_l of the mean loss over micro-batch
+S_j||`: each micro-batch's gradient is the backend's `grad` (`jax.grad`,
+`torch.func.grad`) of `model.stateless_call` on that micro-batch alone,
+vectorised over the J micro-batches with its `vmap` (`jax.vmap`,
+`torch.func.vmap`), and reduced to one norm per variable inside the
+vectorised function. Whatever the backend differentiates (control flow,
+RNNs, any layer) is estimated exactly; there is no per-layer bookkeeping to
+get wrong. Batch normalization takes its statistics over each micro-batch
+(the function sees one micro-batch), and the state the calls would write
+(moving statistics, seed generators) is dropped, as in
+`clars_tf.GradientNormEstimator` on TensorFlow.
 
-`jax` is imported when an estimate is first traced, so `import clars_tf`
-works where JAX is not installed.
+`jax` and `torch` are imported when an estimate is first made, so
+`import clars_tf` works without them.
 """
 
+import functools
 import inspect
 
 import keras
@@ -39,7 +42,7 @@ def _all_layers(layer):
 
 
 class VmapGradientNormEstimator:
-    """Estimates `a_l` for every trainable variable on the JAX backend.
+    """Estimates `a_l` for every trainable variable on JAX and PyTorch.
 
     Micro-batch j of a batch of B examples holds the s examples from
     `floor(j * B / J)`, the grouping of `clars_tf.GradientNormEstimator`, so
@@ -52,10 +55,11 @@ class VmapGradientNormEstimator:
     Memory: the vectorised gradients take `chunk_size` times the trainable
     parameters at once. `chunk_size=None` picks the largest number of
     micro-batches whose float32 gradients fit `chunk_memory_bytes` (all J
-    when they fit); fewer than J run as a sequential `jax.lax.map` over
-    chunks of that many micro-batches, which bounds memory at the cost of
-    running the chunks one after another (`docs/measurements.md` has the
-    figure).
+    when they fit); fewer than J run as a sequential map over chunks of
+    that many micro-batches (`jax.lax.map` with `batch_size`,
+    `torch.func.vmap` with `chunk_size`), which bounds memory at the cost
+    of running the chunks one after another (`docs/measurements.md` has
+    the figure).
 
     Args:
         micro_batch_size: `s`, examples per micro-batch (>= 1).
@@ -70,7 +74,7 @@ class VmapGradientNormEstimator:
     Example:
 
     ```python
-    # KERAS_BACKEND=jax
+    # KERAS_BACKEND=jax or torch
     clars_tf.attach_gradient_norm_estimator(
         model, clars_tf.VmapGradientNormEstimator(micro_batch_size=8,
                                                   num_micro_batches=64))
@@ -94,7 +98,7 @@ class VmapGradientNormEstimator:
 
     @classmethod
     def like(cls, estimator):
-        """The JAX estimator with the settings of a TensorFlow one.
+        """This estimator with the settings of a TensorFlow one.
 
         Args:
             estimator: a `VmapGradientNormEstimator` (returned as it is) or a
@@ -164,7 +168,7 @@ class VmapGradientNormEstimator:
         """Returns the estimates, a float32 array with one entry per variable.
 
         Pure: the model's state is read from the values passed and written
-        nowhere, so it can run inside a jitted train step.
+        nowhere, so it can run inside a jitted JAX train step.
 
         Args:
             model: a built Keras model.
@@ -176,8 +180,6 @@ class VmapGradientNormEstimator:
         Returns:
             A `[len(trainable_values)]` float32 array, `a_l` per variable.
         """
-        import jax  # pylint: disable=import-outside-toplevel
-
         if self.micro_batch_size == 1 and any(
                 isinstance(layer, keras.layers.BatchNormalization)
                 for layer in _all_layers(model)):
@@ -189,12 +191,16 @@ class VmapGradientNormEstimator:
                 "uses 8).")
         batch_size = keras.tree.flatten(x)[0].shape[0]
         indices = self.micro_batch_indices(batch_size)
+        if sample_weight is None:
+            # Weights of 1 (exact) keep every part a tensor, which
+            # torch.func.vmap needs.
+            sample_weight = ops.ones((batch_size,), "float32")
+
         def take(tensor):
             return _shard_along_micro_batches(ops.take(tensor, indices, axis=0))
 
-        micro_batches = tuple(
-            None if part is None else keras.tree.map_structure(take, part)
-            for part in (x, y, sample_weight))
+        micro_batches = keras.tree.map_structure(take,
+                                                 (x, y, sample_weight))
         call_kwargs = ({"training": True}
                        if "training" in inspect.signature(model.call).parameters
                        else {})
@@ -204,24 +210,44 @@ class VmapGradientNormEstimator:
                 values, non_trainable_values, micro_x, **call_kwargs)
             losses = ops.cast(per_example_loss(micro_y, predictions),
                               "float32")
-            if micro_weight is not None:
-                losses = losses * ops.cast(micro_weight, "float32")
-            return ops.mean(losses)
+            return ops.mean(losses * ops.cast(micro_weight, "float32"))
+
+        grad, vectorised = _function_transforms(
+            self.micro_batches_per_chunk(trainable_values),
+            self.num_micro_batches)
 
         def norms_of_micro_batch(micro_batch):
-            gradients = jax.grad(micro_batch_loss)(trainable_values,
-                                                   *micro_batch)
+            gradients = grad(micro_batch_loss)(list(trainable_values),
+                                               *micro_batch)
             return ops.stack([
                 ops.sqrt(ops.sum(ops.square(ops.cast(g, "float32"))))
                 for g in gradients])
 
-        chunk = self.micro_batches_per_chunk(trainable_values)
-        if chunk >= self.num_micro_batches:
-            per_micro_batch = jax.vmap(norms_of_micro_batch)(micro_batches)
-        else:
-            per_micro_batch = jax.lax.map(norms_of_micro_batch, micro_batches,
-                                          batch_size=chunk)
-        return ops.mean(per_micro_batch, axis=0)
+        return ops.mean(vectorised(norms_of_micro_batch)(micro_batches),
+                        axis=0)
+
+
+def _function_transforms(chunk, count):
+    """This backend's `(grad, vectorised map)`, the map in chunks of `chunk`.
+
+    JAX: `jax.vmap`, or `jax.lax.map` over chunks of `chunk` vectorised
+    micro-batches. PyTorch: `torch.func.vmap` with its `chunk_size`.
+    """
+    backend = keras.backend.backend()
+    # pylint: disable=import-outside-toplevel
+    if backend == "jax":
+        import jax
+        if chunk >= count:
+            return jax.grad, jax.vmap
+        return jax.grad, lambda function: functools.partial(
+            jax.lax.map, function, batch_size=chunk)
+    if backend == "torch":
+        import torch
+        return torch.func.grad, lambda function: torch.func.vmap(
+            function, chunk_size=chunk)
+    raise ValueError(
+        f"VmapGradientNormEstimator runs on the jax and torch backends, not "
+        f"{backend!r}; on TensorFlow use GradientNormEstimator.")
 
 
 def _shard_along_micro_batches(micro_batched):
@@ -237,13 +263,14 @@ def _shard_along_micro_batches(micro_batched):
         micro_batched, distribution.get_data_layout(micro_batched.shape))
 
 
-def attach(model, estimator, per_example_loss_for):
-    """Wraps the JAX `train_step` of `model` for CLARS (see `attach.py`).
+def attach_to_jax_step(model, estimator, per_example_loss_for):
+    """Wraps the JAX `train_step(state, data)` of `model` for CLARS.
 
     Each CLARS step estimates the norms from the step's own state and data
     (before the weights change), writes them into the optimizer's state as
-    `set_gradient_norms` does, then runs Keras's own step on that state.
-    Other optimizers run Keras's step untouched.
+    `set_gradient_norms` does, then runs Keras's own step on that state,
+    all inside the one function Keras jits. Other optimizers run Keras's
+    step untouched.
 
     Args:
         model: a Keras model on the JAX backend.
@@ -260,8 +287,8 @@ def attach(model, estimator, per_example_loss_for):
 
     def train_step(state, data):
         optimizer = model.optimizer
-        inner = getattr(optimizer, "inner_optimizer", optimizer)
-        if not isinstance(inner, clars.CLARS):
+        inner = _clars_inside(optimizer)
+        if inner is None:
             return keras_train_step(state, data)
         trainable, non_trainable, optimizer_values, metrics = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -287,3 +314,46 @@ def attach(model, estimator, per_example_loss_for):
 
     model.train_step = train_step
     return model
+
+
+def attach_to_torch_step(model, estimator, per_example_loss_for):
+    """Wraps the PyTorch `train_step(data)` of `model` for CLARS.
+
+    As on TensorFlow: each CLARS step estimates the norms on the step's own
+    batch (before the weights change), hands them to the optimizer, then
+    runs Keras's own step.
+
+    Args:
+        model: a Keras model on the PyTorch backend.
+        estimator: a `VmapGradientNormEstimator`.
+        per_example_loss_for: `fn(model) -> fn(y_true, y_pred)`.
+
+    Returns:
+        The model.
+    """
+    keras_train_step = model.train_step
+
+    def train_step(data):
+        inner = _clars_inside(model.optimizer)
+        if inner is None:
+            return keras_train_step(data)
+        if int(inner.iterations.value) % estimator.refresh_every == 0:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            norms = estimator(
+                model, per_example_loss_for(model),
+                [v.value.detach() for v in model.trainable_variables],
+                [v.value.detach() for v in model.non_trainable_variables],
+                x, y, sample_weight)
+        else:
+            norms = inner.gradient_norm_estimates.value
+        inner.set_gradient_norms(ops.unstack(norms))
+        return keras_train_step(data)
+
+    model.train_step = train_step
+    return model
+
+
+def _clars_inside(optimizer):
+    """The CLARS optimizer itself or inside a `LossScaleOptimizer`, else None."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if isinstance(inner, clars.CLARS) else None
