@@ -68,15 +68,15 @@ def recurrent_model():
         keras.layers.Dense(CLASSES)])
 
 
-def fit(model, optimizer, loss, x, y, attach=True):
+def fit(model, optimizer, loss, x, y, refresh_every=1):
     """Weights (all of them, batch-norm statistics included) after fit."""
     for variable, value in zip(model.trainable_variables,
                                initial_values(model)):
         variable.assign(value)
     model.compile(optimizer=optimizer, loss=loss)
-    if attach:
-        clars_tf.attach_gradient_norm_estimator(
-            model, clars_tf.GradientNormEstimator(**ESTIMATOR))
+    clars_tf.attach_gradient_norm_estimator(
+        model, clars_tf.GradientNormEstimator(**ESTIMATOR,
+                                              refresh_every=refresh_every))
     model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
     return [np.asarray(w).tolist() for w in model.get_weights()]
 
@@ -88,6 +88,10 @@ def fits():
     return {
         "linear_clars": fit(linear_model(), clars_tf.CLARS(**CLARS_SETTINGS),
                             "mean_squared_error", x, targets),
+        # Step 1 reuses step 0's estimates.
+        "linear_clars_refresh_every_2": fit(
+            linear_model(), clars_tf.CLARS(**CLARS_SETTINGS),
+            "mean_squared_error", x, targets, refresh_every=2),
         "linear_lars": fit(linear_model(), clars_tf.LARS(**LARS_SETTINGS),
                            "mean_squared_error", x, targets),
         "batch_norm_clars": fit(batch_norm_model(),

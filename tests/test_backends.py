@@ -103,26 +103,38 @@ def _initial_linear_weights():
 
 
 def _expected_linear_fit(step):
-    """The linear fit in float64: `step(weights, buffers, x, y)` per batch."""
+    """The linear fit in float64: `step(weights, buffers, x, y, t)` per
+    batch t."""
     weights = _initial_linear_weights()
     buffers = [np.zeros_like(w) for w in weights]
-    for x, y in _batches():
-        weights = step(weights, buffers, x, y)
+    for t, (x, y) in enumerate(_batches()):
+        weights = step(weights, buffers, x, y, t)
     return weights
 
 
-def _clars_step(weights, buffers, x, y):
+def _clars_stepper(refresh_every):
+    estimates = []
+
+    def step(weights, buffers, x, y, t):
+        if t % refresh_every == 0:
+            estimates.append(_linear_estimate(weights, x, y))
+        return _clars_step(weights, buffers, x, y, estimates[-1])
+
+    return step
+
+
+def _clars_step(weights, buffers, x, y, estimate):
     settings = backend_runs.CLARS_SETTINGS
     return reference.clars_step(
         weights, buffers, _linear_gradients(weights, x, y),
-        _linear_estimate(weights, x, y), settings["learning_rate"],
+        estimate, settings["learning_rate"],
         momentum=settings["momentum"], decay=settings["weight_decay_rate"],
         eta=settings["trust_coefficient"], clip=settings["trust_clip"],
         epsilon=settings["epsilon"], adapted=[True, False],
         decayed=[True, True])
 
 
-def _lars_step(weights, velocities, x, y):
+def _lars_step(weights, velocities, x, y, _):
     settings = backend_runs.LARS_SETTINGS
     return reference.lars_step(
         weights, velocities, _linear_gradients(weights, x, y),
@@ -135,7 +147,9 @@ def _lars_step(weights, velocities, x, y):
 def test_linear_fits_match_the_float64_reference(runs, backend):
     fits = runs[backend]["fits"]
     _assert_weights_close(fits["linear_clars"],
-                          _expected_linear_fit(_clars_step))
+                          _expected_linear_fit(_clars_stepper(1)))
+    _assert_weights_close(fits["linear_clars_refresh_every_2"],
+                          _expected_linear_fit(_clars_stepper(2)))
     _assert_weights_close(fits["linear_lars"], _expected_linear_fit(_lars_step))
 
 
