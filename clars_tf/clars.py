@@ -46,9 +46,15 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
     every replica applies the same update, and the step they were set for is
     stored in `gradient_norms_step`. Applying at a step whose estimates were
     not set is an error: raised while tracing when none were ever set, and
-    checked in the graph otherwise (so it holds whichever thread applies, as
-    under `LossScaleOptimizer` and `MirroredStrategy`, where Keras applies
-    through `merge_call`).
+    on TensorFlow checked in the graph otherwise (so it holds whichever
+    thread applies, as under `LossScaleOptimizer` and `MirroredStrategy`,
+    where Keras applies through `merge_call`); on JAX and PyTorch, which set
+    and apply a step in one thread, in order, every apply must follow its
+    own `set_gradient_norms`, checked while tracing (JAX) or running
+    (PyTorch).
+
+    It runs on every Keras backend: TensorFlow's fused momentum kernel
+    there, the same arithmetic in `keras.ops` on JAX and PyTorch.
 
     A NaN or infinite estimate is not replaced by a finite step: the trust
     ratio, and so the update, become NaN, as with a NaN gradient in any Keras
