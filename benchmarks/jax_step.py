@@ -51,7 +51,7 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls per candidate after the "
 flags.DEFINE_integer("micro_batch_size", 8, "s.")
 flags.DEFINE_integer("num_micro_batches", 64, "J.")
 flags.DEFINE_integer("chunk_size", 8, "Micro-batches per chunk of the "
-                     "chunked JAX candidate.")
+                     "chunked JAX candidate; 0: no such candidate.")
 flags.DEFINE_string("model", "resnet20", "Model name for models.build_model.")
 flags.DEFINE_integer("image_size", 32, "Input height and width.")
 flags.DEFINE_integer("num_classes", 10, "Number of classes.")
@@ -64,7 +64,7 @@ def candidate_chunks():
     """name -> the chunk size of its estimator (0: all J), None for SGD."""
     name = f"clars_s{FLAGS.micro_batch_size}_j{FLAGS.num_micro_batches}"
     candidates = {"sgd": None, name: 0}
-    if FLAGS.backend == "jax":
+    if FLAGS.backend == "jax" and FLAGS.chunk_size:
         candidates[f"{name}_chunk{FLAGS.chunk_size}"] = FLAGS.chunk_size
     return candidates
 
@@ -156,6 +156,10 @@ def time_backend():
             "ratio_median": statistics.median(row["ratios"]),
             "ratio_min": min(row["ratios"]),
             "ratio_max": max(row["ratios"]),
+            # Process CPU time, which other processes disturb less than
+            # wall time.
+            "cpu_time_ratio": (statistics.median(row["cpu_seconds"])
+                               / statistics.median(rows["sgd"]["cpu_seconds"])),
             "cpu_share_median": statistics.median(row["cpu_share"]),
         }
     return {"backend": FLAGS.backend, "load_average_1min": [
@@ -188,14 +192,16 @@ def main(argv):
     print(f"\nmodel.fit step, {FLAGS.model}, B={FLAGS.batch_size}, "
           f"{FLAGS.rounds} rounds x {FLAGS.steps} steps")
     print(f"{'backend':<11} {'candidate':<22} {'s/step':>7} "
-          f"{'x SGD (min..max)':>20} {'cpu share':>9} {'load':>11}")
+          f"{'x SGD (min..max)':>20} {'cpu-t x':>7} {'cpu share':>9} "
+          f"{'load':>11}")
     for result in results:
         load = "{:.1f}->{:.1f}".format(*result["load_average_1min"])
         for name, row in result["candidates"].items():
             print(f"{result['backend']:<11} {name:<22} "
                   f"{row['step_seconds_median']:7.3f} "
                   f"{row['ratio_median']:6.2f} ({row['ratio_min']:.2f}.."
-                  f"{row['ratio_max']:.2f}) {row['cpu_share_median']:9.2f} "
+                  f"{row['ratio_max']:.2f}) {row['cpu_time_ratio']:7.2f} "
+                  f"{row['cpu_share_median']:9.2f} "
                   f"{load:>11}")
     if FLAGS.output:
         settings = {name: getattr(FLAGS, name) for name in (

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import backend_runs
+import clars_tf
 import reference
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -207,3 +208,36 @@ def test_fit_without_the_estimator_names_the_missing_line(runs, backend):
 def test_readme_fit_example_trains_on_jax(runs):
     history = ast.literal_eval(runs["readme_jax"].strip().splitlines()[-1])
     assert len(history["loss"]) == 2 and np.all(np.isfinite(history["loss"]))
+
+
+def test_chunk_follows_the_memory_budget():
+    variables = [np.zeros((100, 10)), np.zeros((10,))]  # 4040 float32 bytes
+    estimator = clars_tf.VmapGradientNormEstimator(
+        8, 64, chunk_memory_bytes=4040 * 5)
+    assert estimator.micro_batches_per_chunk(variables) == 5
+    assert clars_tf.VmapGradientNormEstimator(
+        8, 64).micro_batches_per_chunk(variables) == 64
+    assert clars_tf.VmapGradientNormEstimator(
+        8, 4, chunk_size=16).micro_batches_per_chunk(variables) == 4
+    assert clars_tf.VmapGradientNormEstimator(
+        8, 64, chunk_memory_bytes=1).micro_batches_per_chunk(variables) == 1
+
+
+def test_micro_batches_are_the_loop_estimators():
+    estimator = clars_tf.VmapGradientNormEstimator(micro_batch_size=2,
+                                                   num_micro_batches=3)
+    np.testing.assert_array_equal(estimator.micro_batch_indices(10),
+                                  [[0, 1], [3, 4], [6, 7]])
+    with pytest.raises(ValueError, match="needs 3 micro-batches of 2"):
+        estimator.micro_batch_indices(5)
+
+
+def test_only_the_loop_estimators_definition_carries_over():
+    loop = clars_tf.GradientNormEstimator(4, 16, refresh_every=3)
+    vectorised = clars_tf.VmapGradientNormEstimator.like(loop)
+    assert (vectorised.micro_batch_size, vectorised.num_micro_batches,
+            vectorised.refresh_every) == (4, 16, 3)
+    with pytest.raises(ValueError, match="one-pass estimator exists on "
+                       "TensorFlow only"):
+        clars_tf.VmapGradientNormEstimator.like(
+            clars_tf.OnePassGradientNormEstimator(4, 16))
