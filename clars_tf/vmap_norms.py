@@ -30,11 +30,6 @@ from clars_tf import gradient_norms
 DEFAULT_CHUNK_MEMORY_BYTES = 2**30
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-
-
 def _all_layers(layer):
     for sublayer in getattr(layer, "layers", None) or []:
         yield sublayer
@@ -84,12 +79,13 @@ class VmapGradientNormEstimator:
     def __init__(self, micro_batch_size=8, num_micro_batches=64,
                  refresh_every=1, chunk_size=None,
                  chunk_memory_bytes=DEFAULT_CHUNK_MEMORY_BYTES):
-        _check_positive_int("micro_batch_size", micro_batch_size)
-        _check_positive_int("num_micro_batches", num_micro_batches)
-        _check_positive_int("refresh_every", refresh_every)
+        check = gradient_norms._check_positive_int  # pylint: disable=protected-access
+        check("micro_batch_size", micro_batch_size)
+        check("num_micro_batches", num_micro_batches)
+        check("refresh_every", refresh_every)
         if chunk_size is not None:
-            _check_positive_int("chunk_size", chunk_size)
-        _check_positive_int("chunk_memory_bytes", chunk_memory_bytes)
+            check("chunk_size", chunk_size)
+        check("chunk_memory_bytes", chunk_memory_bytes)
         self.micro_batch_size = micro_batch_size
         self.num_micro_batches = num_micro_batches
         self.refresh_every = refresh_every
