@@ -12,8 +12,8 @@ synthetic data for:
     reference s = 8, J = 64: on TensorFlow the loop estimator (J passes in
     a `tf.while_loop`), on JAX `VmapGradientNormEstimator` (the J passes
     vectorised, inside Keras's jitted step);
-  * on JAX also `clars_s8_j64_chunk8`: the same estimate in chunks of 8
-    micro-batches (`chunk_size=8`, a sequential `jax.lax.map` of 8
+  * on JAX also `clars_s8_j64_chunk32`: the same estimate in chunks of 32
+    micro-batches (`chunk_size=32`, a sequential `jax.lax.map` over 2
     vectorised chunks): what bounding the memory costs.
 
 The step timed is what fit runs per step: `model.train_function(iterator)`
@@ -22,7 +22,8 @@ the model's state on JAX (what Keras's JAX fit jits). Each backend's
 ratio to its own SGD step is the comparable figure; seconds across the two
 processes are printed too, with the load average next to them.
 
-Run from the repository root (about 6 minutes on a 2-core CPU):
+Run from the repository root (`--rounds=2 --chunk_size=0` took 14 min on
+a 2-core CPU shared with four other jobs):
 
     python3 -m benchmarks.jax_step --output=/tmp/jax_step.json
 """
@@ -50,7 +51,7 @@ flags.DEFINE_integer("warmup", 1, "Untimed calls per candidate after the "
                      "tracing fit step.")
 flags.DEFINE_integer("micro_batch_size", 8, "s.")
 flags.DEFINE_integer("num_micro_batches", 64, "J.")
-flags.DEFINE_integer("chunk_size", 8, "Micro-batches per chunk of the "
+flags.DEFINE_integer("chunk_size", 32, "Micro-batches per chunk of the "
                      "chunked JAX candidate; 0: no such candidate.")
 flags.DEFINE_string("model", "resnet20", "Model name for models.build_model.")
 flags.DEFINE_integer("image_size", 32, "Input height and width.")
