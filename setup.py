@@ -17,6 +17,7 @@ with open(os.path.join(_HERE, "clars_tf", "__init__.py"), encoding="utf-8") as f
 
 _STUDY = ["matplotlib>=3.5", "scipy>=1.10"]
 _DOCS = ["mkdocs>=1.6", "mkdocstrings[python]>=0.26"]
+_JAX = ["jax[cpu]>=0.4.31"]
 
 setuptools.setup(
     name="clars-tf",
@@ -52,10 +53,14 @@ setuptools.setup(
     extras_require={
         "tensorflow": ["tensorflow>=2.16"],
         "cpu": ["tensorflow-cpu>=2.16"],
+        # CLARS and LARS on KERAS_BACKEND=jax (jax.lax.map's batch_size
+        # arrived in 0.4.31).
+        "jax": _JAX,
         "study": _STUDY,
         "docs": _DOCS,
-        # Everything tests/ imports or runs, the study and docs tools included.
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6"]
-                + _STUDY + _DOCS,
+        # Everything tests/ imports or runs: the study and docs tools, and
+        # JAX with optax (tests/test_backends.py runs the optimizers on JAX).
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "optax>=0.2"]
+                + _JAX + _STUDY + _DOCS,
     },
 )

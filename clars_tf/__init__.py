@@ -1,6 +1,8 @@
-"""clars-tf: CLARS and LARS for Keras 3, correct under tf.distribute."""
+"""clars-tf: CLARS and LARS for Keras 3 (TensorFlow, JAX, PyTorch), correct
+under tf.distribute and JAX data parallelism."""
 
 from clars_tf import schedules
+from clars_tf.attach import attach_gradient_norm_estimator
 from clars_tf.clars import CLARS
 from clars_tf.estimators import estimator_from_config
 from clars_tf.gradient_norms import GradientNormEstimator
@@ -10,9 +12,9 @@ from clars_tf.layerwise import trust_ratio
 from clars_tf.one_pass_norms import OnePassGradientNormEstimator
 from clars_tf.training import StepGradients
 from clars_tf.training import apply_state_updates
-from clars_tf.training import attach_gradient_norm_estimator
 from clars_tf.training import compute_loss_gradients_and_norms
 from clars_tf.training import per_example_loss_of
+from clars_tf.vmap_norms import VmapGradientNormEstimator
 
 __all__ = [
     "CLARS",
@@ -21,6 +23,7 @@ __all__ = [
     "NormEstimator",
     "OnePassGradientNormEstimator",
     "StepGradients",
+    "VmapGradientNormEstimator",
     "apply_state_updates",
     "attach_gradient_norm_estimator",
     "compute_loss_gradients_and_norms",

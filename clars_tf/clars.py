@@ -46,9 +46,15 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
     every replica applies the same update, and the step they were set for is
     stored in `gradient_norms_step`. Applying at a step whose estimates were
     not set is an error: raised while tracing when none were ever set, and
-    checked in the graph otherwise (so it holds whichever thread applies, as
-    under `LossScaleOptimizer` and `MirroredStrategy`, where Keras applies
-    through `merge_call`).
+    on TensorFlow checked in the graph otherwise (so it holds whichever
+    thread applies, as under `LossScaleOptimizer` and `MirroredStrategy`,
+    where Keras applies through `merge_call`); on JAX and PyTorch, which set
+    and apply a step in one thread, in order, every apply must follow its
+    own `set_gradient_norms`, checked while tracing (JAX) or running
+    (PyTorch).
+
+    It runs on every Keras backend: TensorFlow's fused momentum kernel
+    there, the same arithmetic in `keras.ops` on JAX and PyTorch.
 
     A NaN or infinite estimate is not replaced by a finite step: the trust
     ratio, and so the update, become NaN, as with a NaN gradient in any Keras
@@ -123,6 +129,9 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
         # Only a tracing-time hint for the common mistake (fit without the
         # estimator); the step stamp checked in the graph is what counts.
         self._norms_ever_set = False
+        # Off TensorFlow: whether this step's estimates were set and not yet
+        # applied.
+        self._norms_pending = False
 
     def build(self, variables):
         if self.built:
@@ -182,6 +191,7 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
         self.gradient_norm_estimates.assign(norms)
         self.gradient_norms_step.assign(self.iterations)
         self._norms_ever_set = True
+        self._norms_pending = True
 
     def apply(self, grads, trainable_variables=None, gradient_norms=None):
         """Applies one CLARS step.
@@ -197,6 +207,14 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             self.set_gradient_norms(gradient_norms, trainable_variables)
         elif not self._norms_ever_set:
             raise ValueError(MISSING_NORMS_MESSAGE)
+        if not layerwise.on_tensorflow():
+            # JAX traces, and PyTorch runs, the setting and the applying of
+            # one step in one thread, in order: a flag checks it exactly.
+            if not self._norms_pending:
+                raise ValueError(MISSING_NORMS_MESSAGE)
+            self._norms_pending = False
+            super().apply(grads, trainable_variables)
+            return
         set_for_this_step = tf.debugging.assert_equal(
             self.gradient_norms_step, self.iterations,
             message=MISSING_NORMS_MESSAGE)
@@ -224,6 +242,10 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             scaled_rate = ops.cast(learning_rate * trust, dtype)
         else:
             scaled_rate = ops.cast(learning_rate, dtype)
+        if not layerwise.on_tensorflow():
+            self._momentum_step(variable, self.momentums[index], update,
+                                scaled_rate)
+            return
         # One fused kernel for spec steps 4-5: m = mu * m + d, then
         # w -= rate * m (nesterov: w -= rate * (d + mu * m)).
         tf.raw_ops.ResourceApplyMomentum(

@@ -115,6 +115,10 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             scaled_rate = ops.cast(learning_rate * trust, dtype)
         else:
             scaled_rate = ops.cast(learning_rate, dtype)
+        if not layerwise.on_tensorflow():
+            self._velocity_step(variable, self.momentums[index], update,
+                                scaled_rate)
+            return
         # One fused kernel for v = mu * v + rate * d, w -= v (nesterov:
         # w -= mu * v + rate * d). It keeps the velocity negated: -v.
         tf.raw_ops.ResourceApplyKerasMomentum(
