@@ -56,6 +56,9 @@ setuptools.setup(
         # CLARS and LARS on KERAS_BACKEND=jax (jax.lax.map's batch_size
         # arrived in 0.4.31).
         "jax": _JAX,
+        # KERAS_BACKEND=torch; not in [test]: PyPI's wheel brings GBs of CUDA
+        # libraries (tests/test_backends.py runs its torch tests where it is).
+        "torch": ["torch>=2.1"],
         "study": _STUDY,
         "docs": _DOCS,
         # Everything tests/ imports or runs: the study and docs tools, and
