@@ -46,6 +46,7 @@ flags.DEFINE_integer("num_micro_batches", 32, "J.")
 flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
 flags.DEFINE_integer("steps", 2, "Timed steps per candidate per round.")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
+flags.DEFINE_list("candidates", None, "Time only these (sgd always).")
 
 
 def _scale_layer():
@@ -108,6 +109,9 @@ def main(argv):
             "fallback_input", clars_tf.OnePassGradientNormEstimator(*groups)),
         "loop": ("plain", clars_tf.GradientNormEstimator(*groups)),
     }
+    if FLAGS.candidates:
+        candidates = {name: candidate for name, candidate in candidates.items()
+                      if name == "sgd" or name in FLAGS.candidates}
     steps = {}
     for name, (model_name, estimator) in candidates.items():
         model = built[model_name]

@@ -253,12 +253,40 @@ def check_tolerance(dtype):
                                          ).eps))
 
 
+def _tap(layer, x, output_shape):
+    """The inputs the kernel's centre tap meets at each output position,
+    `[batch, out_h, out_w, channels]`: a padded, strided slice of `x`."""
+    geometry = _geometry(layer)
+    begin, strides = [0], [1]
+    paddings = [[0, 0]]
+    for axis in range(2):
+        size, stride = x.shape[1 + axis], geometry.strides[axis]
+        kernel, dilation = geometry.kernel_size[axis], geometry.dilations[axis]
+        outputs = output_shape[1 + axis]
+        before = 0
+        if geometry.padding == "SAME":
+            total = max((outputs - 1) * stride + (kernel - 1) * dilation + 1
+                        - size, 0)
+            before = total // 2
+            paddings.append([before, total - before])
+        else:
+            paddings.append([0, 0])
+        begin.append((kernel // 2) * dilation)
+        strides.append(stride)
+    x = tf.pad(x, paddings + [[0, 0]])
+    end = [0, *(b + (o - 1) * s + 1 for b, o, s in zip(
+        begin[1:], output_shape[1:3], strides[1:])), 0]
+    return tf.strided_slice(x, begin + [0], end, strides + [1],
+                            begin_mask=0b1001, end_mask=0b1001)
+
+
 def _kernel_projection(kind, layer, x, dz, kernel_gradient):
     """`(u^T G v, sum over rows of (x_n . u)(dz_n . v), bound)` for fixed
-    signs u (over the kernel's input side) and v (its outputs).
+    signs u (over the kernel's inputs) and v (its outputs).
 
-    `x_n . u` is the layer's own op with one filter of signs: a forward
-    pass of one output channel, about 1/outputs of the layer's cost.
+    For a convolution, u is the kernel's centre tap only, so `x_n . u` is
+    a strided slice of the input: about one elementwise pass over the
+    layer's input and output gradient.
     """
     if kind == "dense":
         rows_x = tf.reshape(x, [-1, x.shape[-1]])
@@ -270,24 +298,21 @@ def _kernel_projection(kind, layer, x, dz, kernel_gradient):
         x, dz = _as_images(layer, x, dz)
         geometry = _geometry(layer)
         kernel_gradient = tf.reshape(kernel_gradient, geometry.kernel_shape)
-        outputs = geometry.kernel_shape[3]
-        v = _signs([outputs])
+        centre = kernel_gradient[geometry.kernel_size[0] // 2,
+                                 geometry.kernel_size[1] // 2]
+        channels, outputs = geometry.kernel_shape[2], geometry.kernel_shape[3]
+        u, v = _signs([channels]), _signs([outputs])
+        tap = _tap(layer, x, dz.shape)
         if kind == "depthwise":
-            u = _signs([*geometry.kernel_shape[:3], 1])
-            projected_x = tf.nn.depthwise_conv2d(
-                x, u, strides=[1, *geometry.strides, 1],
-                padding=geometry.padding, dilations=geometry.dilations)
-            channels = geometry.kernel_shape[2]
+            # Per channel: its own outputs, contracted with v.
+            projected_x = tap * u
             projected_dz = tf.reduce_sum(tf.reshape(
                 dz, tf.concat([tf.shape(dz)[:3], [channels, outputs]], 0))
                 * v, axis=-1)
         else:
-            u = _signs([*geometry.kernel_shape[:3], 1])
-            projected_x = tf.nn.conv2d(
-                x, u, strides=[1, *geometry.strides, 1],
-                padding=geometry.padding, dilations=geometry.dilations)
-            projected_dz = tf.reduce_sum(dz * v, axis=-1, keepdims=True)
-        actual = tf.reduce_sum(kernel_gradient * (u * v))
+            projected_x = tf.reduce_sum(tap * u, axis=-1)
+            projected_dz = tf.reduce_sum(dz * v, axis=-1)
+        actual = tf.reduce_sum(centre * (u[:, None] * v))
     expected = tf.reduce_sum(projected_x * projected_dz)
     return actual, expected, tf.norm(projected_x) * tf.norm(projected_dz)
 
@@ -300,7 +325,8 @@ def decomposes(kind, layer, inputs, output_gradients, kernel_gradient,
     batch, must give the variable's gradient (of the data loss). They do not
     when the variable is also used outside the recorded call (weight tying,
     another layer's op on it). Checked on the bias itself and on one
-    projection of the kernel gradient onto fixed signs.
+    projection of the kernel gradient onto fixed signs (for convolutions,
+    of its centre tap).
 
     Args:
         kind, layer: as in `layer_squares`.

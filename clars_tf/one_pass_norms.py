@@ -286,33 +286,34 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
 
     def _read_or_loop(self, model, step, variables, squares, checks,
                       layers):
-        """The read estimates where every check passes, else the loop's."""
+        """The read estimates where every check passes, else the loop's.
 
-        def read():
-            return tf.stack([tf.reduce_mean(tf.sqrt(squares[id(v)]))
-                             for v in variables])
-
+        The loop runs zero turns where the checks pass: no `tf.cond` around
+        it, which would cost the common case (`NormEstimator.__call__`'s
+        `run`).
+        """
+        read = [tf.reduce_mean(tf.sqrt(squares[id(v)])) for v in variables]
         if not checks:
-            return tf.unstack(read())
+            return read
         passed = tf.stack(checks)
+        failed = tf.logical_not(tf.reduce_all(passed))
+        with tf.control_dependencies(self._warn_failed_checks(
+                model, layers, passed, failed, step.jit_compile)):
+            looped = self.reference(
+                model, step.per_example_loss, step.x, step.y,
+                step.sample_weight, loss_scale=step.loss_scale,
+                variables=variables, run=failed)
+        return [tf.where(failed, loop, norm)
+                for loop, norm in zip(looped, read)]
 
-        def looped():
-            with tf.control_dependencies(self._warn_failed_checks(
-                    model, layers, passed, step.jit_compile)):
-                return tf.stack(self.reference(
-                    model, step.per_example_loss, step.x, step.y,
-                    step.sample_weight, loss_scale=step.loss_scale,
-                    variables=variables))
-
-        return tf.unstack(tf.cond(tf.reduce_all(passed), read, looped))
-
-    def _warn_failed_checks(self, model, layers, passed, jit_compile):
+    def _warn_failed_checks(self, model, layers, passed, failed,
+                            jit_compile):
         """Warns once per model, where the step can log (not under XLA)."""
         names = [layer.name for layer in layers]
         key = (id(model), "checks")
 
         def warn(flags):
-            if key not in self._reported:
+            if key not in self._reported and not all(flags.numpy()):
                 self._reported.add(key)
                 failed = [name for name, ok in zip(names, flags.numpy())
                           if not ok]
@@ -331,7 +332,10 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
             return []
         if jit_compile or _tracing_for_xla():
             return []
-        return [tf.py_function(warn, [passed], tf.bool)]
+        # Python runs only on a failing step.
+        return [tf.cond(failed,
+                        lambda: tf.py_function(warn, [passed], tf.bool),
+                        lambda: tf.constant(True))]
 
     def _assert_batch_rows(self, layer, call, batch):
         """With an unknown batch size, a run-time check of the rows."""

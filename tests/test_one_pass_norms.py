@@ -556,3 +556,21 @@ def test_a_run_time_batch_too_small_for_the_micro_batches_says_so():
                              r"replica \(32\), more than the batch on this "
                              r"replica: lower `num_micro_batches`"):
         step(x, y)
+
+
+@pytest.mark.parametrize("block", ["rnn_cell", "map_dense", "scan_dense",
+                                   "time_major_dense", "batch_norm"])
+def test_issue_25_families_hand_their_variables_to_the_loop(block):
+    """Families the property run may not reach early: each compiled step's
+    gradients are the tape's and every estimate the loop's, with a warning
+    (right or loud); time-major has T == B, the case a row count misses."""
+    spec = {"rank": 3, "input_shape": [6, 2], "style": "functional",
+            "blocks": [{"block": "dense", "units": 3, "bias": True,
+                        "activation": "relu", "kernel_regularizer": None,
+                        "bias_regularizer": None,
+                        "activity_regularizer": None}, {"block": block}],
+            "batch": 6, "micro_batch_size": 2, "num_micro_batches": 3,
+            "loss_scale": None, "loss": "crossentropy", "via": "step",
+            "eager": False, "seed": 7}
+    outcome, details = random_models.check(spec)
+    assert outcome == "loud", details
