@@ -410,9 +410,9 @@ class GradientNormEstimator(NormEstimator):
                 try:
                     total = tf.reduce_sum(tf.vectorized_map(
                         norms_of_micro_batch, indices), axis=0)
-                except ValueError:
-                    # pfor cannot vectorize every model (a tf.cond whose
-                    # branches carry variants): one example at a time.
+                except (ValueError, TypeError):
+                    # pfor cannot vectorize every model (a tf.cond or an
+                    # RNN's loop carrying variants): one example at a time.
                     total = None
             if total is None:
                 total = one_after_another()

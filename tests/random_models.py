@@ -501,10 +501,13 @@ class Subclassed(keras.Model):
         super().__init__(**kwargs)
         self.ordered = layers
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
+        # `training` passed on: without it Keras's fit, run eagerly, calls
+        # the model without a training flag, and batch norm normalizes
+        # with its moving statistics.
         h = inputs
         for layer in self.ordered:
-            h = layer(h)
+            h = layer(h, training=training)
         return h
 
 
