@@ -157,7 +157,11 @@ class NormEstimator:
         self.refresh_every = refresh_every
 
     def every_step(self):
-        """This estimator refreshing on every step (`refresh_every=1`)."""
+        """This estimator refreshing on every step (`refresh_every=1`).
+
+        Returns:
+            A shallow copy with `refresh_every=1`; this one is unchanged.
+        """
         fresh = copy.copy(self)
         fresh.refresh_every = 1
         return fresh
