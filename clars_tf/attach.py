@@ -14,37 +14,6 @@ from clars_tf import training
 from clars_tf import vmap_norms
 
 
-def per_example_loss_of(loss):
-    """`fn(y_true, y_pred) -> [batch]` from a Keras loss, on any backend.
-
-    As `clars_tf.per_example_loss_of`, in `keras.ops`: the loss is computed
-    in its own dtype (float32) even for a mixed-precision model's outputs.
-
-    Args:
-        loss: a `keras.losses.Loss`, a loss function or its name.
-
-    Returns:
-        `fn(y_true, y_pred) -> [batch]` losses.
-    """
-    if isinstance(loss, str):
-        loss = keras.losses.get(loss)
-    if isinstance(loss, keras.losses.Loss):
-        function, dtype = loss.call, loss.dtype
-    elif callable(loss):
-        function, dtype = loss, "float32"
-    else:
-        raise ValueError(
-            f"Cannot derive a per-example loss from {loss!r} (multi-output "
-            "losses need an explicit one): pass `per_example_loss=fn(y_true, "
-            "y_pred)` returning one loss per example.")
-
-    def per_example(y_true, y_pred):
-        return function(y_true, keras.tree.map_structure(
-            lambda t: ops.cast(t, dtype), y_pred))
-
-    return per_example
-
-
 def attach_gradient_norm_estimator(model, estimator=None,
                                    per_example_loss=None):
     """Lets `model.fit` train with CLARS, on any Keras backend: one line.
@@ -89,7 +58,7 @@ def attach_gradient_norm_estimator(model, estimator=None,
             model, estimator, per_example_loss)
 
     def per_example_loss_for(model):
-        return per_example_loss or per_example_loss_of(model.loss)
+        return per_example_loss or training.per_example_loss_of(model.loss)
 
     estimator = vmap_norms.VmapGradientNormEstimator.like(
         estimator or gradient_norms.GradientNormEstimator())

@@ -17,6 +17,12 @@ import tensorflow as tf
 from clars_tf import layer_patches
 from clars_tf import layerwise
 
+MICRO_BATCH_OF_ONE_WITH_BATCH_NORM = (
+    "`micro_batch_size=1` on a model with batch normalization: in training "
+    "mode one example is normalized by its own statistics, so its "
+    "gradients (and the estimate) collapse to about zero. Use "
+    "micro_batch_size >= 2 (the reference uses 8).")
+
 
 class _SynchronizedExceptWhileEstimating:
     """Stands in for `BatchNormalization.synchronized` while estimating.
@@ -354,12 +360,7 @@ class GradientNormEstimator(NormEstimator):
         num_replicas = context.num_replicas_in_sync if context else 1
         count = self.micro_batches_per_replica(num_replicas)
         if self.micro_batch_size == 1 and _has_batch_normalization(model):
-            raise ValueError(
-                "`micro_batch_size=1` on a model with batch normalization: "
-                "in training mode one example is normalized by its own "
-                "statistics, so its gradients (and the estimate) collapse "
-                "to about zero. Use micro_batch_size >= 2 (the reference "
-                "uses 8).")
+            raise ValueError(MICRO_BATCH_OF_ONE_WITH_BATCH_NORM)
         # NumPy inputs cannot be gathered by the tensor indices below.
         x, y = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
         if sample_weight is not None:

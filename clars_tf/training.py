@@ -102,8 +102,9 @@ def per_example_loss_of(loss):
     def per_example(y_true, y_pred):
         # As compiled Keras losses do: the loss in float32, not in a mixed
         # precision model's float16.
-        return function(y_true, tf.nest.map_structure(
-            lambda t: tf.cast(t, dtype), y_pred))
+        # keras.ops, so the same function serves the JAX and PyTorch steps.
+        return function(y_true, keras.tree.map_structure(
+            lambda t: keras.ops.cast(t, dtype), y_pred))
 
     return per_example
 

@@ -179,12 +179,7 @@ class VmapGradientNormEstimator:
         if self.micro_batch_size == 1 and any(
                 isinstance(layer, keras.layers.BatchNormalization)
                 for layer in _all_layers(model)):
-            raise ValueError(
-                "`micro_batch_size=1` on a model with batch normalization: "
-                "in training mode one example is normalized by its own "
-                "statistics, so its gradients (and the estimate) collapse "
-                "to about zero. Use micro_batch_size >= 2 (the reference "
-                "uses 8).")
+            raise ValueError(gradient_norms.MICRO_BATCH_OF_ONE_WITH_BATCH_NORM)
         batch_size = keras.tree.flatten(x)[0].shape[0]
         indices = self.micro_batch_indices(batch_size)
         if sample_weight is None:

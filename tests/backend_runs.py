@@ -111,7 +111,7 @@ def estimator_checks():
     model.build((None, FEATURES))
     values = [keras.ops.convert_to_tensor(v) for v in initial_values(model)]
     batch = [keras.ops.convert_to_tensor(t[:BATCH]) for t in (x, targets)]
-    per_example = clars_tf.attach.per_example_loss_of("mean_squared_error")
+    per_example = clars_tf.per_example_loss_of("mean_squared_error")
     estimators = {
         "estimate": clars_tf.VmapGradientNormEstimator(**ESTIMATOR),
         # 3 micro-batches at a time: a chunk of 3 and a remainder of 1.
