@@ -314,6 +314,66 @@ def pilot_verdict(warm, cold, gap_points, tuning_seed=0):
             "bad_warm": bad_warm, "bad_cold": bad_cold, "shows": shows}
 
 
+def budget_choice(ladder, loss_ratio, accuracy_points):
+    """The smallest budget of a doubling ladder past which training flattens.
+
+    Args:
+        ladder: [(epochs, Outcome)] in increasing epochs, each budget twice
+            the one before it; runs that did not finish are skipped.
+        loss_ratio: a budget is enough when the run at twice it ends with a
+            training loss at most this many times lower...
+        accuracy_points: ...and a validation accuracy at most this many
+            points higher.
+
+    Returns:
+        (epochs, flattened): the first enough budget and True; the largest
+        finished budget and False when none is enough; (None, False) when
+        no run finished.
+    """
+    finished = [(epochs, outcome) for epochs, outcome in ladder
+                if outcome.status == "done"]
+    for (epochs, shorter), (doubled, longer) in zip(finished, finished[1:]):
+        if doubled == 2 * epochs and (
+                shorter.train_loss <= loss_ratio * longer.train_loss
+                and 100 * (longer.validation_accuracy
+                           - shorter.validation_accuracy) <= accuracy_points):
+            return epochs, True
+    return (finished[-1][0], False) if finished else (None, False)
+
+
+def budget_ladders(plan, outcomes):
+    """The budget pilot's archived ladders and choices, by batch size.
+
+    Returns:
+        {batch_size: {"rate": the base rate the choice reads (the plan's,
+        or half of it where a run at the plan's diverged), "ladder":
+        [(epochs, Outcome)], "epochs": chosen budget, "flattened": bool}};
+        runs not in the archive are absent from the ladder.
+    """
+    pilot = plan["budget_pilot"]
+    found = {}
+    for outcome in outcomes.values():
+        record = outcome.record
+        if record.get("stage") == "budget":
+            found[(record["batch_size"], record["base_learning_rate"],
+                   record["epochs"])] = outcome
+    choices = {}
+    for batch_size, budgets in pilot["ladders"].items():
+        batch_size = int(batch_size)
+        rate = float(pilot["base_learning_rate"])
+        if any(found.get((batch_size, rate, e)) is not None
+               and found[(batch_size, rate, e)].status == "diverged"
+               for e in budgets):
+            rate /= 2
+        ladder = [(e, found[(batch_size, rate, e)]) for e in budgets
+                  if (batch_size, rate, e) in found]
+        epochs, flattened = budget_choice(ladder, pilot["loss_ratio"],
+                                          pilot["accuracy_points"])
+        choices[batch_size] = {"rate": rate, "ladder": ladder,
+                               "epochs": epochs, "flattened": flattened}
+    return choices
+
+
 def load_archived(archive_dir):
     """Every archived run: {run_id: Outcome} (no trainer needed)."""
     outcomes = {}

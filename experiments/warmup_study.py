@@ -1,5 +1,6 @@
-r"""The second warmup study (issue 11): does CLARS remove the need for warmup?
+r"""The warmup studies (issues 11, 18, 27): does CLARS remove the need for warmup?
 
+    python3 -m experiments.warmup_study --stage budget --plan P  # epochs
     python3 -m experiments.warmup_study --stage pilot --max_hours 1
     python3 -m experiments.warmup_study --stage compare --max_hours 2
     python3 -m experiments.warmup_study --dry_run          # commands only
@@ -7,6 +8,10 @@ r"""The second warmup study (issue 11): does CLARS remove the need for warmup?
 
 Stages (plan: configs/warmup_study/plan.yaml):
 
+0. budget (plans with a budget_pilot): one method over a ladder of epoch
+   budgets doubling from the first, per batch size, until doubling no
+   longer lowers the training loss or raises validation accuracy by the
+   plan's margins; the study trains for the budget it chooses.
 1. pilot: SGD with and without warmup over one rate grid per candidate
    model; establishes whether there is a warmup gap to remove.
 2. compare (only after a pilot that shows a gap, or with --force): per
@@ -114,7 +119,8 @@ class Study:
                     batch_size, method, rate, warmup, epochs, seed),
                 "stage": stage, "model": model, "batch_size": batch_size,
                 "method": method, "base_learning_rate": rate,
-                "warmup_epochs": warmup, "seed": seed, "config": config,
+                "warmup_epochs": warmup, "epochs": epochs, "seed": seed,
+                "config": config,
                 "overrides": overrides}
 
     def outcome(self, spec):
@@ -215,6 +221,36 @@ class Study:
               for method in ("sgd_warmup", "sgd_nowarmup")],
             self.plan["pilot"]["gap_points"], self.plan["tuning_seed"])
 
+    def budget(self):
+        """The budget pilot: per batch size, the epochs where training flattens.
+
+        Runs the plan's ladder of budgets in order and stops at the first
+        budget the next one shows to be enough; a divergence halves the base
+        rate once and starts the ladder again (`runs.budget_ladders` reads
+        the same rule back from the archive).
+        """
+        pilot = self.plan["budget_pilot"]
+        for batch_size, budgets in pilot["ladders"].items():
+            rate = float(pilot["base_learning_rate"])
+            for _ in range(2):
+                ladder = []
+                for epochs in budgets:
+                    outcome = self.outcome(self.spec(
+                        "budget", pilot["model"], int(batch_size),
+                        pilot["method"], pilot["config"], rate,
+                        round(pilot["warmup_fraction"] * epochs, 6),
+                        self.plan["tuning_seed"], epochs))
+                    ladder.append((epochs, outcome))
+                    if outcome.status == "diverged" or runs_lib.budget_choice(
+                            ladder, pilot["loss_ratio"],
+                            pilot["accuracy_points"])[1]:
+                        break
+                if ladder[-1][1].status != "diverged":
+                    break
+                rate /= 2
+        return runs_lib.budget_ladders(
+            self.plan, runs_lib.load_archived(self.args.archive_dir))
+
     def selected(self, method):
         """Whether --methods includes `method` (ablations follow CLARS)."""
         return not self.args.methods or method in self.args.methods
@@ -311,7 +347,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--stage", choices=("pilot", "compare", "check"),
+    parser.add_argument("--stage", choices=("budget", "pilot", "compare", "check"),
                         default="pilot")
     parser.add_argument("--plan", default=PLAN)
     parser.add_argument("--work_dir", default=WORK_DIR)
@@ -357,7 +393,9 @@ def main(argv=None):
     if args.stage == "check":
         return check(args)
     try:
-        if args.stage == "pilot":
+        if args.stage == "budget":
+            findings = study.budget()
+        elif args.stage == "pilot":
             findings = study.pilot()
         else:
             # The pilot's findings from the archive alone.
@@ -385,6 +423,15 @@ def main(argv=None):
               "results decide (more grid extensions and the seed runs "
               "follow from results).")
         return 0
+    if args.stage == "budget":
+        for batch_size, choice in findings.items():
+            print(f"[study] budget, batch {batch_size}: " + (
+                "no finished run." if choice["epochs"] is None else
+                f"{choice['epochs']} epochs at base rate {choice['rate']:g} "
+                + ("(doubling it no longer helps by the plan's rule)."
+                   if choice["flattened"] else
+                   "(the ladder's last finished budget: not flattened).")),
+                flush=True)
     if args.stage == "pilot":
         for model, verdict in findings.items():
             print(f"[study] pilot {model}: " + (
