@@ -479,3 +479,65 @@ def test_check_stage_reruns_a_drawn_run_and_records_the_verdict(tmp_path):
     assert not verdict["identical"]
     assert verdict["first_step_difference"]["step"] == 5
     assert verdict["first_step_difference"]["field"] == "loss"
+
+
+class _Ended:
+    """An archived run reduced to what the budget pilot reads."""
+
+    def __init__(self, epochs, train_loss, accuracy, status="done",
+                 batch_size=2048, rate=1.0):
+        self.record = {"stage": "budget", "batch_size": batch_size,
+                       "base_learning_rate": rate, "epochs": epochs}
+        self.status, self.train_loss = status, train_loss
+        self.validation_accuracy = accuracy
+
+
+def test_budget_is_the_first_whose_doubling_buys_little():
+    # 10 -> 20: loss 0.90 / 0.70 = 1.29 times lower; 20 -> 40: 1.17 times;
+    # 40 -> 80: 0.60 / 0.55 = 1.09 times and +0.5 points: 40 is enough.
+    ladder = [(10, _Ended(10, 0.90, 0.700)), (20, _Ended(20, 0.70, 0.760)),
+              (40, _Ended(40, 0.60, 0.780)), (80, _Ended(80, 0.55, 0.785))]
+    assert runs_lib.budget_choice(ladder, 1.1, 1.0) == (40, True)
+    # The loss flattens from 20 but accuracy still rises 2 points: not yet.
+    ladder = [(20, _Ended(20, 0.60, 0.76)), (40, _Ended(40, 0.58, 0.78))]
+    assert runs_lib.budget_choice(ladder, 1.1, 1.0) == (40, False)
+    # A run that did not finish breaks the doubling; none finished: None.
+    ladder = [(10, _Ended(10, 0.6, 0.7)),
+              (20, _Ended(20, None, None, status="failed")),
+              (40, _Ended(40, 0.6, 0.7))]
+    assert runs_lib.budget_choice(ladder, 1.1, 1.0) == (40, False)
+    assert runs_lib.budget_choice([], 1.1, 1.0) == (None, False)
+
+
+def test_budget_ladders_read_the_halved_rate_after_a_divergence():
+    plan = {"budget_pilot": {"ladders": {2048: [10, 20], 8192: [10, 20]},
+                             "base_learning_rate": 1.0, "loss_ratio": 1.1,
+                             "accuracy_points": 1.0}}
+    runs = [_Ended(10, 0.7, 0.70), _Ended(20, 0.68, 0.705),
+            _Ended(10, None, None, "diverged", 8192),
+            _Ended(10, 0.9, 0.60, batch_size=8192, rate=0.5)]
+    choices = runs_lib.budget_ladders(plan, dict(enumerate(runs)))
+    assert (choices[2048]["rate"], choices[2048]["epochs"],
+            choices[2048]["flattened"]) == (1.0, 10, True)
+    assert (choices[8192]["rate"], choices[8192]["epochs"],
+            choices[8192]["flattened"]) == (0.5, 10, False)
+    assert [e for e, _ in choices[8192]["ladder"]] == [10]
+
+
+def test_budget_stage_lists_the_ladder_in_order(tmp_path, capsys):
+    plan = dict(PLAN, budget_pilot={
+        "model": "sigmoid_mlp", "config": "l.yaml", "method": "lars_warmup",
+        "base_learning_rate": 1.0, "warmup_fraction": 0.1,
+        "ladders": {2048: [10, 20]}, "loss_ratio": 1.1,
+        "accuracy_points": 1.0})
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(plan))
+    assert warmup_study.main([
+        f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
+        f"--archive_dir={tmp_path / 'runs'}", "--stage=budget",
+        "--dry_run"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("python3 -m trainers.train")]
+    assert [c.split("train.epochs=")[1].split(",")[0] for c in commands] == [
+        "10", "20"]
+    assert "optimizer.warmup_epochs=2" in commands[1]
