@@ -256,50 +256,136 @@ class Study:
         return not self.args.methods or method in self.args.methods
 
     def compare(self):
+        """Per batch size: tune every method, then its fresh seeds.
+
+        A method may be limited to some batch sizes (`batch_sizes`), run
+        its own number of seeds (`seeds`, none for a tuning-only arm),
+        start at a later batch size from its chosen rate at an earlier one
+        (the plan's `scaled_grid`), or be a selection: the best tuning run
+        among `select_from` at the selection's batch size, rerun with
+        fresh seeds there and tuned for rate alone at the others.
+        """
         plan = self.plan["comparison"]
-        seed = self.plan["tuning_seed"]
+        chosen_at = {}
         for batch_size in plan["batch_sizes"]:
-            chosen = {}
+            epochs = per_batch_size(plan["epochs"], batch_size)
+            main_warmup = (round(plan["warmup_fraction"] * epochs, 6)
+                           if "warmup_fraction" in plan
+                           else plan["warmup_epochs"])
+            chosen = chosen_at[batch_size] = {}
             for method, spec in plan["methods"].items():
-                if not self.selected(method):
+                if "select_from" in spec or not self.runs_at(
+                        method, spec, batch_size):
                     continue
-                warmup = plan["warmup_epochs"] if spec["warmup"] else 0.0
-                best = self.tune(
-                    lambda rate, method=method, spec=spec, warmup=warmup:
-                    self.spec("compare", plan["model"], batch_size, method,
-                              spec["config"], rate, warmup, seed,
-                              plan["epochs"],
-                              extra=spec.get("overrides", ())),
-                    spec["grid"], plan.get("max_extensions"))
-                if best is not None:
-                    chosen[method] = (best.record["base_learning_rate"],
-                                      warmup)
+                grid = self.grid(method, spec, batch_size, chosen_at)
+                if grid is not None:
+                    self.tune_method(chosen, method, spec, batch_size, epochs,
+                                     main_warmup, grid)
+            for method, spec in plan["methods"].items():
+                if "select_from" in spec and self.runs_at(method, spec,
+                                                          batch_size):
+                    self.select(chosen_at, method, spec, batch_size, epochs,
+                                main_warmup)
             if "sgd_warmup" in chosen:
-                rate, _ = chosen["sgd_warmup"]
-                for warmup in plan["warmup_variants"]:
+                for warmup in plan.get("warmup_variants", ()):
                     self.outcome(self.spec(
                         "compare", plan["model"], batch_size, "sgd_warmup",
-                        plan["methods"]["sgd_warmup"]["config"], rate, warmup,
-                        seed, plan["epochs"]))
+                        plan["methods"]["sgd_warmup"]["config"],
+                        chosen["sgd_warmup"]["rate"], warmup,
+                        self.plan["tuning_seed"], epochs))
             if "clars" in chosen:
-                for name in plan["ablations"]:
-                    chosen[name] = chosen["clars"]
-            for method, (rate, warmup) in chosen.items():
-                ablation = plan["ablations"].get(method)
-                config = plan["methods"]["clars" if ablation else method][
-                    "config"]
-                extra = list(ablation["overrides"] if ablation else
-                             plan["methods"][method].get("overrides", ()))
-                for index, fresh in enumerate(plan["seeds"]):
+                for name, ablation in plan.get("ablations", {}).items():
+                    chosen[name] = dict(chosen["clars"],
+                                        overrides=ablation["overrides"])
+            for method, choice in chosen.items():
+                if choice.get("seeds_of"):
+                    continue
+                spec = plan["methods"].get(method, {})
+                for index, fresh in enumerate(spec.get("seeds",
+                                                       plan["seeds"])):
                     diagnostics = (index == 0 and "clars" in method)
                     self.outcome(self.spec(
-                        "compare", plan["model"], batch_size, method, config,
-                        rate, warmup, fresh, plan["epochs"],
-                        splits="validation+test",
-                        extra=extra + ([
+                        "compare", plan["model"], batch_size, method,
+                        choice["config"], choice["rate"], choice["warmup"],
+                        fresh, epochs, splits="validation+test",
+                        extra=list(choice["overrides"]) + ([
                             "train.diagnostics_every_steps="
                             f"{plan['diagnostics_every_steps']}"]
                             if diagnostics else [])))
+
+    def runs_at(self, method, spec, batch_size):
+        return self.selected(method) and batch_size in spec.get(
+            "batch_sizes", self.plan["comparison"]["batch_sizes"])
+
+    def grid(self, method, spec, batch_size, chosen_at):
+        """The method's first grid at `batch_size`, or None if not yet known.
+
+        With the plan's `scaled_grid` every batch size after the one it
+        names starts from the method's chosen rate there, times each factor
+        (3 significant digits); a method not chosen there has no grid yet.
+        """
+        scaled = self.plan["comparison"].get("scaled_grid")
+        if not scaled or batch_size == scaled["from"]:
+            return spec["grid"]
+        base = chosen_at.get(scaled["from"], {}).get(method)
+        if base is None:
+            return None
+        return [float(f"{base['rate'] * factor:.3g}")
+                for factor in scaled["factors"]]
+
+    def tune_method(self, chosen, method, spec, batch_size, epochs,
+                    main_warmup, grid, config=None, overrides=None):
+        plan = self.plan["comparison"]
+        warmup = main_warmup if spec["warmup"] else 0.0
+        config = config or spec["config"]
+        overrides = list(spec.get("overrides", ()) if overrides is None
+                         else overrides)
+        best = self.tune(
+            lambda rate: self.spec("compare", plan["model"], batch_size,
+                                   method, config, rate, warmup,
+                                   self.plan["tuning_seed"], epochs,
+                                   extra=overrides),
+            grid, plan.get("max_extensions"))
+        if best is not None:
+            chosen[method] = {"rate": best.record["base_learning_rate"],
+                              "warmup": warmup, "config": config,
+                              "overrides": overrides, "outcome": best}
+
+    def select(self, chosen_at, method, spec, batch_size, epochs,
+               main_warmup):
+        """The selection arm: its candidates' best at `spec["at"]`.
+
+        Waits until every candidate is tuned there. Where the winner runs
+        fresh seeds of its own, the selection reuses them (`seeds_of`);
+        at other batch sizes it is tuned for rate with the winner's
+        settings, unless the winner is tuned there itself.
+        """
+        at = chosen_at.get(spec["at"], {})
+        if any(candidate not in at for candidate in spec["select_from"]):
+            return
+        winner = max(spec["select_from"],
+                     key=lambda candidate: at[candidate]["outcome"].score())
+        methods = self.plan["comparison"]["methods"]
+        has_seeds = bool(methods[winner].get(
+            "seeds", self.plan["comparison"]["seeds"]))
+        chosen = chosen_at[batch_size]
+        if batch_size == spec["at"]:
+            chosen[method] = dict(at[winner], seeds_of=(
+                winner if has_seeds else None))
+        elif winner in chosen:
+            chosen[method] = dict(chosen[winner], seeds_of=winner)
+        else:
+            grid = self.grid(method, spec, batch_size, chosen_at)
+            if grid is not None:
+                self.tune_method(chosen, method, dict(
+                    spec, warmup=methods[winner]["warmup"]), batch_size,
+                    epochs, main_warmup, grid, methods[winner]["config"],
+                    at[winner]["overrides"])
+
+
+def per_batch_size(value, batch_size):
+    """A plan value given once or per batch size ({batch size: value})."""
+    return value[batch_size] if isinstance(value, dict) else value
 
 
 def sample_finished_run(archive_dir, seed):
@@ -398,11 +484,12 @@ def main(argv=None):
         elif args.stage == "pilot":
             findings = study.pilot()
         else:
-            # The pilot's findings from the archive alone.
+            # The pilot's findings from the archive alone (a plan without
+            # an SGD pilot has made warmup's effect one of its comparisons).
             reader = Study(plan, argparse.Namespace(**dict(vars(args),
                                                            dry_run=True)))
-            verdicts = reader.pilot()
-            if not (args.force or args.dry_run or any(
+            verdicts = reader.pilot() if "pilot" in plan else {}
+            if "pilot" in plan and not (args.force or args.dry_run or any(
                     v and v["shows"] for v in verdicts.values())):
                 sys.exit("[study] the pilot shows no warmup gap (see "
                          "experiments/warmup_results/results.md); the "

@@ -541,3 +541,75 @@ def test_budget_stage_lists_the_ladder_in_order(tmp_path, capsys):
     assert [c.split("train.epochs=")[1].split(",")[0] for c in commands] == [
         "10", "20"]
     assert "optimizer.warmup_epochs=2" in commands[1]
+
+
+def _fourth_plan(select_from):
+    methods = {
+        "sgd_warmup": {"label": "SGD + warmup", "config": "s.yaml",
+                       "warmup": True, "grid": [0.2, 0.4, 0.8]},
+        "clars": {"label": "CLARS", "config": "c.yaml", "warmup": False,
+                  "grid": [0.1, 0.2, 0.4]},
+        "trust_a": {"label": "clip 1", "config": "c.yaml", "warmup": False,
+                    "grid": [0.4], "seeds": [], "batch_sizes": [4096],
+                    "overrides": ["clars.trust_clip=1"]},
+        "trust_b": {"label": "clip none", "config": "c.yaml",
+                    "warmup": False, "grid": [0.8], "seeds": [],
+                    "batch_sizes": [4096]},
+        "clars_tuned": {"label": "CLARS, tuned trust", "warmup": False,
+                        "select_from": select_from, "at": 4096}}
+    return {"validation_examples": 5000, "tuning_seed": 0,
+            "comparison": {
+                "model": "sigmoid_mlp", "batch_sizes": [4096, 8192],
+                "epochs": {4096: 2, 8192: 4}, "warmup_fraction": 0.5,
+                "seeds": [1, 2], "max_extensions": 0,
+                "diagnostics_every_steps": 1,
+                "scaled_grid": {"from": 4096, "factors": [0.5, 1]},
+                "methods": methods}}
+
+
+def _fourth_runs(tmp_path, select_from):
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(_fourth_plan(select_from)))
+    assert warmup_study.main([
+        f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
+        f"--archive_dir={tmp_path / 'results' / 'runs'}", "--stage=compare",
+        "--trainer=tests.stand_in_trainer"]) == 0
+    return {(o.record["batch_size"], o.record["method"],
+             o.record["base_learning_rate"], o.record["warmup_epochs"],
+             o.record["epochs"], o.record["seed"]): o.record["overrides"]
+            for o in _archived(tmp_path).values()}
+
+
+def test_fourth_plan_scales_grids_limits_arms_and_reuses_a_winners_seeds(
+        tmp_path):
+    runs = _fourth_runs(tmp_path, ["clars", "trust_a", "trust_b"])
+    keys = set(runs)
+    # The stand-in peaks at 0.4 with warmup and 0.2 without. Batch 4096, 2
+    # epochs, warmup half of them; batch 8192 starts from the chosen rate
+    # times 0.5 and 1, 4 epochs.
+    assert {k for k in keys if k[1] == "sgd_warmup"} == {
+        (4096, "sgd_warmup", r, 1.0, 2, 0) for r in (0.2, 0.4, 0.8)} | {
+        (4096, "sgd_warmup", 0.4, 1.0, 2, s) for s in (1, 2)} | {
+        (8192, "sgd_warmup", r, 2.0, 4, 0) for r in (0.2, 0.4)} | {
+        (8192, "sgd_warmup", 0.4, 2.0, 4, s) for s in (1, 2)}
+    assert {k for k in keys if k[1] == "clars" and k[5] > 0} == {
+        (b, "clars", r, 0.0, e, s) for b, r, e in ((4096, 0.2, 2),
+                                                   (8192, 0.2, 4))
+        for s in (1, 2)}
+    # Tuning-only arms at 4096 alone; CLARS (0.85) beats clip 1 (0.84)
+    # and clip none (0.83), so the selection reuses CLARS's seeds.
+    assert {k[:2] for k in keys if k[1].startswith("trust")} == {
+        (4096, "trust_a"), (4096, "trust_b")}
+    assert not any(k[1] == "clars_tuned" for k in keys)
+
+
+def test_a_selection_won_by_a_tuning_arm_runs_its_seeds_and_retunes(
+        tmp_path):
+    runs = _fourth_runs(tmp_path, ["trust_a", "trust_b"])
+    tuned = {k: v for k, v in runs.items() if k[1] == "clars_tuned"}
+    assert set(tuned) == {(4096, "clars_tuned", 0.4, 0.0, 2, s)
+                          for s in (1, 2)} | {
+        (8192, "clars_tuned", r, 0.0, 4, 0) for r in (0.2, 0.4)} | {
+        (8192, "clars_tuned", 0.2, 0.0, 4, s) for s in (1, 2)}
+    assert all("clars.trust_clip=1" in overrides
+               for overrides in tuned.values())
