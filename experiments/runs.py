@@ -328,10 +328,10 @@ def budget_choice(ladder, loss_ratio, accuracy_points):
     Returns:
         (epochs, flattened): the first enough budget and True; the largest
         finished budget and False when none is enough; (None, False) when
-        no run finished.
+        no run finished above chance.
     """
     finished = [(epochs, outcome) for epochs, outcome in ladder
-                if outcome.status == "done"]
+                if outcome.status == "done" and not failed_or_chance(outcome)]
     for (epochs, shorter), (doubled, longer) in zip(finished, finished[1:]):
         if doubled == 2 * epochs and (
                 shorter.train_loss <= loss_ratio * longer.train_loss
@@ -346,9 +346,10 @@ def budget_ladders(plan, outcomes):
 
     Returns:
         {batch_size: {"rate": the base rate the choice reads (the plan's,
-        or half of it where a run at the plan's diverged), "ladder":
-        [(epochs, Outcome)], "epochs": chosen budget, "flattened": bool}};
-        runs not in the archive are absent from the ladder.
+        or half of it where a run at the plan's diverged or ended at
+        chance), "ladder": [(epochs, Outcome)], "epochs": chosen budget,
+        "flattened": bool}}; runs not in the archive are absent from the
+        ladder.
     """
     pilot = plan["budget_pilot"]
     found = {}
@@ -361,8 +362,8 @@ def budget_ladders(plan, outcomes):
     for batch_size, budgets in pilot["ladders"].items():
         batch_size = int(batch_size)
         rate = float(pilot["base_learning_rate"])
-        if any(found.get((batch_size, rate, e)) is not None
-               and found[(batch_size, rate, e)].status == "diverged"
+        if any((batch_size, rate, e) in found
+               and failed_or_chance(found[(batch_size, rate, e)])
                for e in budgets):
             rate /= 2
         ladder = [(e, found[(batch_size, rate, e)]) for e in budgets

@@ -225,8 +225,8 @@ class Study:
         """The budget pilot: per batch size, the epochs where training flattens.
 
         Runs the plan's ladder of budgets in order and stops at the first
-        budget the next one shows to be enough; a divergence halves the base
-        rate once and starts the ladder again (`runs.budget_ladders` reads
+        budget the next one shows to be enough; a run that diverges or ends
+        at chance halves the base rate once and starts the ladder again (`runs.budget_ladders` reads
         the same rule back from the archive).
         """
         pilot = self.plan["budget_pilot"]
@@ -241,11 +241,12 @@ class Study:
                         round(pilot["warmup_fraction"] * epochs, 6),
                         self.plan["tuning_seed"], epochs))
                     ladder.append((epochs, outcome))
-                    if outcome.status == "diverged" or runs_lib.budget_choice(
-                            ladder, pilot["loss_ratio"],
-                            pilot["accuracy_points"])[1]:
+                    if runs_lib.failed_or_chance(outcome) or (
+                            runs_lib.budget_choice(
+                                ladder, pilot["loss_ratio"],
+                                pilot["accuracy_points"])[1]):
                         break
-                if ladder[-1][1].status != "diverged":
+                if not runs_lib.failed_or_chance(ladder[-1][1]):
                     break
                 rate /= 2
         return runs_lib.budget_ladders(

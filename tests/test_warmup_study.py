@@ -613,3 +613,17 @@ def test_a_selection_won_by_a_tuning_arm_runs_its_seeds_and_retunes(
         (8192, "clars_tuned", 0.2, 0.0, 4, s) for s in (1, 2)}
     assert all("clars.trust_clip=1" in overrides
                for overrides in tuned.values())
+
+
+def test_a_ladder_at_chance_halves_the_rate_and_chooses_nothing():
+    plan = {"budget_pilot": {"ladders": {8192: [10, 20]},
+                             "base_learning_rate": 1.0, "loss_ratio": 1.1,
+                             "accuracy_points": 1.0}}
+    # Two runs at chance "flatten" (same loss, same accuracy) but count
+    # for nothing; the rate is halved.
+    at_chance = [_Ended(10, 59.8, 0.105, batch_size=8192),
+                 _Ended(20, 59.8, 0.105, batch_size=8192)]
+    assert runs_lib.budget_choice([(10, at_chance[0]), (20, at_chance[1])],
+                                  1.1, 1.0) == (None, False)
+    choices = runs_lib.budget_ladders(plan, dict(enumerate(at_chance)))
+    assert (choices[8192]["rate"], choices[8192]["epochs"]) == (0.5, None)
