@@ -346,8 +346,8 @@ def budget_ladders(plan, outcomes):
 
     Returns:
         {batch_size: {"rate": the base rate the choice reads (the plan's,
-        or half of it where a run at the plan's diverged or ended at
-        chance), "ladder": [(epochs, Outcome)], "epochs": chosen budget,
+        halved after each rate where a run diverged or ended at chance,
+        at most the plan's max_halvings times, default once), "ladder": [(epochs, Outcome)], "epochs": chosen budget,
         "flattened": bool}}; runs not in the archive are absent from the
         ladder.
     """
@@ -362,9 +362,11 @@ def budget_ladders(plan, outcomes):
     for batch_size, budgets in pilot["ladders"].items():
         batch_size = int(batch_size)
         rate = float(pilot["base_learning_rate"])
-        if any((batch_size, rate, e) in found
-               and failed_or_chance(found[(batch_size, rate, e)])
-               for e in budgets):
+        for _ in range(pilot.get("max_halvings", 1)):
+            if not any((batch_size, rate, e) in found
+                       and failed_or_chance(found[(batch_size, rate, e)])
+                       for e in budgets):
+                break
             rate /= 2
         ladder = [(e, found[(batch_size, rate, e)]) for e in budgets
                   if (batch_size, rate, e) in found]

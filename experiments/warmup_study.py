@@ -226,13 +226,14 @@ class Study:
 
         Runs the plan's ladder of budgets in order and stops at the first
         budget the next one shows to be enough; a run that diverges or ends
-        at chance halves the base rate once and starts the ladder again (`runs.budget_ladders` reads
+        at chance halves the base rate (at most the plan's max_halvings
+        times, default once) and starts the ladder again (`runs.budget_ladders` reads
         the same rule back from the archive).
         """
         pilot = self.plan["budget_pilot"]
         for batch_size, budgets in pilot["ladders"].items():
             rate = float(pilot["base_learning_rate"])
-            for _ in range(2):
+            for _ in range(pilot.get("max_halvings", 1) + 1):
                 ladder = []
                 for epochs in budgets:
                     outcome = self.outcome(self.spec(

@@ -567,13 +567,19 @@ def _fourth_plan(select_from):
                 "methods": methods}}
 
 
-def _fourth_runs(tmp_path, select_from):
+def run_compare_stage(tmp_path, plan):
+    """The compare stage of `plan` with the stand-in; the plan's path."""
     plan_path = tmp_path / "plan.yaml"
-    plan_path.write_text(yaml.safe_dump(_fourth_plan(select_from)))
+    plan_path.write_text(yaml.safe_dump(plan))
     assert warmup_study.main([
         f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
         f"--archive_dir={tmp_path / 'results' / 'runs'}", "--stage=compare",
         "--trainer=tests.stand_in_trainer"]) == 0
+    return plan_path
+
+
+def _fourth_runs(tmp_path, select_from):
+    run_compare_stage(tmp_path, _fourth_plan(select_from))
     return {(o.record["batch_size"], o.record["method"],
              o.record["base_learning_rate"], o.record["warmup_epochs"],
              o.record["epochs"], o.record["seed"]): o.record["overrides"]
@@ -627,3 +633,9 @@ def test_a_ladder_at_chance_halves_the_rate_and_chooses_nothing():
                                   1.1, 1.0) == (None, False)
     choices = runs_lib.budget_ladders(plan, dict(enumerate(at_chance)))
     assert (choices[8192]["rate"], choices[8192]["epochs"]) == (0.5, None)
+    # With up to 3 halvings, 0.5 at chance too: the ladder reads 0.25.
+    plan["budget_pilot"]["max_halvings"] = 3
+    at_chance.append(_Ended(10, 13.3, 0.098, batch_size=8192, rate=0.5))
+    at_chance.append(_Ended(10, 0.9, 0.70, batch_size=8192, rate=0.25))
+    choices = runs_lib.budget_ladders(plan, dict(enumerate(at_chance)))
+    assert (choices[8192]["rate"], choices[8192]["epochs"]) == (0.25, 10)
