@@ -930,8 +930,6 @@ def main(argv=None):
                                         compared, outcomes)
         method = ("Batch-norm statistics recomputed on 4,096 training "
                   "examples before each evaluation.")
-    unfinished = [o.run_id for o in outcomes.values()
-                  if o.status not in ("done", "diverged")]
     command = "python3 -m experiments.warmup_report" + (
         "" if args.plan == PLAN else
         f" --plan {args.plan} --results_dir {args.results_dir}")
@@ -942,13 +940,20 @@ def main(argv=None):
             "training examples); test accuracy only for fresh seeds. "
             + method, ""] + summary + [""] + pilot_lines + compare_lines
     text += ["## Figures", ""] + figures(outcomes, args.results_dir, plan) + [""]
+    write_results(args.results_dir, text, outcomes)
+
+
+def write_results(results_dir, text, outcomes):
+    """Writes `text` lines, then the runs not finished, to results.md."""
+    unfinished = sorted(o.run_id for o in outcomes.values()
+                        if o.status not in ("done", "diverged"))
     if unfinished:
-        text += ["## Unfinished runs", ""] + [f"- {r}" for r in
-                                               sorted(unfinished)]
-    with open(os.path.join(args.results_dir, "results.md"), "w",
+        text = text + ["## Unfinished runs", ""] + [
+            f"- {run_id}" for run_id in unfinished]
+    with open(os.path.join(results_dir, "results.md"), "w",
               encoding="utf-8") as f:
         f.write("\n".join(text) + "\n")
-    print(f"wrote {args.results_dir}/results.md ({len(outcomes)} runs)")
+    print(f"wrote {results_dir}/results.md ({len(outcomes)} runs)")
 
 
 if __name__ == "__main__":
