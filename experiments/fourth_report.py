@@ -102,11 +102,11 @@ def chosen_runs(plan, outcomes, batch_size):
 
 
 def seed_accuracies(plan, outcomes, batch_size, method, chosen):
-    """{seed: test accuracy} of `method`'s fresh seeds at its chosen rate.
+    """{seed: test accuracy} of `method`'s fresh seeds at its chosen rate
+    (the plan's and any its seed extension added).
 
     A selection arm whose winner ran its own seeds reads the winner's.
     """
-    compare = plan["comparison"]
     run = chosen.get(method)
     if run is None:
         return {}
@@ -118,10 +118,9 @@ def seed_accuracies(plan, outcomes, batch_size, method, chosen):
                 and record.get("batch_size") == batch_size
                 and record.get("method") in (method, source)
                 and record.get("seed") != plan["tuning_seed"]
-                and record.get("seed") in compare["seeds"]
                 and record.get("base_learning_rate")
                 == run.record["base_learning_rate"]
-                and _settings(outcome) == _settings(run)):
+                and arm_settings(outcome) == arm_settings(run)):
             if outcome.status == "diverged":
                 accuracies[record["seed"]] = DIVERGED_ACCURACY
             elif outcome.test_accuracy is not None:
@@ -129,7 +128,7 @@ def seed_accuracies(plan, outcomes, batch_size, method, chosen):
     return accuracies
 
 
-def _settings(run):
+def arm_settings(run):
     """The overrides a seed run of `run`'s arm starts with (its settings)."""
     return [o for o in run.record.get("overrides", [])
             if o.split("=")[0] not in _PER_RUN]

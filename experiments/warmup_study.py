@@ -20,7 +20,10 @@ Stages (plan: configs/warmup_study/plan.yaml):
    at its best rate with a shorter and a longer warmup; every method and
    ablation at its chosen rate with fresh seeds, evaluated on validation
    and test.
-3. check: reruns one finished run, drawn from the archive with
+3. extend (plans with a seed_extension): more seeds for the primary
+   comparisons whose interval is wider than the plan allows, decided on
+   their spread alone.
+4. check: reruns one finished run, drawn from the archive with
    --check_seed, and says whether it came out bit-identical
    (`experiments.rerun_check`); the verdict goes to RERUN_CHECK beside
    the archive, the exit code is 1 when it is not identical.
@@ -315,6 +318,39 @@ class Study:
                             f"{plan['diagnostics_every_steps']}"]
                             if diagnostics else [])))
 
+    def extend(self):
+        """The plan's seed extension, once every primary arm has its seeds.
+
+        A primary comparison with all the plan's seeds in whose 95 %
+        half-width is above the rule's gets, for both its arms, the seeds
+        its observed spread needs (at most the rule's max_seeds), numbered
+        on from the plan's. Decided on the spread alone, never the mean.
+        """
+        from experiments import fourth_report
+
+        plan = self.plan["comparison"]
+        rule = plan["seed_extension"]
+        outcomes = runs_lib.load_archived(self.args.archive_dir)
+        for row in fourth_report.comparisons(self.plan, outcomes):
+            if (row["family"] != "primary" or row["differences"] is None
+                    or not set(plan["seeds"]) <= set(row["seeds"])
+                    or row["half_width"] <= rule["half_width_points"]):
+                continue
+            chosen = fourth_report.chosen_runs(self.plan, outcomes,
+                                               row["batch_size"])
+            for method in (row["first"], row["second"]):
+                run = chosen[method]
+                for seed in range(max(plan["seeds"]) + 1,
+                                  min(row["seeds_needed"],
+                                      rule["max_seeds"]) + 1):
+                    self.outcome(self.spec(
+                        "compare", plan["model"], row["batch_size"],
+                        run.record["method"], run.record["config"],
+                        run.record["base_learning_rate"],
+                        run.record["warmup_epochs"], seed,
+                        run.record["epochs"], splits="validation+test",
+                        extra=fourth_report.arm_settings(run)))
+
     def runs_at(self, method, spec, batch_size):
         return self.selected(method) and batch_size in spec.get(
             "batch_sizes", self.plan["comparison"]["batch_sizes"])
@@ -435,7 +471,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--stage", choices=("budget", "pilot", "compare", "check"),
+    parser.add_argument("--stage", choices=("budget", "pilot", "compare", "extend", "check"),
                         default="pilot")
     parser.add_argument("--plan", default=PLAN)
     parser.add_argument("--work_dir", default=WORK_DIR)
@@ -485,6 +521,8 @@ def main(argv=None):
             findings = study.budget()
         elif args.stage == "pilot":
             findings = study.pilot()
+        elif args.stage == "extend":
+            study.extend()
         else:
             # The pilot's findings from the archive alone (a plan without
             # an SGD pilot has made warmup's effect one of its comparisons).

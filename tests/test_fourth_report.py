@@ -4,6 +4,8 @@ from the archive, on hand-computed numbers and the stand-in trainer."""
 import pytest
 
 from experiments import fourth_report
+from experiments import runs as runs_lib
+from experiments import warmup_study
 from tests.test_warmup_study import _fourth_plan, run_compare_stage
 
 
@@ -34,17 +36,21 @@ def test_p_values_against_the_closed_form_t_with_two_degrees():
     assert fourth_report.p_value([-1, -1], "noninferiority", 1.0) == 1.0
 
 
-def test_report_from_the_archive_reads_the_plans_comparisons(tmp_path):
+def _report_plan():
     plan = _fourth_plan(["clars", "trust_a", "trust_b"])
     plan["title"] = "Stand-in"
     plan["comparison"].update(
         noninferiority_points=1.0, equivalence_points=2.0,
         family_wise_error=0.05,
-        seed_extension={"half_width_points": 1.5, "max_seeds": 16},
+        seed_extension={"half_width_points": 1.5, "max_seeds": 4},
         primary=[["clars", "sgd_warmup", "noninferiority"]],
         secondary=[["clars_tuned", "clars", "difference"],
                    ["trust_a", "clars", "difference"]])
-    plan_path = run_compare_stage(tmp_path, plan)
+    return plan
+
+
+def test_report_from_the_archive_reads_the_plans_comparisons(tmp_path):
+    plan_path = run_compare_stage(tmp_path, _report_plan())
     fourth_report.main([f"--plan={plan_path}",
                         f"--results_dir={tmp_path / 'results'}"])
     text = (tmp_path / "results" / "results.md").read_text()
@@ -66,3 +72,33 @@ def test_report_from_the_archive_reads_the_plans_comparisons(tmp_path):
     assert ("| SGD + warmup | 0.2: 89.0, 0.4: **90.0**, 0.8: 89.0 | 0.4 "
             "(sgd_warmup) | 88.1 (88.1-88.2, n=2) |") in text
     assert "| CLARS, tuned trust | (the winner's) | 0.2 (clars) |" in text
+
+
+def test_extend_stage_adds_the_seeds_a_wide_spread_needs(tmp_path,
+                                                         monkeypatch):
+    plan = _report_plan()
+    plan_path = run_compare_stage(tmp_path, plan)
+    real = fourth_report.comparisons
+
+    def wide(plan, outcomes):
+        rows = real(plan, outcomes)
+        for row in rows:  # as if the 2 seeds' spread asked for 5
+            if row["batch_size"] == 4096 and row["family"] == "primary":
+                row.update(half_width=3.0, seeds_needed=5)
+        return rows
+
+    monkeypatch.setattr(fourth_report, "comparisons", wide)
+    assert warmup_study.main([
+        f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
+        f"--archive_dir={tmp_path / 'results' / 'runs'}", "--stage=extend",
+        "--trainer=tests.stand_in_trainer"]) == 0
+    added = sorted((o.record["batch_size"], o.record["method"],
+                    o.record["base_learning_rate"], o.record["seed"])
+                   for o in runs_lib.load_archived(
+                       str(tmp_path / "results" / "runs")).values()
+                   if o.record["seed"] > 2)
+    # max_seeds 4 caps the 5 the spread asks for: seeds 3 and 4, both arms
+    # at their chosen rates, at 4096 only.
+    assert added == [(4096, "clars", 0.2, 3), (4096, "clars", 0.2, 4),
+                     (4096, "sgd_warmup", 0.4, 3),
+                     (4096, "sgd_warmup", 0.4, 4)]
