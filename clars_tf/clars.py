@@ -78,7 +78,9 @@ class CLARS(layerwise.LayerwiseAdaptiveOptimizer):
             variable (MLPerf's LARS does not).
         name: the optimizer's name, the prefix of its variables' paths.
             Defaults to "clars".
-        **kwargs: Keras's base optimizer arguments (`weight_decay`,
+        **kwargs: `exclude_rank_one_variables` (default True: variables
+            of rank <= 1 use trust 1; False adapts them too, an ablation)
+            and Keras's base optimizer arguments (`weight_decay`,
             `clipnorm`, `use_ema`, ...).
 
     Example:

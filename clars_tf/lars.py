@@ -45,7 +45,9 @@ class LARS(layerwise.LayerwiseAdaptiveOptimizer):
             Defaults to False (MLPerf).
         name: the optimizer's name, the prefix of its variables' paths.
             Defaults to "lars".
-        **kwargs: Keras's base optimizer arguments (`weight_decay`,
+        **kwargs: `exclude_rank_one_variables` (default True: variables
+            of rank <= 1 use trust 1; False adapts them too, an ablation)
+            and Keras's base optimizer arguments (`weight_decay`,
             `clipnorm`, `use_ema`, ...).
 
     Example:
