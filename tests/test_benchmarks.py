@@ -104,19 +104,23 @@ def test_trainer_throughput_runs_and_reports_every_candidate(tmp_path):
         row = run["candidates"][name]
         assert row["images"] == count
         assert len(row["seconds"]) == 2 and min(row["seconds"]) > 0
-        if name in ("trainer", "fit"):
-            # Epoch 2 of each round alone sets the rate; the rest of the
-            # round is start-up (round 1) or restart (round 2).
-            steady = [seconds[1] for seconds in row["epoch_seconds"]]
-            assert [len(s) for s in row["epoch_seconds"]] == [2, 2]
-            expected = [epoch / s for s in steady]
-            rests = [total - 2 * s
-                     for total, s in zip(row["seconds"], steady)]
-            assert row["start_up_seconds"] == pytest.approx(rests[0])
-            assert row["restart_seconds"] == pytest.approx(rests[1:])
-        else:
-            expected = [count / seconds for seconds in row["seconds"]]
-        assert row["images_per_second"] == pytest.approx(expected)
+        for clock, per_second in (("", "second"), ("cpu_", "cpu_second")):
+            if name in ("trainer", "fit"):
+                # Epoch 2 of each round alone sets the rate; the rest of
+                # the round is start-up (round 1) or restart (round 2).
+                per_epoch = row[f"epoch_{clock}seconds"]
+                assert [len(s) for s in per_epoch] == [2, 2]
+                steady = [seconds[1] for seconds in per_epoch]
+                expected = [epoch / s for s in steady]
+                rests = [total - 2 * s
+                         for total, s in zip(row[f"{clock}seconds"], steady)]
+                assert row[f"start_up_{clock}seconds"] == pytest.approx(
+                    rests[0])
+                assert row[f"restart_{clock}seconds"] == pytest.approx(
+                    rests[1:])
+            else:
+                expected = [count / s for s in row[f"{clock}seconds"]]
+            assert row[f"images_per_{per_second}"] == pytest.approx(expected)
         assert all(0 < share <= 1.5 for share in row["cpu_share"])
         rates[name] = row["images_per_second"]
     assert set(run["one_time_seconds"]) == {"decode", "trainer_build",
@@ -128,5 +132,11 @@ def test_trainer_throughput_runs_and_reports_every_candidate(tmp_path):
         assert run["trainer_over_faster_of_model_step_and_fit"][
             r] == pytest.approx(rates["trainer"][r] / max(
                 rates["model_step"][r], rates["fit"][r]))
+    cpu_rates = {name: run["candidates"][name]["images_per_cpu_second"]
+                 for name in images}
+    assert run["on_cpu_time"]["trainer_over_faster_of_model_step_and_fit"] == (
+        pytest.approx([cpu_rates["trainer"][r] / max(
+            cpu_rates["model_step"][r], cpu_rates["fit"][r])
+                       for r in range(2)]))
     assert "pipeline / model_step" in result.stdout
     assert "trainer: start-up" in result.stdout

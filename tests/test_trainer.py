@@ -536,7 +536,7 @@ def test_evaluation_reads_its_data_and_traces_its_steps_once(
     for entry in history:
         seconds = entry["seconds"]
         assert set(seconds) == {"training", "evaluation", "batch_norm",
-                                "total"}
+                                "total", "total_cpu"}
         assert all(value > 0 for value in seconds.values())
         # The parts lie within the whole epoch (3 ms of rounding apart).
         assert seconds["total"] >= (seconds["training"] + seconds["evaluation"]

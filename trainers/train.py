@@ -265,8 +265,9 @@ class Trainer:
         # steps, evaluation and batch-norm recomputation, reported apart.
         self._epoch_seconds = dict.fromkeys(
             ("training", "evaluation", "batch_norm"), 0.0)
-        # When the epoch being trained began: the last epoch entry, or the
-        # start of `train` for the first epoch of a (re)started run.
+        # When the epoch being trained began, in wall and process CPU
+        # seconds: the last epoch entry, or the start of `train` for the
+        # first epoch of a (re)started run.
         self._epoch_began = None
 
     # Data ------------------------------------------------------------------
@@ -773,7 +774,7 @@ class Trainer:
     def train(self):
         tf = self._tf
         train = self.config["train"]
-        self._epoch_began = time.time()
+        self._epoch_began = (time.time(), time.process_time())
         step = self.restore()
         history = self._load_history(step)
         if step >= self.last_step:
@@ -899,11 +900,14 @@ class Trainer:
                 for key, value in evaluation.items():
                     # eval_* keep their historical names loss and accuracy.
                     self._tf.summary.scalar(key.removeprefix("eval_"), value)
-        now = time.time()
+        now = (time.time(), time.process_time())
         # The whole epoch: its parts above plus what lies between them
         # (checkpoints, logs, console lines) and, in the first epoch after a
         # (re)start, the restore, the input pipeline's set-up and tracing.
-        total = now - self._epoch_began
+        # Its CPU seconds (every thread of this process) say what it cost
+        # where other processes share the machine and wall time swings.
+        total, total_cpu = (end - began for end, began
+                            in zip(now, self._epoch_began))
         self._epoch_began = now
         if evaluation is not None:
             _console(f"epoch {epoch} " + "; ".join(
@@ -917,7 +921,8 @@ class Trainer:
         # Timings, not results: experiments.rerun_check leaves them out.
         entry["seconds"] = {name: round(seconds, 3) for name, seconds
                             in self._epoch_seconds.items()}
-        entry["seconds"]["total"] = round(total, 3)
+        entry["seconds"].update(total=round(total, 3),
+                                total_cpu=round(total_cpu, 3))
         self._epoch_seconds = dict.fromkeys(self._epoch_seconds, 0.0)
         # A run stopped by train.max_steps mid-epoch reports the epoch so
         # far and keeps its sums (checkpointed): extended later, the run
