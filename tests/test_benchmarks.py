@@ -65,15 +65,27 @@ def test_trainer_throughput_summary_checks_the_targets_on_medians():
     assert not summary["trainer_target_met"]  # median 0.75 < 1 / 1.2
 
 
+def test_trainer_throughput_steady_state_leaves_out_each_rounds_first_epoch():
+    from benchmarks import trainer_throughput
+
+    # Epochs of 4, 2 and 3 s in a round of 10 s: steady epochs of 2.5 s,
+    # and 10 - 3 * 2.5 = 2.5 s of the round beyond them.
+    rate, rest = trainer_throughput.steady_state(10.0, [4.0, 2.0, 3.0], 600)
+    assert rate == pytest.approx(600 / 2.5)
+    assert rest == pytest.approx(2.5)
+
+
 def test_trainer_throughput_runs_and_reports_every_candidate(tmp_path):
     """A tiny run (synthetic data, 512-example batches, 15 steps an epoch):
-    every candidate timed each round, its images/s its images over its
-    seconds, and the ratios those of the rates."""
+    every candidate timed each round; the pipeline's and the model step's
+    images/s their images over their seconds, the trainer's and fit's
+    from their epochs after each round's first; the ratios those of the
+    rates."""
     output = tmp_path / "throughput.json"
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.trainer_throughput",
-         "--models=sigmoid_mlp", "--rounds=2", "--pipeline_batches=3",
-         "--model_steps=2", f"--output={output}",
+         "--models=sigmoid_mlp", "--rounds=2", "--epochs=2",
+         "--pipeline_batches=3", "--model_steps=2", f"--output={output}",
          "--overrides=task.dataset=synthetic,task.validation_examples=192,"
          "train.global_batch_size=512,train.eval_batch_size=192"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -84,21 +96,47 @@ def test_trainer_throughput_runs_and_reports_every_candidate(tmp_path):
     run = written["results"]["sigmoid_mlp"]
     assert run["batch_size"] == 512
     assert run["steps_per_epoch"] == (8192 - 192) // 512
+    epoch = 15 * 512
     images = {"pipeline": 3 * 512, "model_step": 2 * 512,
-              "trainer": 15 * 512, "fit": 15 * 512}
+              "trainer": 2 * epoch, "fit": 2 * epoch}
     rates = {}
     for name, count in images.items():
         row = run["candidates"][name]
         assert row["images"] == count
         assert len(row["seconds"]) == 2 and min(row["seconds"]) > 0
-        for seconds, rate in zip(row["seconds"], row["images_per_second"]):
-            assert rate == pytest.approx(count / seconds)
+        for clock, per_second in (("", "second"), ("cpu_", "cpu_second")):
+            if name in ("trainer", "fit"):
+                # Epoch 2 of each round alone sets the rate; the rest of
+                # the round is start-up (round 1) or restart (round 2).
+                per_epoch = row[f"epoch_{clock}seconds"]
+                assert [len(s) for s in per_epoch] == [2, 2]
+                steady = [seconds[1] for seconds in per_epoch]
+                expected = [epoch / s for s in steady]
+                rests = [total - 2 * s
+                         for total, s in zip(row[f"{clock}seconds"], steady)]
+                assert row[f"start_up_{clock}seconds"] == pytest.approx(
+                    rests[0])
+                assert row[f"restart_{clock}seconds"] == pytest.approx(
+                    rests[1:])
+            else:
+                expected = [count / s for s in row[f"{clock}seconds"]]
+            assert row[f"images_per_{per_second}"] == pytest.approx(expected)
         assert all(0 < share <= 1.5 for share in row["cpu_share"])
         rates[name] = row["images_per_second"]
+    assert set(run["one_time_seconds"]) == {"decode", "trainer_build",
+                                            "fit_build"}
+    assert written["environment"]["import_seconds"] > 0
     for r in range(2):
         assert run["pipeline_over_model_step"][r] == pytest.approx(
             rates["pipeline"][r] / rates["model_step"][r])
         assert run["trainer_over_faster_of_model_step_and_fit"][
             r] == pytest.approx(rates["trainer"][r] / max(
                 rates["model_step"][r], rates["fit"][r]))
+    cpu_rates = {name: run["candidates"][name]["images_per_cpu_second"]
+                 for name in images}
+    assert run["on_cpu_time"]["trainer_over_faster_of_model_step_and_fit"] == (
+        pytest.approx([cpu_rates["trainer"][r] / max(
+            cpu_rates["model_step"][r], cpu_rates["fit"][r])
+                       for r in range(2)]))
     assert "pipeline / model_step" in result.stdout
+    assert "trainer: start-up" in result.stdout

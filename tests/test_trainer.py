@@ -74,7 +74,8 @@ def test_train_eval_export_writes_everything(tmp_path, fashion_mnist_dir):
                      r"\d\.\d{4} lr [\d.e-]+ \d+ images/s ETA 0s$",
                      result.stdout, re.M)
     assert re.search(r"^epoch 1 eval loss \d\.\d{4} accuracy \d\.\d{4} "
-                     r"\(training \d+\.\ds, evaluation \d+\.\ds\)$",
+                     r"\(training \d+\.\ds, evaluation \d+\.\ds; "
+                     r"epoch \d+\.\ds\)$",
                      result.stdout, re.M)
     # steps.jsonl: the console's step lines, unrounded.
     records = step_records(model_dir)
@@ -534,8 +535,12 @@ def test_evaluation_reads_its_data_and_traces_its_steps_once(
     assert trainer._eval_step.experimental_get_tracing_count() == 1
     for entry in history:
         seconds = entry["seconds"]
-        assert set(seconds) == {"training", "evaluation", "batch_norm"}
+        assert set(seconds) == {"training", "evaluation", "batch_norm",
+                                "total", "total_cpu"}
         assert all(value > 0 for value in seconds.values())
+        # The parts lie within the whole epoch (3 ms of rounding apart).
+        assert seconds["total"] >= (seconds["training"] + seconds["evaluation"]
+                                    + seconds["batch_norm"] - 0.003)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -572,7 +577,8 @@ def test_recompute_and_validation_end_to_end_leave_checkpoints_alone(
         assert re.search(r"^epoch 1 validation loss \d\.\d{4} accuracy "
                          r"\d\.\d{4}; eval loss \d\.\d{4} accuracy "
                          r"\d\.\d{4} \(training \d+\.\ds, evaluation "
-                         rf"\d+\.\ds{batch_norm}\)$", result.stdout,
+                         rf"\d+\.\ds{batch_norm}; epoch \d+\.\ds\)$",
+                         result.stdout,
                          re.M), result.stdout
         with open(os.path.join(model_dir, "results.json")) as f:
             runs[name] = (json.load(f), checkpoint_values(model_dir))

@@ -265,6 +265,10 @@ class Trainer:
         # steps, evaluation and batch-norm recomputation, reported apart.
         self._epoch_seconds = dict.fromkeys(
             ("training", "evaluation", "batch_norm"), 0.0)
+        # When the epoch being trained began, in wall and process CPU
+        # seconds: the last epoch entry, or the start of `train` for the
+        # first epoch of a (re)started run.
+        self._epoch_began = None
 
     # Data ------------------------------------------------------------------
 
@@ -770,6 +774,7 @@ class Trainer:
     def train(self):
         tf = self._tf
         train = self.config["train"]
+        self._epoch_began = (time.time(), time.process_time())
         step = self.restore()
         history = self._load_history(step)
         if step >= self.last_step:
@@ -887,6 +892,7 @@ class Trainer:
                  "learning_rate": rate,
                  "images_per_second": images_per_second}
         every = self.config["train"]["eval_every_epochs"]
+        evaluation = None
         if epoch % every == 0 or step == self.last_step:
             evaluation = self.evaluate_splits()
             entry.update(evaluation)
@@ -894,6 +900,16 @@ class Trainer:
                 for key, value in evaluation.items():
                     # eval_* keep their historical names loss and accuracy.
                     self._tf.summary.scalar(key.removeprefix("eval_"), value)
+        now = (time.time(), time.process_time())
+        # The whole epoch: its parts above plus what lies between them
+        # (checkpoints, logs, console lines) and, in the first epoch after a
+        # (re)start, the restore, the input pipeline's set-up and tracing.
+        # Its CPU seconds (every thread of this process) say what it cost
+        # where other processes share the machine and wall time swings.
+        total, total_cpu = (end - began for end, began
+                            in zip(now, self._epoch_began))
+        self._epoch_began = now
+        if evaluation is not None:
             _console(f"epoch {epoch} " + "; ".join(
                 f"{prefix} loss {evaluation[prefix + '_loss']:.4f} accuracy "
                 f"{evaluation[prefix + '_accuracy']:.4f}"
@@ -901,10 +917,12 @@ class Trainer:
                 if prefix + "_loss" in evaluation) + " (" + ", ".join(
                     f"{name.replace('_', ' ')} {seconds:.1f}s"
                     for name, seconds in self._epoch_seconds.items()
-                    if seconds) + ")")
+                    if seconds) + f"; epoch {total:.1f}s)")
         # Timings, not results: experiments.rerun_check leaves them out.
         entry["seconds"] = {name: round(seconds, 3) for name, seconds
                             in self._epoch_seconds.items()}
+        entry["seconds"].update(total=round(total, 3),
+                                total_cpu=round(total_cpu, 3))
         self._epoch_seconds = dict.fromkeys(self._epoch_seconds, 0.0)
         # A run stopped by train.max_steps mid-epoch reports the epoch so
         # far and keeps its sums (checkpointed): extended later, the run
