@@ -9,8 +9,11 @@ and cancelling losses; random B, J, s, J not dividing B included; see
 (compiled or eager custom step, or `model.fit`) against the tape's
 gradients of the whole loss and the estimate by definition. Prints how many
 models were right (no fallback), loud (some variables taken from the loop,
-with one warning naming them; numbers right) and wrong (must be 0), the
-fallback reasons by kind, and every wrong model's spec.
+with one warning naming them; numbers right), wrong (some number differs
+without an error; must be 0) and crashed (the step or a reference raised an
+error, e.g. the loop estimator at s = 1 on an RNN's loop, a known limit),
+the fallback reasons by kind, and every wrong or crashed model's spec and
+error.
 
     python3 scripts/one_pass_property.py --examples=1000 \
         --output=/tmp/one_pass_property.json
@@ -75,14 +78,15 @@ def main(argv):
         try:
             outcome, details = random_models.check(spec)
         except Exception as error:  # pylint: disable=broad-except
-            # A crash where the tape and the loop work is wrong too.
-            outcome = "wrong"
-            details = f"crashed: {type(error).__name__}: {error}"[:2000]
+            # Loud, but not right: counted apart from silently wrong
+            # numbers, with the error to tell a known limit from a bug.
+            outcome = "crashed"
+            details = f"{type(error).__name__}: {error}"[:2000]
         outcomes[outcome] += 1
         if outcome == "loud":
             reasons.update(set(_reasons(details)))
-        if outcome == "wrong":
-            print(f"WRONG: {details}\n  spec: {spec}", flush=True)
+        if outcome in ("wrong", "crashed"):
+            print(f"{outcome.upper()}: {details}\n  spec: {spec}", flush=True)
         records.append({"spec": spec, "outcome": outcome,
                         "details": details})
         if (index + 1) % 50 == 0:
@@ -93,12 +97,13 @@ def main(argv):
             _write(outcomes, reasons, records)
     print(f"\n{len(specs)} random models (hypothesis seed {FLAGS.seed}): "
           f"{outcomes['right']} right, {outcomes['loud']} loud fallback "
-          f"(numbers right, one warning), {outcomes['wrong']} wrong")
+          f"(numbers right, one warning), {outcomes['wrong']} wrong, "
+          f"{outcomes['crashed']} crashed")
     print("Models whose warning gives each reason:")
     for reason, count in reasons.most_common():
         print(f"  {count:4d}  {reason}")
     _write(outcomes, reasons, records)
-    return 1 if outcomes["wrong"] else 0
+    return 1 if outcomes["wrong"] or outcomes["crashed"] else 0
 
 
 def _write(outcomes, reasons, records):
