@@ -17,6 +17,10 @@ error.
 
     python3 scripts/one_pass_property.py --examples=1000 \
         --output=/tmp/one_pass_property.json
+
+`--tally_of=/tmp/one_pass_property.json` prints the same tally, and how
+many models had each block, loss and kind of step, from a file a run
+wrote (a finished run's or one stopped early), checking no model.
 """
 
 import collections
@@ -36,6 +40,8 @@ flags.DEFINE_integer("examples", 1000, "Random models to check.")
 flags.DEFINE_integer("seed", 500, "Hypothesis seed (the suite's subset "
                      "uses 17).")
 flags.DEFINE_string("output", None, "Write every outcome as JSON here.")
+flags.DEFINE_string("tally_of", None, "Print the tally of the outcomes an "
+                    "earlier run wrote (its --output) instead of a run.")
 FLAGS = flags.FLAGS
 
 
@@ -53,8 +59,39 @@ def _reasons(warning):
     return reasons
 
 
+def _print_tally(records):
+    """The outcomes, the fallback reasons, and the models reaching each
+    block, loss and kind of step."""
+    outcomes = collections.Counter(r["outcome"] for r in records)
+    reasons, reached = collections.Counter(), collections.Counter()
+    for record in records:
+        if record["outcome"] == "loud":
+            reasons.update(set(_reasons(record["details"])))
+        spec = record["spec"]
+        reached.update({block["block"] for block in spec["blocks"]})
+        reached.update({f"loss {spec['loss']}", f"via {spec['via']}"
+                        + (" (eager)" if spec.get("eager") else "")})
+    print(f"\n{len(records)} random models (hypothesis seed {FLAGS.seed}): "
+          f"{outcomes['right']} right, {outcomes['loud']} loud fallback "
+          f"(numbers right, one warning), {outcomes['wrong']} wrong, "
+          f"{outcomes['crashed']} crashed")
+    print("Models whose warning gives each reason:")
+    for reason, count in reasons.most_common():
+        print(f"  {count:4d}  {reason}")
+    print("Models with each block, loss and step:")
+    for name, count in sorted(reached.items()):
+        print(f"  {count:4d}  {name}")
+    return outcomes
+
+
 def main(argv):
     del argv
+    if FLAGS.tally_of:
+        with open(FLAGS.tally_of, encoding="utf-8") as f:
+            written = json.load(f)
+        FLAGS.seed = written["seed"]
+        _print_tally(written["models"])
+        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import hypothesis
     import random_models
@@ -95,13 +132,7 @@ def main(argv):
             # Written as it goes: a run stopped early keeps its first
             # models' tally (the specs come in the seed's fixed order).
             _write(outcomes, reasons, records)
-    print(f"\n{len(specs)} random models (hypothesis seed {FLAGS.seed}): "
-          f"{outcomes['right']} right, {outcomes['loud']} loud fallback "
-          f"(numbers right, one warning), {outcomes['wrong']} wrong, "
-          f"{outcomes['crashed']} crashed")
-    print("Models whose warning gives each reason:")
-    for reason, count in reasons.most_common():
-        print(f"  {count:4d}  {reason}")
+    _print_tally(records)
     _write(outcomes, reasons, records)
     return 1 if outcomes["wrong"] or outcomes["crashed"] else 0
 
