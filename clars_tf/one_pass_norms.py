@@ -377,8 +377,8 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
                     "layer(s) %s are not the sums of the per-example terms "
                     "their norms are read from (a variable also used "
                     "outside its layer's call: weight tying, or another "
-                    "layer's op on it), so these variables take their "
-                    "estimates from the loop estimator from this step on.",
+                    "layer's op on it), so from this step on the loop "
+                    "estimator gives these variables' estimates.",
                     "; ".join(failed))
             return True
 
