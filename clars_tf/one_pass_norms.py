@@ -26,9 +26,10 @@ beforehand (a read variable also used outside its layer's call: weight
 tying, another layer's op on it) the step checks: the per-example terms
 must add up to the variable's gradient (`group_norms.decomposes`). Such a
 use is in the model's structure, so it shows on every step: the check runs
-on the first step and every `check_every`-th after it, and a layer whose
-check fails takes its variables' estimates from the loop from then on,
-said once (outside XLA, where the step cannot log).
+on the first step and every `check_every`-th after it, and once a check
+fails every read variable takes its estimate from the loop from then on
+(the check, one projection per layer, may miss another such use), said
+once (outside XLA, where the step cannot log).
 """
 
 import logging
@@ -94,10 +95,10 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
         check_every: check on the first step and then every this many
             steps that every read variable's gradient is the sum of the
             per-example terms its norms are read from (see
-            `group_norms.decomposes`); a layer whose check fails takes its
-            variables' estimates from the loop from that step on (kept in
-            the estimator's variables, not in checkpoints: a restored run
-            checks again on its first step). 1 checks every step; None
+            `group_norms.decomposes`); once a check fails, every read
+            variable takes its estimate from the loop from that step on
+            (kept in the estimator's variables, not in checkpoints: a
+            restored run checks again on its first step). 1 checks every step; None
             never, leaving a variable also used outside its layer's call
             undetected. Unchecked steps do not compute the check
             (`benchmarks/one_pass_fallback.py` measures its cost).
@@ -182,7 +183,7 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
     def _check_state(self, model):
         with _PLAN_LOCK:
             if id(model) not in self._check_states:
-                self._check_states[id(model)] = _CheckState(model)
+                self._check_states[id(model)] = _CheckState()
             return self._check_states[id(model)]
 
     @tf.autograph.experimental.do_not_convert
@@ -298,44 +299,39 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
         if read:
             for index, norm in zip(read, self._read_or_loop(
                     model, step, [variables[i] for i in read], squares,
-                    checks, read_by)):
+                    checks)):
                 norms[index] = norm
         return norms
 
-    def _read_or_loop(self, model, step, variables, squares, checks,
-                      read_by):
-        """The read estimates, the loop's for layers whose check failed.
+    def _read_or_loop(self, model, step, variables, squares, checks):
+        """The read estimates, or the loop's once a check has failed.
 
-        The loop runs zero turns while no check has failed: no `tf.cond`
-        around it, which would cost the common case
-        (`NormEstimator.__call__`'s `run`).
+        Every read variable goes to the loop, not only those of the layer
+        whose check failed: the check is one projection per layer and may
+        miss another such use in the same model. The loop runs zero turns
+        while no check has failed: no `tf.cond` around it, which would
+        cost the common case (`NormEstimator.__call__`'s `run`).
         """
         read = [tf.reduce_mean(tf.sqrt(squares[id(v)])) for v in variables]
         if not checks or self.check_every is None:
             return read
-        failed = dict(zip((id(layer) for layer, _ in checks),
-                          tf.unstack(self._failed_checks(model, step,
-                                                         checks))))
+        failed = self._failed_check(model, step, checks)
         looped = self.reference(
             model, step.per_example_loss, step.x, step.y,
             step.sample_weight, loss_scale=step.loss_scale,
-            variables=variables, run=tf.reduce_any(list(failed.values())))
-        return [tf.where(failed[id(read_by[id(v)][0])], loop, norm)
-                for v, loop, norm in zip(variables, looped, read)]
+            variables=variables, run=failed)
+        return [tf.where(failed, loop, norm)
+                for loop, norm in zip(looped, read)]
 
-    def _failed_checks(self, model, step, checks):
-        """Per checked layer, whether its check has failed on any step.
+    def _failed_check(self, model, step, checks):
+        """Whether a check has failed on this model on any step.
 
         On a due step (the first, then every `check_every`-th) the checks
-        run inside a `tf.cond`, so other steps do not compute them, and
-        their failures are added to the model's `_CheckState`.
+        run inside a `tf.cond`, so other steps do not compute them, and a
+        failure is kept in the model's `_CheckState`.
         """
         state = self._check_state(model)
-        layers = [layer for layer, _ in checks]
-        positions = tf.constant([[state.position[id(layer)]]
-                                 for layer in layers])
-        # A read, then a gather: XLA has no gather on a variable.
-        earlier = tf.gather_nd(state.failed.read_value(), positions) > 0
+        earlier = state.failed.read_value() > 0
         due = tf.equal(state.estimates % self.check_every, 0)
         with tf.control_dependencies([due]):
             counted = state.estimates.assign_add(1)
@@ -343,14 +339,14 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
         def check():
             passed = tf.stack([group_norms.decomposes(*arguments)
                                for _, arguments in checks])
-            failed = tf.logical_or(earlier, tf.logical_not(passed))
-            newly = tf.logical_and(failed, tf.logical_not(earlier))
+            failed = tf.logical_or(earlier,
+                                   tf.logical_not(tf.reduce_all(passed)))
+            newly = tf.logical_and(tf.logical_not(passed),
+                                   tf.logical_not(earlier))
             with tf.control_dependencies(self._warn_failed_checks(
-                    model, layers, newly, step.jit_compile)):
-                update = state.failed.assign(tf.maximum(
-                    state.failed, tf.scatter_nd(
-                        positions, tf.cast(failed, "float32"),
-                        state.failed.shape)))
+                    model, [layer for layer, _ in checks], newly,
+                    step.jit_compile)):
+                update = state.failed.assign(tf.cast(failed, "float32"))
             with tf.control_dependencies([update]):
                 return tf.identity(failed)
 
@@ -378,7 +374,8 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
                     "their norms are read from (a variable also used "
                     "outside its layer's call: weight tying, or another "
                     "layer's op on it), so from this step on the loop "
-                    "estimator gives these variables' estimates.",
+                    "estimator gives the estimates of every variable read "
+                    "off the pass (the check may miss another such use).",
                     "; ".join(failed))
             return True
 
@@ -427,20 +424,17 @@ class _CheckState:
 
     In variables, so compiled, XLA and replicated steps keep it: how many
     estimates were made (the check runs on every `check_every`-th from the
-    first) and, per layer of the model, whether its check ever failed.
-    Created outside any step being traced (`tf.init_scope`).
+    first) and whether a check ever failed (1.0) or not (0.0). Created
+    outside any step being traced (`tf.init_scope`).
     """
 
-    def __init__(self, model):
-        self.position = {id(layer): index for index, layer in enumerate(
-            model._flatten_layers(include_self=False))}
+    def __init__(self):
         with tf.init_scope():
             self.estimates = tf.Variable(
                 tf.constant(0, "int64"), trainable=False,
                 name="one_pass_estimates")
-            self.failed = tf.Variable(
-                tf.zeros([len(self.position)]), trainable=False,
-                name="one_pass_failed_checks")
+            self.failed = tf.Variable(0.0, trainable=False,
+                                      name="one_pass_failed_check")
 
 
 def _tracing_for_xla():

@@ -499,7 +499,7 @@ def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
             "not the sums") in warning
 
 
-def test_a_failed_check_keeps_its_layer_on_the_loop(caplog):
+def test_a_failed_check_keeps_the_read_variables_on_the_loop(caplog):
     """Caught on the first step, on the loop on the unchecked steps after.
     """
     model = _tied_model()
