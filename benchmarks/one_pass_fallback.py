@@ -12,9 +12,13 @@ synthetic data, side by side in one process:
   * `one_pass`: the one-pass estimator, every variable read off the pass
     (on a model without batch norm or dropout, e.g. `--model=plain_cnn`;
     with them every variable falls back);
-  * `one_pass_unchecked`: the same without the step's check that each read
-    variable's gradient is the sum of its per-example terms
-    (`check_sums=False`): `one_pass` over it is what the check costs;
+  * `one_pass_checked_every_step`: the same with the step's check that
+    each read variable's gradient is the sum of its per-example terms on
+    every step (`check_every=1`; `one_pass` checks on its first step, a
+    warm-up step here, and then every 100th);
+  * `one_pass_unchecked`: the same without the check (`check_every=None`):
+    `one_pass` over it is what the check costs the steps that skip it,
+    `one_pass_checked_every_step` over it what a checked step costs;
   * `one_pass_fallback_output`: the same network with one per-class scale
     variable (a custom layer, not read) after the logits: the loop runs
     for that variable only, its backward pass stops at the logits;
@@ -100,8 +104,11 @@ def main(argv):
     candidates = {
         "sgd": ("plain", None),
         "one_pass": ("plain", clars_tf.OnePassGradientNormEstimator(*groups)),
+        "one_pass_checked_every_step": (
+            "plain", clars_tf.OnePassGradientNormEstimator(
+                *groups, check_every=1)),
         "one_pass_unchecked": ("plain", clars_tf.OnePassGradientNormEstimator(
-            *groups, check_sums=False)),
+            *groups, check_every=None)),
         "one_pass_fallback_output": (
             "fallback_output",
             clars_tf.OnePassGradientNormEstimator(*groups)),

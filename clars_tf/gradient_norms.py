@@ -9,6 +9,7 @@ state left untouched and no regularization term.
 import collections
 import contextlib
 import copy
+import itertools
 import threading
 
 import keras
@@ -75,6 +76,30 @@ def _local_batch_norm_statistics(model):
 def _has_batch_normalization(model):
     return any(isinstance(layer, keras.layers.BatchNormalization)
                for layer in model._flatten_layers(include_self=False))
+
+
+def _runs_a_while_loop(model, x):
+    """Whether the model's forward pass on inputs like `x` runs a while
+    loop (an RNN's step, `scan`, `map`, `fori_loop`), at any depth of
+    nesting. pfor vectorizes such a loop when tracing but can fail when it
+    runs, on the tensor lists the loop carries. Also True where the pass
+    cannot be traced with an unknown batch size.
+    """
+    specs = tf.nest.map_structure(
+        lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), x)
+
+    def forward(inputs):
+        with keras.StatelessScope():
+            return model(inputs, training=True)
+
+    try:
+        definition = tf.function(forward).get_concrete_function(
+            specs).graph.as_graph_def()
+    except Exception:  # pylint: disable=broad-except
+        return True
+    nodes = itertools.chain(definition.node, *(
+        function.node_def for function in definition.library.function))
+    return any(node.op in ("While", "StatelessWhile") for node in nodes)
 
 
 def batch_size(structure):
@@ -320,7 +345,9 @@ class GradientNormEstimator(NormEstimator):
 
     Args:
         micro_batch_size: `s`, examples per micro-batch (>= 1). With 1 the
-            per-example gradients are computed with `tf.vectorized_map`;
+            per-example gradients are computed with `tf.vectorized_map`
+            (one example at a time on a model that runs a while loop: an
+            RNN, `scan`, `map`, `fori_loop`);
             models with batch normalization need s >= 2 (the statistics of
             one example normalize it to zero, so the estimate collapses).
         num_micro_batches: `J`, micro-batches per global step (>= 1).
@@ -411,13 +438,14 @@ class GradientNormEstimator(NormEstimator):
 
         with _local_batch_norm_statistics(model):
             total = None
-            if self.micro_batch_size == 1 and run is None:
+            if (self.micro_batch_size == 1 and run is None
+                    and not _runs_a_while_loop(model, x)):
                 try:
                     total = tf.reduce_sum(tf.vectorized_map(
                         norms_of_micro_batch, indices), axis=0)
                 except (ValueError, TypeError):
-                    # pfor cannot vectorize every model (a tf.cond or an
-                    # RNN's loop carrying variants): one example at a time.
+                    # pfor cannot vectorize every model (a tf.cond carrying
+                    # variants): one example at a time.
                     total = None
             if total is None:
                 total = one_after_another()

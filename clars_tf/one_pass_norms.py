@@ -24,9 +24,12 @@ estimator holds, run for those variables alone, with one warning per model
 naming each variable, its layer and the reason. What cannot be seen
 beforehand (a read variable also used outside its layer's call: weight
 tying, another layer's op on it) the step checks: the per-example terms
-must add up to the variable's gradient (`group_norms.decomposes`); where
-they do not, that step takes the read variables' estimates from the loop
-too and says so once (outside XLA, where the step cannot log).
+must add up to the variable's gradient (`group_norms.decomposes`). Such a
+use is in the model's structure, so it shows on every step: the check runs
+on the first step and every `check_every`-th after it, and once a check
+fails every read variable takes its estimate from the loop from then on
+(the check, one projection per layer, may miss another such use), said
+once (outside XLA, where the step cannot log).
 """
 
 import logging
@@ -89,12 +92,17 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
             run-time warning of a failed check out (XLA cannot log).
             `attach_gradient_norm_estimator` takes it from
             `model.jit_compile`. Defaults to False.
-        check_sums: whether each step checks that every read variable's
-            gradient is the sum of the per-example terms its norms are read
-            from, taking the loop's estimates where it is not (see
-            `group_norms.decomposes`). False saves the check's cost
-            (`benchmarks/one_pass_fallback.py` measures it) and leaves a
-            variable also used outside its layer's call undetected.
+        check_every: check on the first step and then every this many
+            steps that every read variable's gradient is the sum of the
+            per-example terms its norms are read from (see
+            `group_norms.decomposes`); once a check fails, every read
+            variable takes its estimate from the loop from that step on
+            (kept in the estimator's variables, not in checkpoints: a
+            restored run checks again on its first step). 1 checks every step; None
+            never, leaving a variable also used outside its layer's call
+            undetected. Unchecked steps do not compute the check
+            (`benchmarks/one_pass_fallback.py` measures its cost).
+            Defaults to 100.
 
     Example:
 
@@ -109,13 +117,21 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
     """
 
     def __init__(self, micro_batch_size=8, num_micro_batches=64,
-                 refresh_every=1, jit_compile=False, check_sums=True):
+                 refresh_every=1, jit_compile=False, check_every=100):
         super().__init__(micro_batch_size, num_micro_batches, refresh_every)
+        if check_every is not None and (
+                isinstance(check_every, bool) or not isinstance(
+                    check_every, int) or check_every < 1):
+            raise ValueError(
+                "`check_every` must be an integer >= 1 (1 checks every "
+                "step) or None (never check), got "
+                f"{check_every!r}.")
         self.jit_compile = bool(jit_compile)
-        self.check_sums = bool(check_sums)
+        self.check_every = check_every
         self.reference = gradient_norms.GradientNormEstimator(
             micro_batch_size, num_micro_batches)
         self._plans = {}
+        self._check_states = {}
         self._reported = set()
 
     def observe(self, model):
@@ -163,6 +179,12 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
             if key not in self._plans:
                 self._plans[key] = one_pass_plan.probe(model, x)
             return self._plans[key]
+
+    def _check_state(self, model):
+        with _PLAN_LOCK:
+            if id(model) not in self._check_states:
+                self._check_states[id(model)] = _CheckState()
+            return self._check_states[id(model)]
 
     @tf.autograph.experimental.do_not_convert
     def estimate(self, model, observation, step):
@@ -213,7 +235,7 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
                         * float(self.micro_batch_size))
         if step.loss_scale is not None:
             factor /= tf.cast(step.loss_scale, "float32")
-        squares, checks, checked_layers = {}, [], []
+        squares, checks = {}, []
         for layer, kind, call in readable:
             names = [name for name in ("kernel", "bias")
                      if getattr(layer, name, None) is not None
@@ -242,13 +264,10 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
                 return (tf.zeros(variable.shape, "float32") if gradient is None
                         else gradient)
 
-            if not self.check_sums:
-                continue
-            checks.append(group_norms.decomposes(
+            checks.append((layer, (
                 kind, layer, call.inputs, dz, gradient_of("kernel"),
                 gradient_of("bias"),
-                group_norms.check_tolerance(call.pre_activation.dtype)))
-            checked_layers.append(layer)
+                group_norms.check_tolerance(call.pre_activation.dtype))))
 
         layer_of = _layers_of_variables(model)
         norms, fallback, why = [None] * len(variables), [], {}
@@ -280,61 +299,94 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
         if read:
             for index, norm in zip(read, self._read_or_loop(
                     model, step, [variables[i] for i in read], squares,
-                    checks, checked_layers)):
+                    checks)):
                 norms[index] = norm
         return norms
 
-    def _read_or_loop(self, model, step, variables, squares, checks,
-                      layers):
-        """The read estimates where every check passes, else the loop's.
+    def _read_or_loop(self, model, step, variables, squares, checks):
+        """The read estimates, or the loop's once a check has failed.
 
-        The loop runs zero turns where the checks pass: no `tf.cond` around
-        it, which would cost the common case (`NormEstimator.__call__`'s
-        `run`).
+        Every read variable goes to the loop, not only those of the layer
+        whose check failed: the check is one projection per layer and may
+        miss another such use in the same model. The loop runs zero turns
+        while no check has failed: no `tf.cond` around it, which would
+        cost the common case (`NormEstimator.__call__`'s `run`).
         """
         read = [tf.reduce_mean(tf.sqrt(squares[id(v)])) for v in variables]
-        if not checks:
+        if not checks or self.check_every is None:
             return read
-        passed = tf.stack(checks)
-        failed = tf.logical_not(tf.reduce_all(passed))
-        with tf.control_dependencies(self._warn_failed_checks(
-                model, layers, passed, failed, step.jit_compile)):
-            looped = self.reference(
-                model, step.per_example_loss, step.x, step.y,
-                step.sample_weight, loss_scale=step.loss_scale,
-                variables=variables, run=failed)
+        failed = self._failed_check(model, step, checks)
+        looped = self.reference(
+            model, step.per_example_loss, step.x, step.y,
+            step.sample_weight, loss_scale=step.loss_scale,
+            variables=variables, run=failed)
         return [tf.where(failed, loop, norm)
                 for loop, norm in zip(looped, read)]
 
-    def _warn_failed_checks(self, model, layers, passed, failed,
-                            jit_compile):
+    def _failed_check(self, model, step, checks):
+        """Whether a check has failed on this model on any step.
+
+        On a due step (the first, then every `check_every`-th) the checks
+        run inside a `tf.cond`, so other steps do not compute them, and a
+        failure is kept in the model's `_CheckState`.
+        """
+        state = self._check_state(model)
+        earlier = state.failed.read_value() > 0
+        due = tf.equal(state.estimates % self.check_every, 0)
+        with tf.control_dependencies([due]):
+            counted = state.estimates.assign_add(1)
+
+        def check():
+            passed = tf.stack([group_norms.decomposes(*arguments)
+                               for _, arguments in checks])
+            failed = tf.logical_or(earlier,
+                                   tf.logical_not(tf.reduce_all(passed)))
+            newly = tf.logical_and(tf.logical_not(passed),
+                                   tf.logical_not(earlier))
+            with tf.control_dependencies(self._warn_failed_checks(
+                    model, [layer for layer, _ in checks], newly,
+                    step.jit_compile)):
+                update = state.failed.assign(tf.cast(failed, "float32"))
+            with tf.control_dependencies([update]):
+                return tf.identity(failed)
+
+        with tf.control_dependencies([counted]):
+            return tf.cond(due, check, lambda: tf.identity(earlier))
+
+    def _warn_failed_checks(self, model, layers, newly, jit_compile):
         """Warns once per model, where the step can log (not under XLA)."""
-        names = [layer.name for layer in layers]
+        names = [
+            f"{layer.name} ("
+            + ", ".join(getattr(v, "path", v.name) for v in (
+                getattr(layer, name, None) for name in ("kernel", "bias"))
+                if v is not None and v.trainable) + ")"
+            for layer in layers]
         key = (id(model), "checks")
 
         def warn(flags):
-            if key not in self._reported and not all(flags.numpy()):
+            if key not in self._reported and any(flags.numpy()):
                 self._reported.add(key)
-                failed = [name for name, ok in zip(names, flags.numpy())
-                          if not ok]
+                failed = [name for name, bad in zip(names, flags.numpy())
+                          if bad]
                 _LOG.warning(
                     "One-pass gradient-norm estimator: the gradients of "
                     "layer(s) %s are not the sums of the per-example terms "
                     "their norms are read from (a variable also used "
                     "outside its layer's call: weight tying, or another "
-                    "layer's op on it), so this step takes the read "
-                    "variables' estimates from the loop estimator, as will "
-                    "every step where this happens.", ", ".join(failed))
+                    "layer's op on it), so from this step on the loop "
+                    "estimator gives the estimates of every variable read "
+                    "off the pass (the check may miss another such use).",
+                    "; ".join(failed))
             return True
 
         if tf.executing_eagerly():
-            warn(passed)
+            warn(newly)
             return []
         if jit_compile or _tracing_for_xla():
             return []
-        # Python runs only on a failing step.
-        return [tf.cond(failed,
-                        lambda: tf.py_function(warn, [passed], tf.bool),
+        # Python runs only on the step where a check first fails.
+        return [tf.cond(tf.reduce_any(newly),
+                        lambda: tf.py_function(warn, [newly], tf.bool),
                         lambda: tf.constant(True))]
 
     def _assert_batch_rows(self, layer, call, batch):
@@ -365,6 +417,24 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
             "estimate from the loop estimator (its micro-batch passes run "
             "for these variables only):\n%s", len(fallback),
             "\n".join(lines))
+
+
+class _CheckState:
+    """What the step's check found on one model, across steps.
+
+    In variables, so compiled, XLA and replicated steps keep it: how many
+    estimates were made (the check runs on every `check_every`-th from the
+    first) and whether a check ever failed (1.0) or not (0.0). Created
+    outside any step being traced (`tf.init_scope`).
+    """
+
+    def __init__(self):
+        with tf.init_scope():
+            self.estimates = tf.Variable(
+                tf.constant(0, "int64"), trainable=False,
+                name="one_pass_estimates")
+            self.failed = tf.Variable(0.0, trainable=False,
+                                      name="one_pass_failed_check")
 
 
 def _tracing_for_xla():

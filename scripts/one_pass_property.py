@@ -9,11 +9,18 @@ and cancelling losses; random B, J, s, J not dividing B included; see
 (compiled or eager custom step, or `model.fit`) against the tape's
 gradients of the whole loss and the estimate by definition. Prints how many
 models were right (no fallback), loud (some variables taken from the loop,
-with one warning naming them; numbers right) and wrong (must be 0), the
-fallback reasons by kind, and every wrong model's spec.
+with one warning naming them; numbers right), wrong (some number differs
+without an error; must be 0) and crashed (the step or a reference raised an
+error, e.g. the loop estimator at s = 1 on an RNN's loop, a known limit),
+the fallback reasons by kind, and every wrong or crashed model's spec and
+error.
 
     python3 scripts/one_pass_property.py --examples=1000 \
         --output=/tmp/one_pass_property.json
+
+`--tally_of=/tmp/one_pass_property.json` prints the same tally, and how
+many models had each block, loss and kind of step, from a file a run
+wrote (a finished run's or one stopped early), checking no model.
 """
 
 import collections
@@ -33,6 +40,11 @@ flags.DEFINE_integer("examples", 1000, "Random models to check.")
 flags.DEFINE_integer("seed", 500, "Hypothesis seed (the suite's subset "
                      "uses 17).")
 flags.DEFINE_string("output", None, "Write every outcome as JSON here.")
+flags.DEFINE_list("only", None, "Check only these of the seed's models, "
+                  "by their index in the run (0-based; e.g. the ones a run "
+                  "found crashed, after a fix).")
+flags.DEFINE_string("tally_of", None, "Print the tally of the outcomes an "
+                    "earlier run wrote (its --output) instead of a run.")
 FLAGS = flags.FLAGS
 
 
@@ -50,8 +62,39 @@ def _reasons(warning):
     return reasons
 
 
+def _print_tally(records):
+    """The outcomes, the fallback reasons, and the models reaching each
+    block, loss and kind of step."""
+    outcomes = collections.Counter(r["outcome"] for r in records)
+    reasons, reached = collections.Counter(), collections.Counter()
+    for record in records:
+        if record["outcome"] == "loud":
+            reasons.update(set(_reasons(record["details"])))
+        spec = record["spec"]
+        reached.update({block["block"] for block in spec["blocks"]})
+        reached.update({f"loss {spec['loss']}", f"via {spec['via']}"
+                        + (" (eager)" if spec.get("eager") else "")})
+    print(f"\n{len(records)} random models (hypothesis seed {FLAGS.seed}): "
+          f"{outcomes['right']} right, {outcomes['loud']} loud fallback "
+          f"(numbers right, one warning), {outcomes['wrong']} wrong, "
+          f"{outcomes['crashed']} crashed")
+    print("Models whose warning gives each reason:")
+    for reason, count in reasons.most_common():
+        print(f"  {count:4d}  {reason}")
+    print("Models with each block, loss and step:")
+    for name, count in sorted(reached.items()):
+        print(f"  {count:4d}  {name}")
+    return outcomes
+
+
 def main(argv):
     del argv
+    if FLAGS.tally_of:
+        with open(FLAGS.tally_of, encoding="utf-8") as f:
+            written = json.load(f)
+        FLAGS.seed = written["seed"]
+        _print_tally(written["models"])
+        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import hypothesis
     import random_models
@@ -67,6 +110,8 @@ def main(argv):
         specs.append(spec)
 
     collect()
+    if FLAGS.only:
+        specs = [specs[int(index)] for index in FLAGS.only]
     outcomes = collections.Counter()
     reasons = collections.Counter()
     records = []
@@ -75,14 +120,15 @@ def main(argv):
         try:
             outcome, details = random_models.check(spec)
         except Exception as error:  # pylint: disable=broad-except
-            # A crash where the tape and the loop work is wrong too.
-            outcome = "wrong"
-            details = f"crashed: {type(error).__name__}: {error}"[:2000]
+            # Loud, but not right: counted apart from silently wrong
+            # numbers, with the error to tell a known limit from a bug.
+            outcome = "crashed"
+            details = f"{type(error).__name__}: {error}"[:2000]
         outcomes[outcome] += 1
         if outcome == "loud":
             reasons.update(set(_reasons(details)))
-        if outcome == "wrong":
-            print(f"WRONG: {details}\n  spec: {spec}", flush=True)
+        if outcome in ("wrong", "crashed"):
+            print(f"{outcome.upper()}: {details}\n  spec: {spec}", flush=True)
         records.append({"spec": spec, "outcome": outcome,
                         "details": details})
         if (index + 1) % 50 == 0:
@@ -91,14 +137,9 @@ def main(argv):
             # Written as it goes: a run stopped early keeps its first
             # models' tally (the specs come in the seed's fixed order).
             _write(outcomes, reasons, records)
-    print(f"\n{len(specs)} random models (hypothesis seed {FLAGS.seed}): "
-          f"{outcomes['right']} right, {outcomes['loud']} loud fallback "
-          f"(numbers right, one warning), {outcomes['wrong']} wrong")
-    print("Models whose warning gives each reason:")
-    for reason, count in reasons.most_common():
-        print(f"  {count:4d}  {reason}")
+    _print_tally(records)
     _write(outcomes, reasons, records)
-    return 1 if outcomes["wrong"] else 0
+    return 1 if outcomes["wrong"] or outcomes["crashed"] else 0
 
 
 def _write(outcomes, reasons, records):

@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 import clars_tf
+import random_models
 from clars_tf import gradient_norms
 
 
@@ -213,3 +214,23 @@ def test_loss_scale_keeps_float16_micro_batch_gradients_from_underflowing():
     assert np.all(want > 0)
     assert np.max(np.abs(unscaled / want - 1)) > 0.5  # the underflow
     np.testing.assert_allclose(scaled, want, rtol=2e-2)
+
+
+@pytest.mark.parametrize("loop", ["scan", "rnn_cell"])
+def test_one_example_at_a_time_through_a_models_while_loop(loop):
+    """s = 1 on a model running a while loop: pfor vectorized `scan` when
+    tracing and failed when it ran (its tensor lists), so such a model
+    takes one example at a time."""
+    keras.utils.set_random_seed(0)
+    layer = (random_models.MapDense(4, "scan") if loop == "scan" else
+             keras.layers.RNN(random_models.DenseCell(4),
+                              return_sequences=True))
+    model = keras.Sequential([keras.Input((5, 3)), layer,
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 5, 3)).astype("float32")
+    y = rng.integers(0, 3, size=10).astype("int32")
+    estimator = clars_tf.GradientNormEstimator(1, 2)
+    np.testing.assert_allclose(
+        tf.function(lambda x, y: estimator(model, _loss, x, y))(x, y),
+        random_models.loop_estimate(model, x, y, 1, 2, _loss), rtol=1e-5)

@@ -481,18 +481,65 @@ def test_activity_regularizer_enters_the_gradient_not_the_estimate(caplog):
     assert _right_or_loud(model, x, y, caplog) is None
 
 
-def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
+def _tied_model():
+    """A conv whose kernel a second layer convolves with again."""
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((9, 9, 4))
-    conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")
+    inputs = keras.Input((9, 9, 3))
+    conv = keras.layers.Conv2D(3, 3, padding="same", name="conv")
     h = keras.layers.ReLU()(conv(inputs))
     h = random_models.TiedConv(conv, name="tied")(h)
     outputs = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(h))
-    model = keras.Model(inputs, outputs)
-    x = np.random.default_rng(0).normal(size=(32, 9, 9, 4)).astype("float32")
-    warning = _right_or_loud(model, x, _images()[1], caplog)
+    return keras.Model(inputs, outputs)
+
+
+def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
+    warning = _right_or_loud(_tied_model(), *_images(), caplog)
     # Seen only when the step runs: its check fails for conv's kernel.
-    assert "the gradients of layer(s) conv are not the sums" in warning
+    assert ("the gradients of layer(s) conv (conv/kernel, conv/bias) are "
+            "not the sums") in warning
+
+
+def test_a_failed_check_keeps_the_read_variables_on_the_loop(caplog):
+    """Caught on the first step, on the loop on the unchecked steps after.
+    """
+    model = _tied_model()
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
+    step = tf.function(lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+        model, _loss, x, y, global_batch_size=len(x), estimator=estimator))
+    with caplog.at_level(logging.WARNING, logger=one_pass_norms.__name__):
+        for seed in range(3):
+            x, y = _images(seed=seed)
+            np.testing.assert_allclose(
+                step(x, y).gradient_norms,
+                clars_tf.GradientNormEstimator(4, 4)(model, _loss, x, y),
+                rtol=1e-5)
+    assert int(estimator._check_state(model).estimates.numpy()) == 3
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == one_pass_norms.__name__]
+    assert len(warnings) == 1 and "conv (conv/kernel" in warnings[0]
+
+
+def test_steps_between_checks_do_not_compute_them(monkeypatch):
+    calls, decomposes = [], group_norms.decomposes
+
+    def counted(*arguments):
+        calls.append(arguments[1].name)
+        return decomposes(*arguments)
+
+    monkeypatch.setattr(one_pass_norms.group_norms, "decomposes", counted)
+    model = _model("conv")
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 4, check_every=2)
+    x, y = _images()
+    for _ in range(3):  # Eager: only the branch taken runs.
+        _one_pass(model, x, y, estimator)
+    # Three read layers (two convolutions and the logits), on steps 1 and 3.
+    assert len(calls) == 2 * 3
+
+
+@pytest.mark.parametrize("check_every", [0, -1, 2.0, True, "10"])
+def test_check_every_must_be_a_positive_integer_or_none(check_every):
+    with pytest.raises(ValueError, match="`check_every` must be an integer"):
+        clars_tf.OnePassGradientNormEstimator(4, 4, check_every=check_every)
 
 
 def _per_time_step_model():
