@@ -166,7 +166,12 @@ class Study:
             max_extensions = self.plan["max_extensions"]
         rates = sorted(float(r) for r in grid)
         for _ in range(max_extensions + 1):
+            # A run that failed (an error, not a divergence) is run once
+            # more before the choice reads the grid without it.
             outcomes = [self.outcome(make_spec(rate)) for rate in rates]
+            outcomes = [self.outcome(make_spec(rate))
+                        if outcome.status == "failed" else outcome
+                        for rate, outcome in zip(rates, outcomes)]
             best = runs_lib.best(outcomes)
             if best is None:
                 return best

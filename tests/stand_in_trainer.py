@@ -4,7 +4,8 @@ Accepts the trainer's flags, "trains" 2 epochs of 4 steps and writes
 results.json, steps.jsonl and step lines as the trainer does. Validation accuracy is a
 fixed function of the rate (peak at base 0.4 with warmup, 0.2 without,
 1 point lower per factor 2 away; a no-warmup rate >= 3.2 diverges), so tests
-can compute the study's choices by hand.
+can compute the study's choices by hand. With STAND_IN_FAIL_ONCE naming a
+file that does not exist, the first run creates it and fails with an error.
 """
 
 import json
@@ -25,6 +26,11 @@ def main():
     accuracy = 0.9 - 0.01 * abs(math.log2(rate / best)) - (
         0.0 if warmup else 0.05) + 0.001 * seed
     model_dir = flags["model_dir"]
+    marker = os.environ.get("STAND_IN_FAIL_ONCE")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        print("error: the stand-in's one failure")
+        sys.exit(1)
     os.makedirs(model_dir, exist_ok=True)
     print("I1130 stand_in_trainer.py:1] intra-op threads "
           f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}")

@@ -639,3 +639,15 @@ def test_a_ladder_at_chance_halves_the_rate_and_chooses_nothing():
     at_chance.append(_Ended(10, 0.9, 0.70, batch_size=8192, rate=0.25))
     choices = runs_lib.budget_ladders(plan, dict(enumerate(at_chance)))
     assert (choices[8192]["rate"], choices[8192]["epochs"]) == (0.25, 10)
+
+
+def test_a_tuning_run_that_fails_is_run_again_before_the_choice(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("STAND_IN_FAIL_ONCE", str(tmp_path / "failed_once"))
+    runs = _fourth_runs(tmp_path, ["clars", "trust_a", "trust_b"])
+    # The first run (the plan's methods are written with sorted keys).
+    first = runs_lib.load_archived(str(tmp_path / "results" / "runs"))[
+        "compare/b4096/clars/lr0.1_w0_e2_s0"]
+    assert [a["status"] for a in first.record["attempts"]] == ["failed",
+                                                               "done"]
+    assert (4096, "sgd_warmup", 0.4, 1.0, 2, 1) in runs
