@@ -143,9 +143,11 @@ _PER_RUN = ("model.name", "task.validation_examples",
 def comparisons(plan, outcomes):
     """Every planned comparison with its numbers and Holm's decision.
 
-    Returns [{family, batch_size, first, second, kind, differences,
-    mean, low, high, p, rejected, equivalent, seeds_needed}], with
-    differences None where a side has no seed runs yet.
+    Returns [{family, batch_size, first, second, kind, seeds, complete,
+    differences, mean, low, high, p, rejected, equivalent,
+    seeds_needed}], with differences None where a side has fewer than two
+    seed runs; only complete rows (every planned seed of both arms in)
+    are tested.
     """
     compare = plan["comparison"]
     alpha = compare["family_wise_error"]
@@ -163,9 +165,14 @@ def comparisons(plan, outcomes):
             theirs = seed_accuracies(plan, outcomes, batch_size, second,
                                      chosen)
             seeds = sorted(set(mine) & set(theirs))
+            planned_seeds = set.intersection(*(
+                set(compare["methods"][m].get("seeds", compare["seeds"]))
+                for m in (first, second)))
             row = {"family": family, "batch_size": batch_size,
                    "first": first, "second": second, "kind": kind,
-                   "seeds": seeds, "differences": None, "rejected": False}
+                   "seeds": seeds, "differences": None, "rejected": False,
+                   "complete": planned_seeds <= set(seeds),
+                   "planned_seeds": len(planned_seeds)}
             if len(seeds) >= 2:
                 differences = [100 * (mine[s] - theirs[s]) for s in seeds]
                 mean, half, low, high = warmup_report.paired_interval(
@@ -184,7 +191,9 @@ def comparisons(plan, outcomes):
                         spread, compare["seed_extension"][
                             "half_width_points"]) if spread > 0 else 2))
             family_rows.append(row)
-        tested = [r for r in family_rows if r["differences"] is not None]
+        # No test before a comparison has all its planned seeds.
+        tested = [r for r in family_rows
+                  if r["differences"] is not None and r["complete"]]
         for row, rejected in zip(tested, holm([r["p"] for r in tested],
                                               alpha, len(family_rows))):
             row["rejected"] = rejected
@@ -199,6 +208,11 @@ def reading(row, labels, plan):
     head = f"Batch {row['batch_size']}: {first} minus {second}"
     if row["differences"] is None:
         return f"- {head}: not run (seed runs missing)."
+    if not row["complete"]:
+        return (f"- {head}: interim, {len(row['seeds'])} of "
+                f"{row['planned_seeds']} seeds: {row['mean']:+.1f} points "
+                f"(95 % interval [{row['low']:+.1f}, {row['high']:+.1f}]); "
+                "no test before all its seeds are in.")
     kind, margin = row["kind"], compare["noninferiority_points"]
     text = (f"- {head}: {row['mean']:+.1f} points, 95 % interval "
             f"[{row['low']:+.1f}, {row['high']:+.1f}], {len(row['seeds'])} "
@@ -290,7 +304,8 @@ def forest(rows, labels, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    tested = [r for r in rows if r["differences"] is not None]
+    tested = [r for r in rows if r["differences"] is not None
+              and r["complete"]]
     if not tested:
         return None
     figure, axis = pyplot.subplots(figsize=(7, 0.35 * len(tested) + 1))

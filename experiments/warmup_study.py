@@ -337,8 +337,7 @@ class Study:
         rule = plan["seed_extension"]
         outcomes = runs_lib.load_archived(self.args.archive_dir)
         for row in fourth_report.comparisons(self.plan, outcomes):
-            if (row["family"] != "primary" or row["differences"] is None
-                    or not set(plan["seeds"]) <= set(row["seeds"])
+            if (row["family"] != "primary" or not row["complete"]
                     or row["half_width"] <= rule["half_width_points"]):
                 continue
             chosen = fourth_report.chosen_runs(self.plan, outcomes,

@@ -102,3 +102,21 @@ def test_extend_stage_adds_the_seeds_a_wide_spread_needs(tmp_path,
     assert added == [(4096, "clars", 0.2, 3), (4096, "clars", 0.2, 4),
                      (4096, "sgd_warmup", 0.4, 3),
                      (4096, "sgd_warmup", 0.4, 4)]
+
+
+def test_a_comparison_without_all_its_seeds_is_interim_and_untested(
+        tmp_path):
+    plan = _report_plan()
+    plan["comparison"]["seeds"] = [1, 2, 3]
+    run_compare_stage(tmp_path, plan)
+    outcomes = runs_lib.load_archived(str(tmp_path / "results" / "runs"))
+    for run_id in [k for k in outcomes if k.endswith("_s3")]:
+        del outcomes[run_id]
+    rows = fourth_report.comparisons(plan, outcomes)
+    row = next(r for r in rows if r["family"] == "primary")
+    assert (row["complete"], row["rejected"], len(row["seeds"])) == (
+        False, False, 2)
+    assert fourth_report.reading(row, {"clars": "CLARS", "sgd_warmup": "SGD"},
+                                 plan) == (
+        "- Batch 4096: CLARS minus SGD: interim, 2 of 3 seeds: -5.0 points "
+        "(95 % interval [-5.0, -5.0]); no test before all its seeds are in.")
