@@ -36,7 +36,8 @@ def test_bundled_names_are_every_yaml_under_configs_but_the_study_plans():
         REPO, "configs"))[:-len(".yaml")]
         for folder, _, files in os.walk(os.path.join(REPO, "configs"))
         for f in files if f.endswith(".yaml")}
-    plans = {"estimator_study/plan", "gate_study/plan", "warmup_study/plan"}
+    plans = {"estimator_study/plan", "fourth_study/plan", "gate_study/plan",
+             "warmup_study/plan"}
     assert plans <= on_disk
     assert set(config.bundled_config_names()) == on_disk - plans
     assert "imagenet/densenet121_8k_lars_warmup" in on_disk
