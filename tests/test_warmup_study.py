@@ -530,14 +530,9 @@ def test_budget_stage_lists_the_ladder_in_order(tmp_path, capsys):
         "base_learning_rate": 1.0, "warmup_fraction": 0.1,
         "ladders": {2048: [10, 20]}, "loss_ratio": 1.1,
         "accuracy_points": 1.0})
-    plan_path = tmp_path / "plan.yaml"
-    plan_path.write_text(yaml.safe_dump(plan))
-    assert warmup_study.main([
-        f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
-        f"--archive_dir={tmp_path / 'runs'}", "--stage=budget",
-        "--dry_run"]) == 0
+    run_stage(tmp_path, plan, "budget", "--dry_run")
     commands = [line for line in capsys.readouterr().out.splitlines()
-                if line.startswith("python3 -m trainers.train")]
+                if line.startswith("python3 -m tests.stand_in_trainer")]
     assert [c.split("train.epochs=")[1].split(",")[0] for c in commands] == [
         "10", "20"]
     assert "optimizer.warmup_epochs=2" in commands[1]
@@ -567,15 +562,19 @@ def _fourth_plan(select_from):
                 "methods": methods}}
 
 
-def run_compare_stage(tmp_path, plan):
-    """The compare stage of `plan` with the stand-in; the plan's path."""
+def run_stage(tmp_path, plan, stage, *flags):
+    """A stage of `plan` with the stand-in trainer; the plan's path."""
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(plan))
     assert warmup_study.main([
         f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
-        f"--archive_dir={tmp_path / 'results' / 'runs'}", "--stage=compare",
-        "--trainer=tests.stand_in_trainer"]) == 0
+        f"--archive_dir={tmp_path / 'results' / 'runs'}", f"--stage={stage}",
+        "--trainer=tests.stand_in_trainer", *flags]) == 0
     return plan_path
+
+
+def run_compare_stage(tmp_path, plan):
+    return run_stage(tmp_path, plan, "compare")
 
 
 def _fourth_runs(tmp_path, select_from):
