@@ -6,7 +6,9 @@ norms read off the step's pass equal the loop's only where each example's
 pass is its own: a layer is read when it is called once, in the pass's own
 graph (not inside a `tf.cond` branch, a loop body, `vectorized_map` or an
 RNN's step), on rows that are the examples (its input's and output's
-leading axis is the probe's unknown batch axis), and when nothing on the
+leading axis is the probe's unknown batch axis), with weights that no op
+outside that call reads (a kernel tied to another layer adds terms its
+call's tensors do not hold), and when nothing on the
 way to the model's outputs makes an example's pass depend on the rest of
 the batch or on a random draw: an op that takes the batch axis in and
 gives none out (a batch statistic of batch normalization, a mean over the
@@ -64,6 +66,13 @@ def _why_op_couples(op, graph):
                 "transpose of the batch axis), so each example's pass "
                 "depends on the others")
     return None
+
+
+def _weights(layer):
+    """`{name: variable}` of the weights a readable layer's norms are for."""
+    return {name: getattr(layer, name) for name in ("kernel", "bias")
+            if getattr(layer, name, None) is not None
+            and getattr(layer, name).trainable}
 
 
 def _ancestors(tensors):
@@ -127,13 +136,21 @@ def probe(model, x):
     """
     specs = tf.nest.map_structure(
         lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype), x)
+    readable = [layer for layer in model._flatten_layers(include_self=False)
+                if one_pass_recording.kind_of(layer)]
     seen = {}
 
     def forward(inputs):
+        # Every read of a weight in the pass returns its one identity, so
+        # the identity's consumers are all the ops that use the weight.
+        reads = {id(variable): (variable, tf.identity(variable.value))
+                 for layer in readable
+                 for variable in _weights(layer).values()}
         with one_pass_recording.recording_layers(model) as recording:
-            with keras.StatelessScope():
+            with keras.StatelessScope(state_mapping=list(reads.values())):
                 outputs = model(inputs, training=True)
         seen["recording"], seen["outputs"] = recording, outputs
+        seen["reads"] = {key: read for key, (_, read) in reads.items()}
         return outputs
 
     try:
@@ -151,10 +168,27 @@ def probe(model, x):
             if coupling is not None:
                 break
     reasons = {}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in readable:
         calls, nested = recording.calls_of(layer)
-        if one_pass_recording.kind_of(layer) and (calls or nested):
-            reason = layer_reason(calls, nested, _rows_of_probe)
+        if calls or nested:
+            reason = (layer_reason(calls, nested, _rows_of_probe)
+                      or _read_outside_its_call(layer, calls[0],
+                                                seen["reads"]))
             if reason is not None:
                 reasons[id(layer)] = reason
     return Plan(coupling, reasons)
+
+
+def _read_outside_its_call(layer, call, reads):
+    """Why an op outside the layer's one call reads one of its weights."""
+    inside = (_ancestors(tf.nest.flatten(call.pre_activation))
+              - _ancestors(tf.nest.flatten(call.inputs)))
+    for name, variable in _weights(layer).items():
+        outside = [op for op in reads[id(variable)].consumers()
+                   if op not in inside]
+        if outside:
+            return (f"its {name} is also read outside its call (by "
+                    f"`{outside[0].name}`: a weight tied to another layer "
+                    "or used by the model itself), so the call's tensors do "
+                    "not hold its whole gradient")
+    return None

@@ -1,4 +1,5 @@
 import logging
+import re
 
 import keras
 import numpy as np
@@ -481,19 +482,37 @@ def test_activity_regularizer_enters_the_gradient_not_the_estimate(caplog):
     assert _right_or_loud(model, x, y, caplog) is None
 
 
-def _tied_model():
+class _RawTiedConv(random_models.TiedConv):
+    """Convolves with another Conv2D's kernel read past Keras (the raw
+    `tf.Variable`), which the probe cannot see."""
+
+    def call(self, inputs):
+        return keras.ops.conv(inputs, self.source.kernel._value,
+                              padding="same")
+
+
+def _tied_model(tied_conv=random_models.TiedConv):
     """A conv whose kernel a second layer convolves with again."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((9, 9, 3))
     conv = keras.layers.Conv2D(3, 3, padding="same", name="conv")
     h = keras.layers.ReLU()(conv(inputs))
-    h = random_models.TiedConv(conv, name="tied")(h)
+    h = tied_conv(conv, name="tied")(h)
     outputs = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(h))
     return keras.Model(inputs, outputs)
 
 
-def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
+def test_a_kernel_read_outside_its_call_falls_back_before_any_step(caplog):
     warning = _right_or_loud(_tied_model(), *_images(), caplog)
+    assert ("conv/kernel of layer 'conv' (Conv2D): its kernel is also read "
+            "outside its call (by `") in warning
+    assert re.search(r"by `[^`]*/tied[^`]*/convolution`", warning)
+    assert "conv/bias of layer 'conv'" in warning
+    assert "logits" not in warning
+
+
+def test_a_kernel_read_past_keras_is_caught_by_the_check(caplog):
+    warning = _right_or_loud(_tied_model(_RawTiedConv), *_images(), caplog)
     # Seen only when the step runs: its check fails for conv's kernel.
     assert ("the gradients of layer(s) conv (conv/kernel, conv/bias) are "
             "not the sums") in warning
@@ -502,7 +521,7 @@ def test_a_kernel_used_again_falls_back_for_that_variable_only(caplog):
 def test_a_failed_check_keeps_the_read_variables_on_the_loop(caplog):
     """Caught on the first step, on the loop on the unchecked steps after.
     """
-    model = _tied_model()
+    model = _tied_model(_RawTiedConv)
     estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
     step = tf.function(lambda x, y: clars_tf.compute_loss_gradients_and_norms(
         model, _loss, x, y, global_batch_size=len(x), estimator=estimator))
