@@ -447,3 +447,10 @@ def test_batch_augmentation_is_pad_crop_flip_and_resize_per_image():
                                        antialias=True)[0].numpy()
             expected = (expected / 255 - spec.mean) / spec.std
             np.testing.assert_allclose(got[row], expected, atol=2e-5)
+            if image_size == 32:
+                # No resize: each pixel is its own float32 normalisation,
+                # bit for bit, however the crop moves the pixels.
+                mean = np.float32(255) * np.asarray(spec.mean, np.float32)
+                std = np.float32(255) * np.asarray(spec.std, np.float32)
+                np.testing.assert_array_equal(
+                    got[row], (crop.astype(np.float32) - mean) / std)

@@ -796,14 +796,17 @@ def _small_train_batch(columns, positions, crop_offsets, flips, spec,
                    tf.range(width)))
     image = tf.reshape(tf.gather(columns, column_index),
                        [batch, width, padded_height, channels])
-    # Normalised before the transpose: oneDNN's transpose of integer types
-    # logs an error on many CPUs (and falls back to Eigen); float32's does
-    # not.
-    image = tf.transpose(_normalize(image, spec), [0, 2, 1, 3])
+    # Transposed as int16 and normalised last: 2-byte pixels move instead
+    # of float32 ones, and only the crop's are normalised, not the padding
+    # (the same numbers: int16 holds every uint8 exactly). oneDNN's uint8
+    # transpose logs an error and falls back to Eigen; int16 goes to Eigen
+    # quietly.
+    image = tf.transpose(tf.cast(image, tf.int16), [0, 2, 1, 3])
     image = tf.reshape(image, [batch * padded_height, width, channels])
     row_index = (tf.range(batch)[:, None] * padded_height
                  + crop_offsets[:, :1] + tf.range(height))
-    return _separable_resize(tf.gather(image, row_index), image_size)
+    return _separable_resize(_normalize(tf.gather(image, row_index), spec),
+                             image_size)
 
 
 def _resize_matrix(size, image_size):
