@@ -43,20 +43,34 @@ def test_bundled_names_are_every_yaml_under_configs_but_the_study_plans():
     assert "imagenet/densenet121_8k_lars_warmup" in on_disk
 
 
-def test_a_study_plan_is_refused_as_a_config_with_the_configs_beside_it():
+@pytest.mark.parametrize("config_file, expected", [
+    ("gate_study/plan",
+     ["'gate_study/plan' is a study plan, not a trainer config",
+      "the study's are gate_study/clars, gate_study/lars, gate_study/sgd."]),
+    ("fourth_study/plan",
+     ["'fourth_study/plan' is a study plan",
+      "Pass a trainer config: one of cifar10_resnet20_clars, "]),
+    (os.path.join(REPO, "configs", "fourth_study", "plan.yaml"),
+     ["has none of the trainer's sections (clars, estimator,",
+      "its keys are ", "title", "read by the study's driver in experiments/"]),
+    ("fashion_mnist_resnet8_clar",
+     ["Did you mean 'fashion_mnist_resnet8_clars'?",
+      "imagenet/mobilenet_v2_8k_sgd_warmup"]),
+])
+def test_a_file_that_is_no_trainer_config_is_refused_saying_what_to_pass(
+        config_file, expected):
     with pytest.raises(config.ConfigError) as error:
-        config.build_config("gate_study/plan")
-    message = str(error.value)
-    assert "'gate_study/plan' is a study plan, not a trainer config" in message
-    assert "gate_study/clars, gate_study/lars, gate_study/sgd" in message
+        config.build_config(config_file)
+    for part in expected:
+        assert part in str(error.value)
 
 
-def test_unknown_name_suggests_the_closest_and_lists_all():
-    with pytest.raises(config.ConfigError) as error:
-        config.build_config("fashion_mnist_resnet8_clar")
-    message = str(error.value)
-    assert "Did you mean 'fashion_mnist_resnet8_clars'?" in message
-    assert "imagenet/mobilenet_v2_8k_sgd_warmup" in message
+def test_a_file_of_misspelt_sections_suggests_the_section(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("trian:\n  epochs: 3\n")
+    with pytest.raises(config.ConfigError, match="its keys are trian. Did "
+                       "you mean 'train'?"):
+        config.build_config(str(path))
 
 
 def _flatten(mapping, prefix=""):

@@ -266,8 +266,8 @@ def resolve_config_file(name_or_path):
         raise ConfigError(
             f"'{name_or_path}' is a study plan, not a trainer config: the "
             f"study's driver in experiments/ reads it (see "
-            f"experiments/README.md). Pass a trainer config, e.g. "
-            f"{_closest_config_beside(name, names)}.")
+            f"experiments/README.md). Pass a trainer config: "
+            f"{_configs_beside(name, names)}.")
     hint = _closest(name, names)
     raise ConfigError(
         f"Config file '{name_or_path}' does not exist, and no bundled config "
@@ -275,10 +275,12 @@ def resolve_config_file(name_or_path):
         f"bundled names: {', '.join(names)}.")
 
 
-def _closest_config_beside(name, names):
+def _configs_beside(name, names):
     folder = os.path.dirname(name)
     beside = [n for n in names if os.path.dirname(n) == folder]
-    return ", ".join(beside or names[:1])
+    if beside:
+        return "the study's are " + ", ".join(beside)
+    return "one of " + ", ".join(names)
 
 
 def load_yaml(path):
@@ -295,6 +297,14 @@ def load_yaml(path):
         raise ConfigError(
             f"Config file '{path}' must hold a mapping of sections (task, "
             f"model, train, ...), got {type(content).__name__}.")
+    if content and not set(content) & set(DEFAULTS):
+        raise ConfigError(
+            f"Config file '{path}' has none of the trainer's sections "
+            f"({', '.join(sorted(DEFAULTS))}); its keys are "
+            f"{', '.join(sorted(map(str, content)))}."
+            f"{_closest(str(next(iter(content))), DEFAULTS)} A study plan "
+            "(configs/*_study/plan.yaml) is read by the study's driver in "
+            "experiments/ (see experiments/README.md), not by the trainer.")
     return content
 
 
