@@ -511,6 +511,27 @@ def test_a_kernel_read_outside_its_call_falls_back_before_any_step(caplog):
     assert "logits" not in warning
 
 
+class _TiedConvBehindCondition(random_models.TiedConv):
+    """Convolves with another Conv2D's kernel when a non-trainable flag is
+    set (it is: the tie is used, but only the step could tell)."""
+
+    def build(self, input_shape):
+        self.flag = self.add_weight(shape=(), initializer="ones",
+                                    trainable=False, name="flag")
+
+    def call(self, inputs):
+        return keras.ops.cond(self.flag > 0,
+                              lambda: super(type(self), self).call(inputs),
+                              lambda: inputs)
+
+
+def test_a_kernel_read_behind_a_condition_falls_back_before_any_step(caplog):
+    warning = _right_or_loud(_tied_model(_TiedConvBehindCondition),
+                             *_images(), caplog)
+    assert ("conv/kernel of layer 'conv' (Conv2D): its kernel is also read "
+            "outside its call") in warning
+
+
 def test_a_kernel_read_past_keras_is_caught_by_the_check(caplog):
     warning = _right_or_loud(_tied_model(_RawTiedConv), *_images(), caplog)
     # Seen only when the step runs: its check fails for conv's kernel.
