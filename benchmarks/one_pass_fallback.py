@@ -29,11 +29,17 @@ synthetic data, side by side in one process:
 
 Every variant's step is timed against the same SGD step; the table gives
 the median step time and the median per-round ratio to SGD (min..max).
+With the three check candidates it also gives, paired per round and in
+SGD steps, what a skipped check and a checked step cost over no check
+(median, mean and the mean's 95% interval, by wall and by CPU time) and
+the check amortised over `check_every` = 100 steps; `--paired_of=JSON`
+prints that for a run's `--output` without running.
 
     TF_ENABLE_ONEDNN_OPTS=1 python3 -m benchmarks.one_pass_fallback \\
         --model=plain_cnn --output=/tmp/one_pass_fallback.json
 """
 
+import json
 import logging
 import statistics
 
@@ -51,6 +57,10 @@ flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
 flags.DEFINE_integer("steps", 2, "Timed steps per candidate per round.")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 flags.DEFINE_list("candidates", None, "Time only these (sgd always).")
+flags.DEFINE_string("paired_of", None, "Print the check's paired costs of "
+                    "an earlier run's --output instead of a run.")
+
+_CHECK_EVERY = 100  # OnePassGradientNormEstimator's default
 
 
 def _scale_layer():
@@ -87,8 +97,59 @@ def _models():
     }
 
 
+def check_costs(rows):
+    """What the check costs, in SGD steps, paired per round.
+
+    Args:
+        rows: `{candidate: {"seconds": [...], "cpu_seconds": [...]}}`,
+            one entry per round, with `sgd` and the three check candidates.
+
+    Returns:
+        `{"wall" | "cpu": {"skipped" | "checked": (median, mean, low,
+        high), "amortised": median}}`: a skipped check is `one_pass` over
+        `one_pass_unchecked`, a checked step `one_pass_checked_every_step`
+        over it; (low, high) is the mean's 95% t interval.
+    """
+    from scipy import stats
+
+    costs = {}
+    for clock, key in (("wall", "seconds"), ("cpu", "cpu_seconds")):
+        unit, none = rows["sgd"][key], rows["one_pass_unchecked"][key]
+        costs[clock] = {}
+        for cost, name in (("skipped", "one_pass"),
+                           ("checked", "one_pass_checked_every_step")):
+            extra = [(with_check - without) / sgd for with_check, without, sgd
+                     in zip(rows[name][key], none, unit)]
+            mean = statistics.mean(extra)
+            half = (stats.t.ppf(0.975, len(extra) - 1)
+                    * statistics.stdev(extra) / len(extra) ** 0.5)
+            costs[clock][cost] = (statistics.median(extra), mean,
+                                  mean - half, mean + half)
+        costs[clock]["amortised"] = (costs[clock]["skipped"][0]
+                                     + costs[clock]["checked"][0]
+                                     / _CHECK_EVERY)
+    return costs
+
+
+def _print_check_costs(rows):
+    costs = check_costs(rows)
+    print(f"\nThe check, in SGD steps, paired per round: median (mean, "
+          f"95% interval of the mean); amortised over {_CHECK_EVERY} steps")
+    for clock, cost in costs.items():
+        print(f"  {clock}: " + "; ".join(
+            f"{name} {m:.3f} ({mean:.3f}, {low:.3f}..{high:.3f})"
+            for name, (m, mean, low, high) in
+            ((n, cost[n]) for n in ("skipped", "checked")))
+            + f"; amortised {cost['amortised']:.3f}")
+    return costs
+
+
 def main(argv):
     del argv
+    if FLAGS.paired_of:
+        with open(FLAGS.paired_of, encoding="utf-8") as f:
+            _print_check_costs(json.load(f)["candidates"])
+        return
     import keras
     import tensorflow as tf
 
@@ -150,6 +211,9 @@ def main(argv):
     for name, row in rows.items():
         print(f"{name:28s} {statistics.median(row['seconds']):8.3f} "
               f"{common.ratio_columns(row)}")
+    checks = ("one_pass", "one_pass_checked_every_step", "one_pass_unchecked")
+    if all(name in rows for name in checks):
+        _print_check_costs(rows)
     if FLAGS.output:
         common.write_results(
             FLAGS.output, dict(model=FLAGS.model, batch_size=FLAGS.batch_size,

@@ -140,3 +140,22 @@ def test_trainer_throughput_runs_and_reports_every_candidate(tmp_path):
                        for r in range(2)]))
     assert "pipeline / model_step" in result.stdout
     assert "trainer: start-up" in result.stdout
+
+
+def test_one_pass_fallback_check_costs_are_paired_per_round():
+    from benchmarks import one_pass_fallback
+
+    seconds = {"sgd": [1.0, 2.0, 1.0], "one_pass_unchecked": [1.5, 2.8, 1.6],
+               "one_pass": [1.6, 3.0, 1.6],
+               "one_pass_checked_every_step": [2.0, 3.6, 2.2]}
+    rows = {name: {"seconds": times, "cpu_seconds": [2 * t for t in times]}
+            for name, times in seconds.items()}
+    costs = one_pass_fallback.check_costs(rows)
+    # Skipped: 0.1, 0.1, 0.0 SGD steps; mean 1/15, sd 0.0577, t(0.975, 2)
+    # = 4.303: half-width 4.303 * 0.0577 / sqrt(3) = 0.1434. Checked: 0.5,
+    # 0.4, 0.6. Doubling every CPU time leaves the ratios as they are.
+    for clock in ("wall", "cpu"):
+        assert costs[clock]["skipped"] == pytest.approx(
+            (0.1, 1 / 15, 1 / 15 - 0.14342, 1 / 15 + 0.14342), abs=1e-4)
+        assert costs[clock]["checked"][:2] == pytest.approx((0.5, 0.5))
+        assert costs[clock]["amortised"] == pytest.approx(0.1 + 0.5 / 100)
