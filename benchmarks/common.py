@@ -115,6 +115,30 @@ def ratio_columns(row):
             f"{statistics.median(row['cpu_share']):5.2f}")
 
 
+def paired_extra(rows, candidate, base, unit):
+    """What `candidate` costs over `base`, in steps of `unit`, paired per
+    round: `{"wall" | "cpu": (median, mean, low, high)}`, where (low, high)
+    is the mean's 95% t interval over the rounds.
+
+    Args:
+        rows: `per_round_rows`-like `{name: {"seconds": [...],
+            "cpu_seconds": [...]}}`, one entry per round.
+    """
+    from scipy import stats
+
+    extra = {}
+    for clock, key in (("wall", "seconds"), ("cpu", "cpu_seconds")):
+        values = [(with_it - without) / step for with_it, without, step
+                  in zip(rows[candidate][key], rows[base][key],
+                         rows[unit][key])]
+        mean = statistics.mean(values)
+        half = (stats.t.ppf(0.975, len(values) - 1)
+                * statistics.stdev(values) / len(values) ** 0.5)
+        extra[clock] = (statistics.median(values), mean, mean - half,
+                        mean + half)
+    return extra
+
+
 def write_results(path, environment, **results):
     """Writes `results` beside the `environment_info(**environment)` record
     as JSON to `path`."""

@@ -98,33 +98,25 @@ def _models():
 
 
 def check_costs(rows):
-    """What the check costs, in SGD steps, paired per round.
+    """What the check costs in SGD steps, paired per round.
 
     Args:
-        rows: `{candidate: {"seconds": [...], "cpu_seconds": [...]}}`,
-            one entry per round, with `sgd` and the three check candidates.
+        rows: `common.per_round_rows` with `sgd` and the three check
+            candidates.
 
     Returns:
         `{"wall" | "cpu": {"skipped" | "checked": (median, mean, low,
         high), "amortised": median}}`: a skipped check is `one_pass` over
         `one_pass_unchecked`, a checked step `one_pass_checked_every_step`
-        over it; (low, high) is the mean's 95% t interval.
+        over it (`common.paired_extra`).
     """
-    from scipy import stats
-
     costs = {}
-    for clock, key in (("wall", "seconds"), ("cpu", "cpu_seconds")):
-        unit, none = rows["sgd"][key], rows["one_pass_unchecked"][key]
-        costs[clock] = {}
-        for cost, name in (("skipped", "one_pass"),
-                           ("checked", "one_pass_checked_every_step")):
-            extra = [(with_check - without) / sgd for with_check, without, sgd
-                     in zip(rows[name][key], none, unit)]
-            mean = statistics.mean(extra)
-            half = (stats.t.ppf(0.975, len(extra) - 1)
-                    * statistics.stdev(extra) / len(extra) ** 0.5)
-            costs[clock][cost] = (statistics.median(extra), mean,
-                                  mean - half, mean + half)
+    for clock in ("wall", "cpu"):
+        costs[clock] = {
+            cost: common.paired_extra(rows, name, "one_pass_unchecked",
+                                      "sgd")[clock]
+            for cost, name in (("skipped", "one_pass"),
+                               ("checked", "one_pass_checked_every_step"))}
         costs[clock]["amortised"] = (costs[clock]["skipped"][0]
                                      + costs[clock]["checked"][0]
                                      / _CHECK_EVERY)

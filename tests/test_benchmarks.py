@@ -142,20 +142,15 @@ def test_trainer_throughput_runs_and_reports_every_candidate(tmp_path):
     assert "trainer: start-up" in result.stdout
 
 
-def test_one_pass_fallback_check_costs_are_paired_per_round():
-    from benchmarks import one_pass_fallback
-
-    seconds = {"sgd": [1.0, 2.0, 1.0], "one_pass_unchecked": [1.5, 2.8, 1.6],
-               "one_pass": [1.6, 3.0, 1.6],
-               "one_pass_checked_every_step": [2.0, 3.6, 2.2]}
+def test_paired_extra_is_per_round_over_the_unit_with_its_t_interval():
+    seconds = {"sgd": [1.0, 2.0, 1.0], "without": [1.5, 2.8, 1.6],
+               "with": [1.6, 3.0, 1.6]}
     rows = {name: {"seconds": times, "cpu_seconds": [2 * t for t in times]}
             for name, times in seconds.items()}
-    costs = one_pass_fallback.check_costs(rows)
-    # Skipped: 0.1, 0.1, 0.0 SGD steps; mean 1/15, sd 0.0577, t(0.975, 2)
-    # = 4.303: half-width 4.303 * 0.0577 / sqrt(3) = 0.1434. Checked: 0.5,
-    # 0.4, 0.6. Doubling every CPU time leaves the ratios as they are.
+    extra = common.paired_extra(rows, "with", "without", "sgd")
+    # Per round 0.1, 0.1, 0.0 steps of sgd; mean 1/15, sd 0.0577,
+    # t(0.975, 2) = 4.303: half-width 4.303 * 0.0577 / sqrt(3) = 0.1434.
+    # Doubling every CPU time leaves the ratios as they are.
     for clock in ("wall", "cpu"):
-        assert costs[clock]["skipped"] == pytest.approx(
+        assert extra[clock] == pytest.approx(
             (0.1, 1 / 15, 1 / 15 - 0.14342, 1 / 15 + 0.14342), abs=1e-4)
-        assert costs[clock]["checked"][:2] == pytest.approx((0.5, 0.5))
-        assert costs[clock]["amortised"] == pytest.approx(0.1 + 0.5 / 100)
