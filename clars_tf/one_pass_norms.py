@@ -225,10 +225,8 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
                                                   step.variable_gradients)}
         read_by = {}
         for layer, _, _ in readable:
-            for name in ("kernel", "bias"):
-                variable = getattr(layer, name, None)
-                if variable is not None and variable.trainable:
-                    read_by.setdefault(id(variable), []).append(layer)
+            for variable in one_pass_plan.weights_of(layer).values():
+                read_by.setdefault(id(variable), []).append(layer)
         shared = {v for v, layers in read_by.items() if len(layers) > 1}
         indices = self.micro_batch_indices(batch, num_replicas)
         factor = 1.0 / (tf.cast(step.loss_weight, "float32")
@@ -237,10 +235,9 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
             factor /= tf.cast(step.loss_scale, "float32")
         squares, checks = {}, []
         for layer, kind, call in readable:
-            names = [name for name in ("kernel", "bias")
-                     if getattr(layer, name, None) is not None
-                     and getattr(layer, name).trainable
-                     and id(getattr(layer, name)) not in shared]
+            names = [name for name, variable
+                     in one_pass_plan.weights_of(layer).items()
+                     if id(variable) not in shared]
             if not names:
                 continue
             dz = output_gradient.get(id(call.pre_activation))
@@ -357,9 +354,9 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
         """Warns once per model, where the step can log (not under XLA)."""
         names = [
             f"{layer.name} ("
-            + ", ".join(getattr(v, "path", v.name) for v in (
-                getattr(layer, name, None) for name in ("kernel", "bias"))
-                if v is not None and v.trainable) + ")"
+            + ", ".join(getattr(v, "path", v.name)
+                        for v in one_pass_plan.weights_of(layer).values())
+            + ")"
             for layer in layers]
         key = (id(model), "checks")
 

@@ -68,7 +68,7 @@ def _why_op_couples(op, graph):
     return None
 
 
-def _weights(layer):
+def weights_of(layer):
     """`{name: variable}` of the weights a readable layer's norms are for."""
     return {name: getattr(layer, name) for name in ("kernel", "bias")
             if getattr(layer, name, None) is not None
@@ -145,7 +145,7 @@ def probe(model, x):
         # the identity's consumers are all the ops that use the weight.
         reads = {id(variable): (variable, tf.identity(variable.value))
                  for layer in readable
-                 for variable in _weights(layer).values()}
+                 for variable in weights_of(layer).values()}
         with one_pass_recording.recording_layers(model) as recording:
             with keras.StatelessScope(state_mapping=list(reads.values())):
                 outputs = model(inputs, training=True)
@@ -183,7 +183,7 @@ def _read_outside_its_call(layer, call, reads):
     """Why an op outside the layer's one call reads one of its weights."""
     inside = (_ancestors(tf.nest.flatten(call.pre_activation))
               - _ancestors(tf.nest.flatten(call.inputs)))
-    for name, variable in _weights(layer).items():
+    for name, variable in weights_of(layer).items():
         outside = [op for op in reads[id(variable)].consumers()
                    if op not in inside]
         if outside:
