@@ -5,6 +5,8 @@ import gzip
 import os
 import shutil
 import socket
+import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -56,9 +58,11 @@ def test_fashion_mnist_prepared_through_tfds(data_dir):
             split="test", as_supervised=True, batch_size=10_000))])
     assert labels.min() == 0 and labels.max() == 9
     assert np.bincount(labels).tolist() == [1000] * 10
-    # Only the prepared data set is left behind, no staging files.
+    # Only the prepared data set is left behind, no staging files: the
+    # empty lock file that serialises preparation stays.
     assert sorted(os.listdir(data_dir)) == ["downloads", "fashion_mnist"]
-    assert os.listdir(os.path.join(data_dir, "downloads")) == []
+    assert os.listdir(os.path.join(data_dir, "downloads")) == [
+        "fashion_mnist.prepare.lock"]
 
 
 def test_upstream_files_are_accepted_as_they_are(tmp_path):
@@ -132,6 +136,38 @@ def test_damaged_idx_file_raises_data_error(tmp_path, filename, damage):
     assert "apt-get install" in str(error.value)
     assert not tfds.builder("fashion_mnist",
                             data_dir=str(data_dir)).is_prepared()
+
+
+def test_concurrent_prepare_prepares_once(tmp_path, monkeypatch):
+    """Two trainers starting together on a fresh machine prepare once.
+
+    Without the lock both saw an unprepared data set and the second
+    failed renaming tfds's finished folder over the first's.
+    """
+    prepared = tmp_path / "fashion_mnist_prepared"
+    active, calls = [], []
+
+    class Builder:
+        def is_prepared(self):
+            return prepared.exists()
+
+    def slow_prepare(builder, data_dir, source_dir):
+        active.append(1)
+        calls.append(len(active))
+        time.sleep(0.3)
+        prepared.touch()
+        active.pop()
+
+    monkeypatch.setattr(data.tfds, "builder", lambda *args, **kwargs: Builder())
+    monkeypatch.setattr(data, "_prepare_fashion_mnist", slow_prepare)
+    threads = [threading.Thread(target=data.prepare,
+                                args=("fashion_mnist", str(tmp_path)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == [1]
 
 
 def test_download_failures_raise_data_error(tmp_path, monkeypatch):

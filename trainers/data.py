@@ -21,8 +21,10 @@ vouches for the bytes. tfds writes the prepared data set into an
 preparation never leaves a data set that looks valid.
 """
 
+import contextlib
 import dataclasses
 import difflib
+import fcntl
 import gzip
 import hashlib
 import math
@@ -246,11 +248,36 @@ def prepare(name, data_dir, *, fashion_mnist_dir=DEBIAN_FASHION_MNIST_DIR):
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     if builder.is_prepared():
         return builder
-    if spec.tfds_name == "fashion_mnist":
-        _prepare_fashion_mnist(builder, data_dir, fashion_mnist_dir)
-    else:
-        _download_and_prepare(builder, name, data_dir)
+    with _preparation_lock(data_dir, spec.tfds_name):
+        # A process that held the lock before this one may have prepared it.
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+        if builder.is_prepared():
+            return builder
+        if spec.tfds_name == "fashion_mnist":
+            _prepare_fashion_mnist(builder, data_dir, fashion_mnist_dir)
+        else:
+            _download_and_prepare(builder, name, data_dir)
     return builder
+
+
+@contextlib.contextmanager
+def _preparation_lock(data_dir, tfds_name):
+    """Lets one process at a time prepare `tfds_name` in `data_dir`.
+
+    tfds prepares into a temporary folder and renames it at the end; two
+    trainers started together on a fresh machine (a study's side-by-side
+    runs, the workers of one host) would both prepare, and the second
+    rename fails. The lock file lives in tfds's own downloads folder.
+    """
+    downloads = os.path.join(data_dir, "downloads")
+    os.makedirs(downloads, exist_ok=True)
+    with open(os.path.join(downloads, f"{tfds_name}.prepare.lock"),
+              "a", encoding="utf-8") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _prepare_fashion_mnist(builder, data_dir, source_dir):
