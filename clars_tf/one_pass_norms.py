@@ -223,11 +223,6 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
         variables = model.trainable_variables
         data_gradient = {id(v): g for v, g in zip(variables,
                                                   step.variable_gradients)}
-        read_by = {}
-        for layer, _, _ in readable:
-            for variable in one_pass_plan.weights_of(layer).values():
-                read_by.setdefault(id(variable), []).append(layer)
-        shared = {v for v, layers in read_by.items() if len(layers) > 1}
         indices = self.micro_batch_indices(batch, num_replicas)
         factor = 1.0 / (tf.cast(step.loss_weight, "float32")
                         * float(self.micro_batch_size))
@@ -235,11 +230,7 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
             factor /= tf.cast(step.loss_scale, "float32")
         squares, checks = {}, []
         for layer, kind, call in readable:
-            names = [name for name, variable
-                     in one_pass_plan.weights_of(layer).items()
-                     if id(variable) not in shared]
-            if not names:
-                continue
+            names = list(one_pass_plan.weights_of(layer))
             dz = output_gradient.get(id(call.pre_activation))
             if dz is None:
                 dz = tf.zeros_like(call.pre_activation)
@@ -280,8 +271,7 @@ class OnePassGradientNormEstimator(gradient_norms.NormEstimator):
                 continue
             fallback.append(index)
             why[index] = (
-                "it is read by several layers" if id(variable) in shared
-                else plan.coupling or reasons.get(id(layer))
+                plan.coupling or reasons.get(id(layer))
                 or plan.layer_reasons.get(id(layer))
                 or "it is used outside the call of the layer holding it")
         if fallback:

@@ -511,6 +511,39 @@ def test_a_kernel_read_outside_its_call_falls_back_before_any_step(caplog):
     assert "logits" not in warning
 
 
+def test_two_layers_holding_one_kernel_fall_back_before_any_step(caplog):
+    """Each layer's kernel is read in the other's call, so the probe sends
+    both to the loop; no variable is read off the pass by two layers."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    first = keras.layers.Dense(6, name="first")
+    second = keras.layers.Dense(6, name="second")
+    h = second(keras.layers.ReLU()(first(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(h))
+    second._tracker.unlock()
+    second._kernel = first._kernel  # needs Keras's private unlock
+    second._tracker.lock()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.integers(0, 3, size=32).astype("int32")
+    estimator = clars_tf.OnePassGradientNormEstimator(4, 4)
+    with caplog.at_level(logging.WARNING, logger=one_pass_norms.__name__):
+        out = tf.function(
+            lambda x, y: clars_tf.compute_loss_gradients_and_norms(
+                model, _loss, x, y, global_batch_size=32,
+                estimator=estimator))(x, y)
+    np.testing.assert_allclose(
+        out.gradient_norms,
+        clars_tf.GradientNormEstimator(4, 4)(model, _loss, x, y), rtol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == one_pass_norms.__name__]
+    assert len(warnings) == 1
+    for layer in ("first", "second"):
+        assert (f"{layer}/bias of layer '{layer}' (Dense): its kernel is also "
+                "read outside its call") in warnings[0]
+    assert "logits" not in warnings[0]
+
+
 class _TiedConvBehindCondition(random_models.TiedConv):
     """Convolves with another Conv2D's kernel when a non-trainable flag is
     set (it is: the tie is used, but only the step could tell)."""
