@@ -154,3 +154,18 @@ def test_paired_extra_is_per_round_over_the_unit_with_its_t_interval():
     for clock in ("wall", "cpu"):
         assert extra[clock] == pytest.approx(
             (0.1, 1 / 15, 1 / 15 - 0.14342, 1 / 15 + 0.14342), abs=1e-4)
+
+
+def test_one_pass_probe_times_the_probe_beside_the_step_trace():
+    """plain_cnn: six convolutions and two Dense layers, all readable and
+    none coupled; one row with the probe's and the trace's seconds."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.one_pass_probe",
+         "--models=plain_cnn", "--image_size=8", "--num_classes=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line.split() for line in result.stdout.splitlines()
+               if line.startswith("plain_cnn"))
+    assert row[1] == "8" and len(row) == 7
+    assert all(float(seconds) > 0 for seconds in row[2:6])
