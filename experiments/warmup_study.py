@@ -65,6 +65,18 @@ class OutOfTime(Exception):
     """The next run would end past --max_hours."""
 
 
+class TrainerCannotStart(Exception):
+    """A run failed importing the trainer: every other run would too."""
+
+    def __init__(self, run_id, error):
+        super().__init__(
+            f"[study] {run_id}: the trainer could not start ({error}) "
+            f"under {sys.executable}, so the stage stopped there rather "
+            "than fail every run. Run the study with the interpreter of "
+            "the environment scripts/install.sh makes (.venv/bin/python3) "
+            "and the same command again; the failed run is run again.")
+
+
 def load_plan(path):
     with open(os.path.join(runs_lib.REPO_ROOT, path), encoding="utf-8") as f:
         return yaml.safe_load(f)
@@ -145,6 +157,10 @@ class Study:
             print(f"[study] {run.run_id}: {status} in {seconds:.0f} s; "
                   f"{(time.time() - self.started) / 60:.1f} min elapsed.",
                   flush=True)
+            error = run.record().get("error", "")
+            if status == "failed" and error.startswith(
+                    ("ModuleNotFoundError", "ImportError")):
+                raise TrainerCannotStart(run.run_id, error)
         return runs_lib.Outcome(run.archive)
 
     def _check_time(self):
@@ -548,6 +564,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("[study] interrupted; run the same command again to "
                  "resume.")
+    except TrainerCannotStart as error:
+        sys.exit(str(error))
     if args.dry_run:
         print("\n".join(study.planned))
         print(f"# {len(study.planned)} runs to do as far as the archived "

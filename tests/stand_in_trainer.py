@@ -5,7 +5,9 @@ results.json, steps.jsonl and step lines as the trainer does. Validation accurac
 fixed function of the rate (peak at base 0.4 with warmup, 0.2 without,
 1 point lower per factor 2 away; a no-warmup rate >= 3.2 diverges), so tests
 can compute the study's choices by hand. With STAND_IN_FAIL_ONCE naming a
-file that does not exist, the first run creates it and fails with an error.
+file that does not exist, the first run creates it and fails with an error;
+with STAND_IN_IMPORT_ERROR set, every run fails as a trainer started by an
+interpreter without absl does.
 """
 
 import json
@@ -26,6 +28,9 @@ def main():
     accuracy = 0.9 - 0.01 * abs(math.log2(rate / best)) - (
         0.0 if warmup else 0.05) + 0.001 * seed
     model_dir = flags["model_dir"]
+    if os.environ.get("STAND_IN_IMPORT_ERROR"):
+        print("ModuleNotFoundError: No module named 'absl'")
+        sys.exit(1)
     marker = os.environ.get("STAND_IN_FAIL_ONCE")
     if marker and not os.path.exists(marker):
         open(marker, "w").close()

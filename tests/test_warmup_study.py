@@ -650,3 +650,21 @@ def test_a_tuning_run_that_fails_is_run_again_before_the_choice(
     assert [a["status"] for a in first.record["attempts"]] == ["failed",
                                                                "done"]
     assert (4096, "sgd_warmup", 0.4, 1.0, 2, 1) in runs
+
+
+def test_a_trainer_that_cannot_import_stops_the_stage_at_its_first_run(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("STAND_IN_IMPORT_ERROR", "1")
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(PLAN))
+    with pytest.raises(SystemExit) as stop:
+        warmup_study.main([
+            f"--plan={plan_path}", f"--work_dir={tmp_path / 'work'}",
+            f"--archive_dir={tmp_path / 'results' / 'runs'}",
+            "--stage=compare", "--force",
+            "--trainer=tests.stand_in_trainer"])
+    assert "No module named 'absl'" in str(stop.value)
+    assert ".venv/bin/python3" in str(stop.value)
+    archived = _archived(tmp_path)
+    assert len(archived) == 1
+    assert [o.record["status"] for o in archived.values()] == ["failed"]
