@@ -12,8 +12,10 @@ def estimator_from_config(config, jit_compile=False):
 
     Args:
         config: `{"method": "loop" | "one_pass", "micro_batch_size": s,
-            "num_micro_batches": J, "refresh_every": n}` (refresh_every
-            defaults to 1, method to "loop"); other keys are ignored.
+            "num_micro_batches": J, "refresh_every": n, "check_every": k}`
+            (refresh_every defaults to 1, method to "loop"; check_every,
+            the one-pass estimator's alone, to its own default, with 0
+            for never); other keys are ignored.
         jit_compile: whether the steps are compiled with XLA.
 
     Returns:
@@ -34,8 +36,11 @@ def estimator_from_config(config, jit_compile=False):
     if method not in METHODS:
         raise ValueError(f"Unknown estimator method {method!r}: choose one "
                          f"of {', '.join(sorted(METHODS))}.")
+    options = {}
+    if method == "one_pass" and "check_every" in config:
+        options["check_every"] = config["check_every"] or None
     estimator = METHODS[method](config["micro_batch_size"],
                                 config["num_micro_batches"],
-                                config.get("refresh_every", 1))
+                                config.get("refresh_every", 1), **options)
     estimator.jit_compile = bool(jit_compile)
     return estimator

@@ -106,3 +106,16 @@ def test_one_pass_estimator_is_told_whether_the_step_uses_xla(jit_compile):
         f"train.jit_compile={str(jit_compile).lower()}")
     estimator = config.check_against_strategy(built, num_replicas=1)
     assert estimator.jit_compile is jit_compile
+
+
+def test_the_one_pass_check_is_set_from_the_estimator_section():
+    path = os.path.join(REPO, "configs", "fashion_mnist_resnet8_clars.yaml")
+    for given, expected in (("", 100), (",estimator.check_every=7", 7),
+                            (",estimator.check_every=0", None)):
+        built = config.build_config(path, "estimator.method=one_pass" + given)
+        estimator = config.check_against_strategy(built, num_replicas=1)
+        assert estimator.check_every == expected
+    with pytest.raises(config.ConfigError,
+                       match=r"'estimator.check_every': must be >= 0 "
+                             r"\(0 never checks\)"):
+        config.build_config(path, "estimator.check_every=-1")

@@ -110,6 +110,10 @@ DEFAULTS = {
         "micro_batch_size": 8,
         "num_micro_batches": 64,
         "refresh_every": 1,
+        # 'one_pass' only: check on the first step and every this many
+        # that each variable read off the pass has the gradient its norms
+        # are read from (0: never; see OnePassGradientNormEstimator).
+        "check_every": 100,
     },
 }
 
@@ -413,6 +417,8 @@ def validate(config):
              f"must be shorter than train.epochs ({train['epochs']}).")
     for key in ("micro_batch_size", "num_micro_batches", "refresh_every"):
         _require(est[key] >= 1, f"estimator.{key}", "must be >= 1.")
+    _require(est["check_every"] >= 0, "estimator.check_every",
+             "must be >= 0 (0 never checks).")
     _require(est["micro_batch_size"] >= 2
              or model["name"] in WITHOUT_BATCH_NORM,
              "estimator.micro_batch_size",
