@@ -33,7 +33,8 @@ With the three check candidates it also gives, paired per round and in
 SGD steps, what a skipped check and a checked step cost over no check
 (median, mean and the mean's 95% interval, by wall and by CPU time) and
 the check amortised over `check_every` = 100 steps; `--paired_of=JSON`
-prints that for a run's `--output` without running.
+prints that for a run's `--output` without running (several files,
+comma-separated: their rounds pooled).
 
     TF_ENABLE_ONEDNN_OPTS=1 python3 -m benchmarks.one_pass_fallback \\
         --model=plain_cnn --output=/tmp/one_pass_fallback.json
@@ -57,8 +58,9 @@ flags.DEFINE_integer("rounds", 7, "Interleaved rounds.")
 flags.DEFINE_integer("steps", 2, "Timed steps per candidate per round.")
 flags.DEFINE_string("output", None, "Write the results as JSON here.")
 flags.DEFINE_list("candidates", None, "Time only these (sgd always).")
-flags.DEFINE_string("paired_of", None, "Print the check's paired costs of "
-                    "an earlier run's --output instead of a run.")
+flags.DEFINE_list("paired_of", None, "Print the check's paired costs of "
+                  "earlier runs' --output files instead of a run; several "
+                  "files pool their rounds.")
 
 _CHECK_EVERY = 100  # OnePassGradientNormEstimator's default
 
@@ -123,6 +125,29 @@ def check_costs(rows):
     return costs
 
 
+def pooled_rows(runs):
+    """Several runs' per-round rows as one run's: each candidate's rounds
+    one after another, run by run.
+
+    Args:
+        runs: the `candidates` of each run's `--output`, all with the same
+            candidates.
+
+    Raises:
+        ValueError: the runs timed different candidates.
+    """
+    names = set(runs[0])
+    for run in runs[1:]:
+        if set(run) != names:
+            raise ValueError(
+                f"--paired_of: the runs timed different candidates "
+                f"({sorted(names)} and {sorted(run)}); pool runs of the "
+                "same --candidates.")
+    return {name: {key: [value for run in runs for value in run[name][key]]
+                   for key in runs[0][name]}
+            for name in runs[0]}
+
+
 def _print_check_costs(rows):
     costs = check_costs(rows)
     print(f"\nThe check, in SGD steps, paired per round: median (mean, "
@@ -139,8 +164,14 @@ def _print_check_costs(rows):
 def main(argv):
     del argv
     if FLAGS.paired_of:
-        with open(FLAGS.paired_of, encoding="utf-8") as f:
-            _print_check_costs(json.load(f)["candidates"])
+        runs = []
+        for path in FLAGS.paired_of:
+            with open(path, encoding="utf-8") as f:
+                runs.append(json.load(f)["candidates"])
+        rows = pooled_rows(runs)
+        print(f"{len(runs)} run(s), {len(rows['sgd']['seconds'])} paired "
+              "rounds")
+        _print_check_costs(rows)
         return
     import keras
     import tensorflow as tf

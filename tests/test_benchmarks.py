@@ -169,3 +169,32 @@ def test_one_pass_probe_times_the_probe_beside_the_step_trace():
                if line.startswith("plain_cnn"))
     assert row[1] == "8" and len(row) == 7
     assert all(float(seconds) > 0 for seconds in row[2:6])
+
+
+def _check_run(one_pass, unchecked, checked):
+    def row(seconds):
+        return {"seconds": seconds, "cpu_seconds": [s / 2 for s in seconds],
+                "cpu_share": [0.9] * len(seconds), "ratios": seconds}
+
+    return {"sgd": row([1.0] * len(one_pass)), "one_pass": row(one_pass),
+            "one_pass_unchecked": row(unchecked),
+            "one_pass_checked_every_step": row(checked)}
+
+
+def test_the_check_costs_pool_the_rounds_of_several_runs():
+    from benchmarks import one_pass_fallback
+
+    first = _check_run([1.1, 1.2], [1.0, 1.1], [1.4, 1.6])
+    second = _check_run([1.0], [1.0], [1.5])
+    rows = one_pass_fallback.pooled_rows([first, second])
+    assert rows["one_pass"]["seconds"] == [1.1, 1.2, 1.0]
+    costs = one_pass_fallback.check_costs(rows)
+    # Skipped: 0.1, 0.1, 0.0 of an SGD step; checked: 0.4, 0.5, 0.5.
+    median, mean, _, _ = costs["wall"]["skipped"]
+    assert median == pytest.approx(0.1) and mean == pytest.approx(0.2 / 3)
+    assert costs["wall"]["checked"][0] == pytest.approx(0.5)
+    assert costs["wall"]["amortised"] == pytest.approx(0.1 + 0.5 / 100)
+    # Halved CPU seconds over the SGD step's halved ones: the same ratios.
+    assert costs["cpu"]["amortised"] == pytest.approx(0.1 + 0.5 / 100)
+    with pytest.raises(ValueError, match="different candidates"):
+        one_pass_fallback.pooled_rows([first, {"sgd": first["sgd"]}])
