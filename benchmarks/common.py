@@ -139,6 +139,29 @@ def paired_extra(rows, candidate, base, unit):
     return extra
 
 
+def pooled_rows(runs):
+    """Several runs' per-round rows as one run's: each candidate's rounds
+    one after another, run by run.
+
+    Args:
+        runs: the `candidates` of each run's `--output`, all with the same
+            candidates.
+
+    Raises:
+        ValueError: the runs timed different candidates.
+    """
+    names = set(runs[0])
+    for run in runs[1:]:
+        if set(run) != names:
+            raise ValueError(
+                f"The runs timed different candidates "
+                f"({sorted(names)} and {sorted(run)}); pool runs of the "
+                "same candidates.")
+    return {name: {key: [value for run in runs for value in run[name][key]]
+                   for key in runs[0][name]}
+            for name in runs[0]}
+
+
 def write_results(path, environment, **results):
     """Writes `results` beside the `environment_info(**environment)` record
     as JSON to `path`."""

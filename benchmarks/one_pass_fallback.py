@@ -125,29 +125,6 @@ def check_costs(rows):
     return costs
 
 
-def pooled_rows(runs):
-    """Several runs' per-round rows as one run's: each candidate's rounds
-    one after another, run by run.
-
-    Args:
-        runs: the `candidates` of each run's `--output`, all with the same
-            candidates.
-
-    Raises:
-        ValueError: the runs timed different candidates.
-    """
-    names = set(runs[0])
-    for run in runs[1:]:
-        if set(run) != names:
-            raise ValueError(
-                f"--paired_of: the runs timed different candidates "
-                f"({sorted(names)} and {sorted(run)}); pool runs of the "
-                "same --candidates.")
-    return {name: {key: [value for run in runs for value in run[name][key]]
-                   for key in runs[0][name]}
-            for name in runs[0]}
-
-
 def _print_check_costs(rows):
     costs = check_costs(rows)
     print(f"\nThe check, in SGD steps, paired per round: median (mean, "
@@ -168,7 +145,7 @@ def main(argv):
         for path in FLAGS.paired_of:
             with open(path, encoding="utf-8") as f:
                 runs.append(json.load(f)["candidates"])
-        rows = pooled_rows(runs)
+        rows = common.pooled_rows(runs)
         print(f"{len(runs)} run(s), {len(rows['sgd']['seconds'])} paired "
               "rounds")
         _print_check_costs(rows)

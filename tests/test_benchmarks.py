@@ -181,20 +181,15 @@ def _check_run(one_pass, unchecked, checked):
             "one_pass_checked_every_step": row(checked)}
 
 
-def test_the_check_costs_pool_the_rounds_of_several_runs():
-    from benchmarks import one_pass_fallback
-
+def test_pooled_rows_put_several_runs_rounds_one_after_another():
     first = _check_run([1.1, 1.2], [1.0, 1.1], [1.4, 1.6])
     second = _check_run([1.0], [1.0], [1.5])
-    rows = one_pass_fallback.pooled_rows([first, second])
+    rows = common.pooled_rows([first, second])
     assert rows["one_pass"]["seconds"] == [1.1, 1.2, 1.0]
-    costs = one_pass_fallback.check_costs(rows)
-    # Skipped: 0.1, 0.1, 0.0 of an SGD step; checked: 0.4, 0.5, 0.5.
-    median, mean, _, _ = costs["wall"]["skipped"]
+    assert rows["one_pass"]["cpu_seconds"] == [0.55, 0.6, 0.5]
+    # Skipped check: 0.1, 0.1, 0.0 of an SGD step over the pooled rounds.
+    median, mean, _, _ = common.paired_extra(
+        rows, "one_pass", "one_pass_unchecked", "sgd")["wall"]
     assert median == pytest.approx(0.1) and mean == pytest.approx(0.2 / 3)
-    assert costs["wall"]["checked"][0] == pytest.approx(0.5)
-    assert costs["wall"]["amortised"] == pytest.approx(0.1 + 0.5 / 100)
-    # Halved CPU seconds over the SGD step's halved ones: the same ratios.
-    assert costs["cpu"]["amortised"] == pytest.approx(0.1 + 0.5 / 100)
     with pytest.raises(ValueError, match="different candidates"):
-        one_pass_fallback.pooled_rows([first, {"sgd": first["sgd"]}])
+        common.pooled_rows([first, {"sgd": first["sgd"]}])
