@@ -286,12 +286,12 @@ def _prepare_fashion_mnist(builder, data_dir, source_dir):
     for url_info in url_infos.values():
         path = os.path.join(source_dir, url_info.filename)
         restored[url_info.filename] = _restore_upstream_file(path, url_info)
-    downloads = os.path.join(data_dir, "downloads")
-    os.makedirs(downloads, exist_ok=True)
     # Restored archives and tfds's extracted copies are only needed while
-    # preparing; a temporary directory keeps them out of data_dir.
-    with tempfile.TemporaryDirectory(prefix="fashion_mnist_local.",
-                                     dir=downloads) as tmp_dir:
+    # preparing; a temporary directory in the downloads folder the
+    # preparation lock made keeps them out of data_dir.
+    with tempfile.TemporaryDirectory(
+            prefix="fashion_mnist_local.",
+            dir=os.path.join(data_dir, "downloads")) as tmp_dir:
         manual_dir = os.path.join(tmp_dir, "manual")
         os.makedirs(manual_dir)
         for filename, content in restored.items():
