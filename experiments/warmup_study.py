@@ -37,6 +37,8 @@ subprocess (this interpreter, this checkout on PYTHONPATH) in
 rebuilds the report. `--max_hours H` stops cleanly before a run that would
 end past H hours; the same command continues where it stopped (finished
 runs are kept, an interrupted run resumes from its last epoch checkpoint).
+A stage also stops, naming the runs and their logs, at a trainer that
+cannot import or after 3 failed run attempts in a row, whatever the error.
 """
 
 import argparse
@@ -59,10 +61,29 @@ ARCHIVE_DIR = "experiments/warmup_results/runs"
 FIRST_RUN_GUESS = 180.0
 # The check stage's verdict, in the archive's parent (the results dir).
 RERUN_CHECK = "rerun_check.json"
+# Failed runs in a row (errors, not divergences) after which a stage stops:
+# one failure can be a race or a hiccup, and the study runs it again; this
+# many in a row mean a broken environment or code, which would fail every
+# run left and spend the budget's hours on nothing.
+MAX_FAILURES_IN_A_ROW = 3
 
 
 class OutOfTime(Exception):
     """The next run would end past --max_hours."""
+
+
+class RunsKeepFailing(Exception):
+    """Runs failed MAX_FAILURES_IN_A_ROW times in a row: a stop, not a skip."""
+
+    def __init__(self, failures):
+        listed = "\n".join(f"  {run.run_id}: {error} (log: "
+                           f"{os.path.join(run.model_dir, 'train.log')})"
+                           for run, error in failures)
+        super().__init__(
+            f"[study] the last {len(failures)} run attempts failed, so the "
+            f"stage stopped rather than fail every run left:\n{listed}\n"
+            "Read their logs and fix the cause, then run the same command "
+            "again; the failed runs are run again.")
 
 
 class TrainerCannotStart(Exception):
@@ -111,6 +132,7 @@ class Study:
         self.plan, self.args = plan, args
         self.started = time.time()
         self.durations = []
+        self.failures_in_a_row = []
         self.dry_run = args.dry_run
         self.planned = []
 
@@ -157,11 +179,19 @@ class Study:
             print(f"[study] {run.run_id}: {status} in {seconds:.0f} s; "
                   f"{(time.time() - self.started) / 60:.1f} min elapsed.",
                   flush=True)
-            error = run.record().get("error", "")
-            if status == "failed" and error.startswith(
-                    ("ModuleNotFoundError", "ImportError")):
-                raise TrainerCannotStart(run.run_id, error)
+            self._stop_if_failing(run, status)
         return runs_lib.Outcome(run.archive)
+
+    def _stop_if_failing(self, run, status):
+        if status != "failed":
+            self.failures_in_a_row = []
+            return
+        error = run.record().get("error", "")
+        if error.startswith(("ModuleNotFoundError", "ImportError")):
+            raise TrainerCannotStart(run.run_id, error)
+        self.failures_in_a_row.append((run, error))
+        if len(self.failures_in_a_row) >= MAX_FAILURES_IN_A_ROW:
+            raise RunsKeepFailing(self.failures_in_a_row)
 
     def _check_time(self):
         if not self.args.max_hours:
@@ -564,7 +594,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("[study] interrupted; run the same command again to "
                  "resume.")
-    except TrainerCannotStart as error:
+    except (TrainerCannotStart, RunsKeepFailing) as error:
         sys.exit(str(error))
     if args.dry_run:
         print("\n".join(study.planned))

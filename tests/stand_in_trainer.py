@@ -31,6 +31,9 @@ def main():
     if os.environ.get("STAND_IN_IMPORT_ERROR"):
         print("ModuleNotFoundError: No module named 'absl'")
         sys.exit(1)
+    if os.environ.get("STAND_IN_ALWAYS_FAIL"):
+        print("error: OSError: the stand-in's disk is full")
+        sys.exit(1)
     marker = os.environ.get("STAND_IN_FAIL_ONCE")
     if marker and not os.path.exists(marker):
         open(marker, "w").close()

@@ -652,9 +652,8 @@ def test_a_tuning_run_that_fails_is_run_again_before_the_choice(
     assert (4096, "sgd_warmup", 0.4, 1.0, 2, 1) in runs
 
 
-def test_a_trainer_that_cannot_import_stops_the_stage_at_its_first_run(
-        tmp_path, monkeypatch):
-    monkeypatch.setenv("STAND_IN_IMPORT_ERROR", "1")
+def _compare_stage_stop(tmp_path):
+    """The compare stage of PLAN with the stand-in; the message it stops with."""
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(PLAN))
     with pytest.raises(SystemExit) as stop:
@@ -663,8 +662,29 @@ def test_a_trainer_that_cannot_import_stops_the_stage_at_its_first_run(
             f"--archive_dir={tmp_path / 'results' / 'runs'}",
             "--stage=compare", "--force",
             "--trainer=tests.stand_in_trainer"])
-    assert "No module named 'absl'" in str(stop.value)
-    assert ".venv/bin/python3" in str(stop.value)
+    return str(stop.value)
+
+
+def test_runs_failing_three_times_in_a_row_stop_the_stage_with_their_logs(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("STAND_IN_ALWAYS_FAIL", "1")
+    message = _compare_stage_stop(tmp_path)
+    assert "the last 3 run attempts failed" in message
+    assert message.count("the stand-in's disk is full") == 3
+    assert message.count("train.log") == 3
+    archived = _archived(tmp_path)
+    # The first tuning run, its one retry, then the second rate: 3 attempts
+    # over 2 runs, and nothing after them.
+    assert len(archived) == 2
+    assert sum(len(o.record["attempts"]) for o in archived.values()) == 3
+
+
+def test_a_trainer_that_cannot_import_stops_the_stage_at_its_first_run(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("STAND_IN_IMPORT_ERROR", "1")
+    message = _compare_stage_stop(tmp_path)
+    assert "No module named 'absl'" in message
+    assert ".venv/bin/python3" in message
     archived = _archived(tmp_path)
     assert len(archived) == 1
     assert [o.record["status"] for o in archived.values()] == ["failed"]
