@@ -170,6 +170,26 @@ def test_concurrent_prepare_prepares_once(tmp_path, monkeypatch):
     assert calls == [1]
 
 
+def test_a_remote_data_dir_is_kept_as_a_url_and_prepared_without_a_lock(
+        tmp_path, monkeypatch):
+    """gs:// used to become <cwd>/gs:/..., a local folder, on Cloud TPU."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    class Builder:
+        def is_prepared(self):
+            return False
+
+    monkeypatch.setattr(data.tfds, "builder",
+                        lambda name, data_dir: Builder())
+    monkeypatch.setattr(data, "_download_and_prepare",
+                        lambda builder, name, data_dir: seen.append(data_dir))
+    data.prepare("cifar10", "gs://bucket/tensorflow_datasets")
+    assert seen == ["gs://bucket/tensorflow_datasets"]
+    assert data._split_location("cifar10", "gs://b/t") == "gs://b/t"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_download_failures_raise_data_error(tmp_path, monkeypatch):
     def unreachable(address, timeout):
         raise OSError(f"no route to {address[0]}")

@@ -214,8 +214,15 @@ def _check_positive(value, argument):
 
 
 def _expand_data_dir(data_dir):
-    return os.path.abspath(os.path.expanduser(
-        os.fspath(data_dir or tfds_constants.DATA_DIR)))
+    data_dir = os.fspath(data_dir or tfds_constants.DATA_DIR)
+    if _is_remote(data_dir):
+        return data_dir
+    return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def _is_remote(data_dir):
+    """Whether `data_dir` is a URL tf.io.gfile reads (gs://, s3://, ...)."""
+    return "://" in data_dir
 
 
 def prepare(name, data_dir, *, fashion_mnist_dir=DEBIAN_FASHION_MNIST_DIR):
@@ -268,7 +275,17 @@ def _preparation_lock(data_dir, tfds_name):
     trainers started together on a fresh machine (a study's side-by-side
     runs, the workers of one host) would both prepare, and the second
     rename fails. The lock file lives in tfds's own downloads folder.
+    A remote data_dir (a Cloud TPU job's gs:// bucket) cannot hold a lock
+    file: hosts sharing it are not serialised, so prepare the data set
+    once before a multi-host job.
     """
+    if _is_remote(data_dir):
+        logging.warning(
+            "Preparing %s in the remote %s without a lock: other hosts "
+            "preparing it at the same time would fail. Prepare it once, from "
+            "one host, before a multi-host job.", tfds_name, data_dir)
+        yield
+        return
     downloads = os.path.join(data_dir, "downloads")
     os.makedirs(downloads, exist_ok=True)
     with open(os.path.join(downloads, f"{tfds_name}.prepare.lock"),
@@ -288,10 +305,12 @@ def _prepare_fashion_mnist(builder, data_dir, source_dir):
         restored[url_info.filename] = _restore_upstream_file(path, url_info)
     # Restored archives and tfds's extracted copies are only needed while
     # preparing; a temporary directory in the downloads folder the
-    # preparation lock made keeps them out of data_dir.
+    # preparation lock made keeps them out of data_dir (a remote data_dir
+    # stages them in the local temporary folder).
     with tempfile.TemporaryDirectory(
             prefix="fashion_mnist_local.",
-            dir=os.path.join(data_dir, "downloads")) as tmp_dir:
+            dir=None if _is_remote(data_dir) else os.path.join(
+                data_dir, "downloads")) as tmp_dir:
         manual_dir = os.path.join(tmp_dir, "manual")
         os.makedirs(manual_dir)
         for filename, content in restored.items():
@@ -431,7 +450,8 @@ def _check_hosts_reachable(builder, name, manual_dir, fix):
     if urllib.request.getproxies():
         return
     for url, url_info in (builder.url_infos or {}).items():
-        if url_info.filename and os.path.exists(
+        # tf.io.gfile: the manual folder may be in a gs:// data_dir.
+        if url_info.filename and tf.io.gfile.exists(
                 os.path.join(manual_dir, url_info.filename)):
             continue
         parts = urllib.parse.urlsplit(url)
