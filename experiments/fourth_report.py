@@ -297,8 +297,12 @@ def tuning_lines(plan, outcomes, labels):
     return lines
 
 
-def forest(rows, labels, path):
-    """The tested comparisons' 95 % intervals; returns the file name."""
+def forest(rows, labels, path, margin):
+    """The tested comparisons' 95 % intervals; returns the file name.
+
+    Primary comparisons in blue, secondary in grey; a dashed line at minus
+    the non-inferiority `margin` (points).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,13 +316,20 @@ def forest(rows, labels, path):
     for y, row in enumerate(reversed(tested)):
         colour = "C0" if row["family"] == "primary" else "C7"
         axis.plot([row["low"], row["high"]], [y, y], color=colour)
-        axis.plot(row["mean"], y, "o", color=colour)
+        axis.plot(row["mean"], y, "o", color=colour,
+                  label=f"{row['family']} comparison")
     axis.axvline(0, color="black", linewidth=0.8)
+    axis.axvline(-margin, color="black", linewidth=0.8, linestyle="--",
+                 label=f"non-inferiority margin (-{margin:g})")
     axis.set_yticks(range(len(tested)))
     axis.set_yticklabels([
         f"{r['batch_size']}: {labels[r['first']]} - {labels[r['second']]}"
-        for r in reversed(tested)], fontsize=7)
-    axis.set_xlabel("test accuracy difference, points (95 % interval)")
+        f" (n={len(r['seeds'])})" for r in reversed(tested)], fontsize=7)
+    axis.set_xlabel("test accuracy difference, points (95 % interval, "
+                    "paired seeds)")
+    handles, names = axis.get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    axis.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     pyplot.close(figure)
@@ -348,7 +359,8 @@ def main(argv=None):
             reading(r, labels, plan) for r in rows if r["family"] == family
         ] + [""]
     figure = forest(rows, labels, os.path.join(args.results_dir,
-                                               "comparisons.png"))
+                                               "comparisons.png"),
+                    plan["comparison"]["noninferiority_points"])
     if figure:
         text += [f"![]({figure})", ""]
     if "budget_pilot" in plan:
