@@ -133,6 +133,9 @@ class Study:
         self.started = time.time()
         self.durations = []
         self.failures_in_a_row = []
+        # Per batch size, selection candidates outside --methods, read from
+        # the archive (read_tuning).
+        self.read_at = {}
         self.dry_run = args.dry_run
         self.planned = []
 
@@ -329,13 +332,19 @@ class Study:
                            if "warmup_fraction" in plan
                            else plan["warmup_epochs"])
             chosen = chosen_at[batch_size] = {}
+            read = self.read_at[batch_size] = {}
             for method, spec in plan["methods"].items():
                 if "select_from" in spec or not self.runs_at(
-                        method, spec, batch_size):
+                        method, spec, batch_size, for_selection=True):
                     continue
                 grid = self.grid(method, spec, batch_size, chosen_at)
-                if grid is not None:
+                if grid is None:
+                    continue
+                if self.runs_at(method, spec, batch_size):
                     self.tune_method(chosen, method, spec, batch_size, epochs,
+                                     main_warmup, grid)
+                else:
+                    self.read_tuning(read, method, spec, batch_size, epochs,
                                      main_warmup, grid)
             for method, spec in plan["methods"].items():
                 if "select_from" in spec and self.runs_at(method, spec,
@@ -401,9 +410,40 @@ class Study:
                         run.record["epochs"], splits="validation+test",
                         extra=fourth_report.arm_settings(run)))
 
-    def runs_at(self, method, spec, batch_size):
-        return self.selected(method) and batch_size in spec.get(
+    def runs_at(self, method, spec, batch_size, for_selection=False):
+        """Whether `method` is tuned here at `batch_size`.
+
+        With `for_selection`, also a method outside --methods that a
+        selected selection arm chooses from: its tuning is read from the
+        archive (read_tuning), never run, since another process runs it.
+        """
+        selected = self.selected(method) or (for_selection and any(
+            method in other.get("select_from", ()) and self.selected(name)
+            for name, other in self.plan["comparison"]["methods"].items()))
+        return selected and batch_size in spec.get(
             "batch_sizes", self.plan["comparison"]["batch_sizes"])
+
+    def read_tuning(self, read, method, spec, batch_size, epochs,
+                    main_warmup, grid):
+        """Puts `method`'s tuning, as its finished runs settle it, in `read`.
+
+        Runs nothing: while a run the tuning calls for is not finished
+        (the process whose --methods hold the method runs it), `method`
+        stays out of `read` and selections from it wait.
+        """
+        planned, dry_run = self.planned, self.dry_run
+        self.planned, self.dry_run = [], True
+        try:
+            self.tune_method(read, method, spec, batch_size, epochs,
+                             main_warmup, grid)
+            settled = not self.planned
+        finally:
+            self.planned, self.dry_run = planned, dry_run
+        if not settled:
+            read.pop(method, None)
+            print(f"[study] {method} at batch {batch_size} (outside "
+                  "--methods) is not tuned yet, so the selections from it "
+                  "wait; run it, or add it to --methods.", flush=True)
 
     def grid(self, method, spec, batch_size, chosen_at):
         """The method's first grid at `batch_size`, or None if not yet known.
@@ -415,7 +455,8 @@ class Study:
         scaled = self.plan["comparison"].get("scaled_grid")
         if not scaled or batch_size == scaled["from"]:
             return spec["grid"]
-        base = chosen_at.get(scaled["from"], {}).get(method)
+        base = {**self.read_at.get(scaled["from"], {}),
+                **chosen_at.get(scaled["from"], {})}.get(method)
         if base is None:
             return None
         return [float(f"{base['rate'] * factor:.3g}")
@@ -448,7 +489,8 @@ class Study:
         at other batch sizes it is tuned for rate with the winner's
         settings, unless the winner is tuned there itself.
         """
-        at = chosen_at.get(spec["at"], {})
+        at = {**self.read_at.get(spec["at"], {}),
+              **chosen_at.get(spec["at"], {})}
         if any(candidate not in at for candidate in spec["select_from"]):
             return
         winner = max(spec["select_from"],
@@ -457,11 +499,12 @@ class Study:
         has_seeds = bool(methods[winner].get(
             "seeds", self.plan["comparison"]["seeds"]))
         chosen = chosen_at[batch_size]
+        here = {**self.read_at.get(batch_size, {}), **chosen}
         if batch_size == spec["at"]:
             chosen[method] = dict(at[winner], seeds_of=(
                 winner if has_seeds else None))
-        elif winner in chosen:
-            chosen[method] = dict(chosen[winner], seeds_of=winner)
+        elif winner in here:
+            chosen[method] = dict(here[winner], seeds_of=winner)
         else:
             grid = self.grid(method, spec, batch_size, chosen_at)
             if grid is not None:

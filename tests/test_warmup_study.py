@@ -620,6 +620,33 @@ def test_a_selection_won_by_a_tuning_arm_runs_its_seeds_and_retunes(
                for overrides in tuned.values())
 
 
+def test_a_selection_reads_candidates_another_process_tunes_and_runs_none(
+        tmp_path, capsys):
+    """The study's two processes: a selection arm and one of its candidates
+    in different --methods. The selection used to wait for ever."""
+    plan = _fourth_plan(["clars", "trust_a", "trust_b"])
+    # With warmup the stand-in peaks higher (0.9 at 0.4): trust_a wins.
+    plan["comparison"]["methods"]["trust_a"]["warmup"] = True
+    selection = "--methods=trust_a,trust_b,clars_tuned"
+
+    def methods_run():
+        return {(o.record["batch_size"], o.record["method"],
+                 o.record["base_learning_rate"], o.record["seed"])
+                for o in _archived(tmp_path).values()}
+
+    run_stage(tmp_path, plan, "compare", selection)
+    assert {m for _, m, _, _ in methods_run()} == {"trust_a", "trust_b"}
+    assert "clars at batch 4096 (outside --methods) is not tuned yet" in (
+        capsys.readouterr().out)
+    run_stage(tmp_path, plan, "compare", "--methods=sgd_warmup,clars")
+    before = methods_run()
+    run_stage(tmp_path, plan, "compare", selection)
+    added = methods_run() - before
+    assert added == {(4096, "clars_tuned", 0.4, s) for s in (1, 2)} | {
+        (8192, "clars_tuned", r, 0) for r in (0.2, 0.4)} | {
+        (8192, "clars_tuned", 0.4, s) for s in (1, 2)}
+
+
 def test_a_ladder_at_chance_halves_the_rate_and_chooses_nothing():
     plan = {"budget_pilot": {"ladders": {8192: [10, 20]},
                              "base_learning_rate": 1.0, "loss_ratio": 1.1,
