@@ -193,3 +193,31 @@ def test_pooled_rows_put_several_runs_rounds_one_after_another():
     assert median == pytest.approx(0.1) and mean == pytest.approx(0.2 / 3)
     with pytest.raises(ValueError, match="different candidates"):
         common.pooled_rows([first, {"sgd": first["sgd"]}])
+
+
+def test_paired_of_prints_the_pooled_checks_amortised_cost_and_bound(
+        tmp_path):
+    """In a subprocess: importing the benchmark here would define its absl
+    flags a second time in a worker that holds another benchmark's."""
+    paths = []
+    for index, run in enumerate((
+            _check_run([1.1, 1.2], [1.0, 1.1], [1.4, 1.6]),
+            _check_run([1.0], [1.0], [1.5]))):
+        paths.append(tmp_path / f"run{index}.json")
+        paths[-1].write_text(json.dumps({"candidates": run}))
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.one_pass_fallback",
+         "--paired_of=" + ",".join(map(str, paths))],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 run(s), 3 paired rounds" in result.stdout
+    # Skipped 0.1, 0.1, 0.0 and checked 0.4, 0.5, 0.5 of an SGD step: both
+    # spreads 0.0577, so each mean's interval reaches 4.303 * 0.0577 / 3**0.5
+    # = 0.1434 above it (t at 2 degrees of freedom). Amortised over 100
+    # steps: 0.1 + 0.5 / 100, at most (0.0667 + 0.1434) + (0.4667 +
+    # 0.1434) / 100. Halved CPU seconds give the same ratios.
+    for clock in ("wall", "cpu"):
+        line = next(line for line in result.stdout.splitlines()
+                    if line.strip().startswith(clock + ":"))
+        assert "amortised 0.105, at most 0.216 at" in line, line
